@@ -1,0 +1,2 @@
+//! corebuf-bench: the load generator (in progress).
+fn main() {}

@@ -1,0 +1,1 @@
+//! The bufio cache partition (in progress).

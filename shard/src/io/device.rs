@@ -1,0 +1,65 @@
+//! The device seam: the only way the queue and the cache reach storage.
+
+use std::path::Path;
+
+use crate::error::Result;
+
+/// A byte buffer a [`Device`] reads into and writes from.
+///
+/// Each device chooses its own buffer type so that the production device can hand its
+/// buffers straight to the kernel (aligned DMA memory) while the simulated one uses plain
+/// heap memory.
+pub trait IoBuf {
+    /// The buffer's bytes.
+    fn as_bytes(&self) -> &[u8];
+    /// The buffer's bytes, mutably. Never called while a write of this buffer is in flight.
+    fn as_bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// A block-addressed store with a volatile write cache: aligned reads and writes of byte
+/// ranges, a cache flush that makes completed writes durable, and discard.
+///
+/// Every offset and length must be a multiple of [`Device::alignment_bytes`], and a range must
+/// lie inside [`Device::size_bytes`]; otherwise the call fails with
+/// [`Error::Unaligned`](crate::Error::Unaligned) or
+/// [`Error::BlockOutOfRange`](crate::Error::BlockOutOfRange) before any I/O.
+///
+/// The futures are not `Send`: a device lives on one core's executor (thread per core).
+#[allow(async_fn_in_trait)] // by design: single-threaded executors, futures stay on their core
+pub trait Device {
+    /// The buffer type this device reads into and writes from.
+    type Buf: IoBuf;
+
+    /// The path of the file or device, for error messages.
+    fn path(&self) -> &Path;
+    /// The size of the device in bytes.
+    fn size_bytes(&self) -> u64;
+    /// The alignment of offsets, lengths and buffers (the logical block size), in bytes.
+    fn alignment_bytes(&self) -> u64;
+    /// Allocates a zeroed buffer of `len` bytes suitable for this device's I/O.
+    fn alloc_buf(&self, len: usize) -> Self::Buf;
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    async fn read_at(&self, offset: u64, buf: &mut Self::Buf) -> Result<()>;
+    /// Writes `buf` at `offset`. The write is durable only after a successful [`Device::flush`].
+    async fn write_at(&self, offset: u64, buf: &Self::Buf) -> Result<()>;
+    /// Makes every write completed before the call durable.
+    async fn flush(&self) -> Result<()>;
+    /// Discards `len` bytes at `offset`: later reads return zeroes.
+    async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+/// Checks that `offset..offset + len` is aligned and inside a device of `size_bytes`.
+pub(crate) fn check_range(offset: u64, len: u64, alignment: u64, size_bytes: u64) -> Result<()> {
+    if offset % alignment != 0 || len % alignment != 0 || len == 0 {
+        return Err(crate::Error::Unaligned { offset, len, alignment });
+    }
+    let end = offset.checked_add(len).unwrap_or(u64::MAX);
+    if end > size_bytes {
+        return Err(crate::Error::BlockOutOfRange {
+            block: (end - 1) / alignment,
+            device_blocks: size_bytes / alignment,
+        });
+    }
+    Ok(())
+}

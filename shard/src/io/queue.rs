@@ -1,0 +1,508 @@
+//! The asio queue: one per shard, libucw asio's contract on an async [`Device`].
+//!
+//! Four invariants:
+//! 1. Request buffers are allocated when the queue is built (`io_depth_max +
+//!    writebacks_in_flight_max` of them, one block each) and recycled; none is allocated per
+//!    request. When all are taken, [`IoQueue::request`] waits for one to come back.
+//! 2. At most `writebacks_in_flight_max` write-backs are in flight; [`IoQueue::write_back`]
+//!    waits below that bound before it submits.
+//! 3. Writes of one block are served in the order they were submitted (a ticket taken
+//!    synchronously at the call), one at a time: two writes of a block are never in flight at
+//!    once and a later one never lands before an earlier one.
+//! 4. A failed write-back without a completion callback is latched and returned by the next
+//!    [`IoQueue::sync`] or [`IoQueue::flush`]; it is never dropped.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Instant;
+
+use hashbrown::HashMap;
+use hdrhistogram::Histogram;
+
+use super::device::{Device, IoBuf};
+use crate::error::{Error, Result};
+use crate::wait::WaitList;
+
+/// Sizes of an [`IoQueue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Block size in bytes: a power of two and a multiple of the device's logical block size.
+    pub block_size_bytes: usize,
+    /// Normal (read / write) requests that may be outstanding at once.
+    pub io_depth_max: usize,
+    /// Write-backs that may be in flight at once; a submit beyond waits.
+    pub writebacks_in_flight_max: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { block_size_bytes: 4096, io_depth_max: 64, writebacks_in_flight_max: 32 }
+    }
+}
+
+/// A latency histogram in microseconds (1 µs to 60 s, 2 significant digits).
+pub type LatencyHistogram = Histogram<u64>;
+
+fn new_histogram() -> LatencyHistogram {
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("constant bounds are valid")
+}
+
+/// What a queue has done. Counters only grow; `*_in_flight` are gauges.
+#[derive(Clone, Debug)]
+pub struct QueueStats {
+    /// Requests of every kind in flight now.
+    pub in_flight: u64,
+    /// Write-backs in flight now.
+    pub writebacks_in_flight: u64,
+    /// Most write-backs ever in flight at once.
+    pub writebacks_in_flight_peak: u64,
+    /// Reads completed.
+    pub reads_completed: u64,
+    /// Normal writes completed.
+    pub writes_completed: u64,
+    /// Write-backs completed.
+    pub writebacks_completed: u64,
+    /// Flushes completed.
+    pub flushes_completed: u64,
+    /// Bytes read from the device.
+    pub bytes_read: u64,
+    /// Bytes written to the device.
+    pub bytes_written: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Times a submitter waited for a request buffer or a write-back slot.
+    pub submit_waits: u64,
+    /// Read latency, µs.
+    pub read_latency_us: LatencyHistogram,
+    /// Write and write-back latency, µs.
+    pub write_latency_us: LatencyHistogram,
+    /// Flush latency, µs.
+    pub flush_latency_us: LatencyHistogram,
+}
+
+impl Default for QueueStats {
+    fn default() -> Self {
+        QueueStats {
+            in_flight: 0,
+            writebacks_in_flight: 0,
+            writebacks_in_flight_peak: 0,
+            reads_completed: 0,
+            writes_completed: 0,
+            writebacks_completed: 0,
+            flushes_completed: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            errors: 0,
+            submit_waits: 0,
+            read_latency_us: new_histogram(),
+            write_latency_us: new_histogram(),
+            flush_latency_us: new_histogram(),
+        }
+    }
+}
+
+/// The write order of one block: tickets are handed out in submission order and served one at
+/// a time. A ticket whose submitter went away before its turn (a cancelled future) is recorded
+/// as abandoned and skipped when its turn comes.
+#[derive(Debug, Default)]
+struct Turn {
+    next_ticket: u64,
+    serving: u64,
+    abandoned: Vec<u64>,
+}
+
+/// A block's place in the write order. Dropping it ends the turn (or abandons it, if the turn
+/// never came), so the next write of the block can go.
+struct Ticket<'q, D: Device> {
+    queue: &'q IoQueue<D>,
+    block: u64,
+    ticket: u64,
+}
+
+impl<D: Device> Drop for Ticket<'_, D> {
+    fn drop(&mut self) {
+        self.queue.finish_ticket(self.block, self.ticket);
+    }
+}
+
+/// One shard's asynchronous I/O queue over a [`Device`].
+pub struct IoQueue<D: Device> {
+    device: D,
+    config: QueueConfig,
+    device_blocks: u64,
+    free_bufs: RefCell<Vec<D::Buf>>,
+    writebacks_in_flight: Cell<usize>,
+    in_flight: Cell<usize>,
+    turns: RefCell<HashMap<u64, Turn>>,
+    writeback_error: RefCell<Option<Error>>,
+    stats: RefCell<QueueStats>,
+    /// Woken when a buffer returns, a write-back completes, a block's turn advances, or the
+    /// queue drains. One list: waits are rare and every waiter re-checks its own condition.
+    changed: WaitList,
+}
+
+impl<D: Device> std::fmt::Debug for IoQueue<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoQueue")
+            .field("path", &self.device.path())
+            .field("config", &self.config)
+            .field("in_flight", &self.in_flight.get())
+            .finish()
+    }
+}
+
+/// A request buffer taken from the queue: one block, aligned for the device. Dropping it gives
+/// the buffer back.
+pub struct Request<'q, D: Device> {
+    queue: &'q IoQueue<D>,
+    buf: Option<D::Buf>,
+}
+
+impl<D: Device> std::fmt::Debug for Request<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").finish_non_exhaustive()
+    }
+}
+
+impl<D: Device> Request<'_, D> {
+    /// The request buffer's bytes.
+    pub fn data(&self) -> &[u8] {
+        self.buf.as_ref().expect("a live request owns its buffer").as_bytes()
+    }
+
+    /// The request buffer's bytes, mutably.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        self.buf.as_mut().expect("a live request owns its buffer").as_bytes_mut()
+    }
+}
+
+impl<D: Device> Drop for Request<'_, D> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.queue.put_buf(buf);
+        }
+    }
+}
+
+/// Counts an operation in flight for as long as it lives, so `sync` sees cancelled futures
+/// leave too.
+struct InFlight<'q, D: Device>(&'q IoQueue<D>);
+
+impl<'q, D: Device> InFlight<'q, D> {
+    fn enter(queue: &'q IoQueue<D>) -> Self {
+        queue.in_flight.set(queue.in_flight.get() + 1);
+        InFlight(queue)
+    }
+}
+
+impl<D: Device> Drop for InFlight<'_, D> {
+    fn drop(&mut self) {
+        self.0.in_flight.set(self.0.in_flight.get() - 1);
+        self.0.changed.notify_all();
+    }
+}
+
+impl<D: Device> IoQueue<D> {
+    /// Builds a queue over `device`, validating `config` against it.
+    pub fn new(device: D, config: QueueConfig) -> Result<Rc<Self>> {
+        let device_blocks = validate(&device, &config)?;
+        let buf_count = config.io_depth_max + config.writebacks_in_flight_max;
+        let free_bufs =
+            (0..buf_count).map(|_| device.alloc_buf(config.block_size_bytes)).collect::<Vec<_>>();
+        Ok(Rc::new(IoQueue {
+            device,
+            config,
+            device_blocks,
+            free_bufs: RefCell::new(free_bufs),
+            writebacks_in_flight: Cell::new(0),
+            in_flight: Cell::new(0),
+            turns: RefCell::new(HashMap::with_capacity(buf_count)),
+            writeback_error: RefCell::new(None),
+            stats: RefCell::new(QueueStats::default()),
+            changed: WaitList::with_capacity(buf_count),
+        }))
+    }
+
+    /// The device under this queue.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The queue's configuration.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// The device's size in blocks.
+    pub fn device_blocks(&self) -> u64 {
+        self.device_blocks
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> QueueStats {
+        let mut stats = self.stats.borrow().clone();
+        stats.in_flight = self.in_flight.get() as u64;
+        stats.writebacks_in_flight = self.writebacks_in_flight.get() as u64;
+        stats
+    }
+
+    /// Takes an idle request buffer, waiting while all of them are in use. Its contents are
+    /// whatever the previous user left (as in asio, buffers are recycled, not cleared).
+    pub async fn request(&self) -> Request<'_, D> {
+        if let Some(buf) = self.free_bufs.borrow_mut().pop() {
+            return Request { queue: self, buf: Some(buf) };
+        }
+        self.stats.borrow_mut().submit_waits += 1;
+        let buf = self.changed.wait_for(|| self.free_bufs.borrow_mut().pop()).await;
+        Request { queue: self, buf: Some(buf) }
+    }
+
+    fn put_buf(&self, buf: D::Buf) {
+        self.free_bufs.borrow_mut().push(buf);
+        self.changed.notify_all();
+    }
+
+    fn check_block(&self, block: u64) -> Result<u64> {
+        if block >= self.device_blocks {
+            return Err(Error::BlockOutOfRange { block, device_blocks: self.device_blocks });
+        }
+        Ok(block * self.config.block_size_bytes as u64)
+    }
+
+    /// Reads `block` into the request's buffer; completes to the caller.
+    pub async fn read(&self, request: &mut Request<'_, D>, block: u64) -> Result<()> {
+        let offset = self.check_block(block)?;
+        let _in_flight = InFlight::enter(self);
+        let started = Instant::now();
+        let buf = request.buf.as_mut().expect("a live request owns its buffer");
+        let result = self.device.read_at(offset, buf).await.map_err(|e| e.with_block(block));
+        let mut stats = self.stats.borrow_mut();
+        match &result {
+            Ok(()) => {
+                stats.reads_completed += 1;
+                stats.bytes_read += self.config.block_size_bytes as u64;
+                record(&mut stats.read_latency_us, started);
+            }
+            Err(_) => stats.errors += 1,
+        }
+        result
+    }
+
+    /// Writes the request's buffer to `block`; completes to the caller. Ordered after every
+    /// write of `block` submitted before it.
+    pub async fn write(&self, request: &Request<'_, D>, block: u64) -> Result<()> {
+        let offset = self.check_block(block)?;
+        let ticket = self.take_ticket(block);
+        let _in_flight = InFlight::enter(self);
+        let buf = request.buf.as_ref().expect("a live request owns its buffer");
+        let result = self.write_in_turn(&ticket, offset, buf).await;
+        let mut stats = self.stats.borrow_mut();
+        match &result {
+            Ok(()) => stats.writes_completed += 1,
+            Err(_) => stats.errors += 1,
+        }
+        result
+    }
+
+    /// Submits a fire-and-forget write of the request's buffer to `block`. Waits only while
+    /// `writebacks_in_flight_max` write-backs are in flight. A failure is latched and returned
+    /// by the next [`IoQueue::sync`] or [`IoQueue::flush`].
+    pub async fn write_back(self: &Rc<Self>, request: Request<'_, D>, block: u64) -> Result<()>
+    where
+        D: 'static,
+    {
+        self.write_back_then(request, block, None::<fn(Result<()>)>).await
+    }
+
+    /// Like [`IoQueue::write_back`], but hands the result to `done` instead of latching it; the
+    /// caller then owns the error (the cache keeps it on the buffer).
+    pub async fn write_back_then(
+        self: &Rc<Self>,
+        mut request: Request<'_, D>,
+        block: u64,
+        done: Option<impl FnOnce(Result<()>) + 'static>,
+    ) -> Result<()>
+    where
+        D: 'static,
+    {
+        let offset = self.check_block(block)?;
+        // The ticket is taken before any wait: submission order is call order. If this future
+        // is dropped while it waits for a slot, the ticket's drop abandons its turn.
+        let ticket = self.take_ticket(block);
+        let buf = request.buf.take().expect("a live request owns its buffer");
+        drop(request);
+        let max = self.config.writebacks_in_flight_max;
+        if self.writebacks_in_flight.get() >= max {
+            self.stats.borrow_mut().submit_waits += 1;
+            self.changed.wait_for(|| (self.writebacks_in_flight.get() < max).then_some(())).await;
+        }
+        let in_flight = self.writebacks_in_flight.get() + 1;
+        self.writebacks_in_flight.set(in_flight);
+        // Counted before the task is spawned, so a `sync` that runs first still waits for it.
+        self.in_flight.set(self.in_flight.get() + 1);
+        {
+            let mut stats = self.stats.borrow_mut();
+            stats.writebacks_in_flight_peak = stats.writebacks_in_flight_peak.max(in_flight as u64);
+        }
+        let ticket_number = ticket.ticket;
+        std::mem::forget(ticket); // handed over to the task below, which builds its own
+        let queue = Rc::clone(self);
+        let task = async move {
+            let ticket = Ticket { queue: &queue, block, ticket: ticket_number };
+            let result = queue.write_in_turn(&ticket, offset, &buf).await;
+            drop(ticket);
+            queue.writebacks_in_flight.set(queue.writebacks_in_flight.get() - 1);
+            queue.in_flight.set(queue.in_flight.get() - 1);
+            {
+                let mut stats = queue.stats.borrow_mut();
+                match &result {
+                    Ok(()) => stats.writebacks_completed += 1,
+                    Err(_) => stats.errors += 1,
+                }
+            }
+            match (done, result) {
+                (Some(done), result) => done(result),
+                (None, Err(e)) => {
+                    queue.writeback_error.borrow_mut().get_or_insert(e);
+                }
+                (None, Ok(())) => {}
+            }
+            // Last: returning the buffer wakes waiters, who must see the state above.
+            queue.put_buf(buf);
+        };
+        glommio::spawn_local(task).detach();
+        Ok(())
+    }
+
+    fn take_ticket(&self, block: u64) -> Ticket<'_, D> {
+        let mut turns = self.turns.borrow_mut();
+        let turn = turns.entry(block).or_default();
+        let ticket = turn.next_ticket;
+        turn.next_ticket += 1;
+        Ticket { queue: self, block, ticket }
+    }
+
+    fn finish_ticket(&self, block: u64, ticket: u64) {
+        let mut turns = self.turns.borrow_mut();
+        let turn = turns.get_mut(&block).expect("a block with a live ticket has a turn entry");
+        if turn.serving != ticket {
+            turn.abandoned.push(ticket);
+            return;
+        }
+        turn.serving += 1;
+        while let Some(at) = turn.abandoned.iter().position(|&t| t == turn.serving) {
+            turn.abandoned.swap_remove(at);
+            turn.serving += 1;
+        }
+        if turn.serving == turn.next_ticket {
+            turns.remove(&block);
+        }
+        drop(turns);
+        self.changed.notify_all();
+    }
+
+    async fn write_in_turn(&self, ticket: &Ticket<'_, D>, offset: u64, buf: &D::Buf) -> Result<()> {
+        let block = ticket.block;
+        let my_turn = || {
+            let turns = self.turns.borrow();
+            (turns.get(&block).map(|t| t.serving) == Some(ticket.ticket)).then_some(())
+        };
+        if my_turn().is_none() {
+            self.changed.wait_for(my_turn).await;
+        }
+        let started = Instant::now();
+        let result = self.device.write_at(offset, buf).await.map_err(|e| e.with_block(block));
+        if result.is_ok() {
+            let mut stats = self.stats.borrow_mut();
+            stats.bytes_written += self.config.block_size_bytes as u64;
+            record(&mut stats.write_latency_us, started);
+        }
+        result
+    }
+
+    /// Waits until nothing is in flight on this queue, then returns the first write-back error
+    /// latched since the last `sync` / `flush`, if any.
+    pub async fn sync(&self) -> Result<()> {
+        if self.in_flight.get() > 0 {
+            self.changed.wait_for(|| (self.in_flight.get() == 0).then_some(())).await;
+        }
+        match self.writeback_error.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes the device's write cache: every write completed before the call becomes durable.
+    /// Returns a latched write-back error first, then the flush's own error.
+    pub async fn flush(&self) -> Result<()> {
+        let _in_flight = InFlight::enter(self);
+        let started = Instant::now();
+        let result = self.device.flush().await;
+        {
+            let mut stats = self.stats.borrow_mut();
+            match &result {
+                Ok(()) => {
+                    stats.flushes_completed += 1;
+                    record(&mut stats.flush_latency_us, started);
+                }
+                Err(_) => stats.errors += 1,
+            }
+        }
+        if let Some(e) = self.writeback_error.borrow_mut().take() {
+            return Err(e);
+        }
+        result
+    }
+
+    /// Discards `count` blocks from `block` on.
+    pub async fn discard(&self, block: u64, count: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let last = block.checked_add(count - 1).unwrap_or(u64::MAX);
+        self.check_block(last)?;
+        let _in_flight = InFlight::enter(self);
+        let bs = self.config.block_size_bytes as u64;
+        self.device.discard(block * bs, count * bs).await.map_err(|e| e.with_block(block))
+    }
+}
+
+fn record(histogram: &mut LatencyHistogram, started: Instant) {
+    let us = (started.elapsed().as_micros() as u64).clamp(1, 60_000_000);
+    histogram.record(us).expect("value clamped into the histogram's bounds");
+}
+
+/// Validates a queue configuration against a device; returns the device size in blocks.
+fn validate<D: Device>(device: &D, config: &QueueConfig) -> Result<u64> {
+    let bs = config.block_size_bytes as u64;
+    let alignment = device.alignment_bytes();
+    if bs == 0 || !bs.is_power_of_two() {
+        return Err(Error::config("block_size_bytes", format!("{bs} is not a power of two")));
+    }
+    if bs % alignment != 0 {
+        return Err(Error::config(
+            "block_size_bytes",
+            format!(
+                "{bs} is not a multiple of the device's logical block size {alignment} ({})",
+                device.path().display()
+            ),
+        ));
+    }
+    let size = device.size_bytes();
+    if size == 0 || size % bs != 0 {
+        return Err(Error::config(
+            "device size",
+            format!(
+                "{} is {size} bytes, which is not a positive multiple of the block size {bs}",
+                device.path().display()
+            ),
+        ));
+    }
+    if config.writebacks_in_flight_max == 0 {
+        return Err(Error::config("writebacks_in_flight_max", "must be at least 1"));
+    }
+    if config.io_depth_max == 0 {
+        return Err(Error::config("io_depth_max", "must be at least 1"));
+    }
+    Ok(size / bs)
+}

@@ -1,0 +1,62 @@
+//! A list of parked tasks on one executor: the single-threaded building block for "wait until
+//! this condition holds" (a buffer is released, a read completes, a write-back slot frees).
+//!
+//! Waiting is always a loop around a condition check, so a wake-up can never be missed: the
+//! check and the registration happen in one poll, and no other task runs in between on this
+//! thread-per-core executor.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::task::{Poll, Waker};
+
+/// Parked wakers, woken all at once; each waiter re-checks its own condition.
+#[derive(Debug, Default)]
+pub struct WaitList {
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl WaitList {
+    /// An empty list with room for `capacity` waiters before it allocates.
+    pub fn with_capacity(capacity: usize) -> Self {
+        WaitList { wakers: RefCell::new(Vec::with_capacity(capacity)) }
+    }
+
+    /// Wakes every parked task. Cheap when nobody waits.
+    pub fn notify_all(&self) {
+        if self.wakers.borrow().is_empty() {
+            return;
+        }
+        // Wake outside the borrow (a waker may run code that parks again), then give the
+        // emptied vector back so its capacity is reused instead of reallocated.
+        let mut woken = std::mem::take(&mut *self.wakers.borrow_mut());
+        for waker in woken.drain(..) {
+            waker.wake();
+        }
+        let mut wakers = self.wakers.borrow_mut();
+        if wakers.is_empty() {
+            *wakers = woken;
+        }
+    }
+
+    /// Whether any task is parked here.
+    pub fn has_waiters(&self) -> bool {
+        !self.wakers.borrow().is_empty()
+    }
+
+    /// Resolves once `ready()` returns `Some`, re-checking after every notification.
+    pub fn wait_for<'a, T>(
+        &'a self,
+        mut ready: impl FnMut() -> Option<T> + 'a,
+    ) -> impl Future<Output = T> + 'a {
+        std::future::poll_fn(move |cx| match ready() {
+            Some(value) => Poll::Ready(value),
+            None => {
+                let mut wakers = self.wakers.borrow_mut();
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+    }
+}
