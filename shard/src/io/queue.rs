@@ -5,7 +5,7 @@
 //!    writebacks_in_flight_max` of them, one block each) and recycled; none is allocated per
 //!    request. When all are taken, [`IoQueue::request`] waits for one to come back.
 //! 2. At most `writebacks_in_flight_max` write-backs are in flight; [`IoQueue::write_back`]
-//!    waits below that bound before it submits.
+//!    waits below that bound before it submits, and write-backs pass the bound in call order.
 //! 3. Writes of one block are served in the order they were submitted (a ticket taken
 //!    synchronously at the call), one at a time: two writes of a block are never in flight at
 //!    once and a later one never lands before an earlier one.
@@ -110,6 +110,11 @@ struct Turn {
     serving: u64,
     abandoned: Vec<u64>,
 }
+
+/// The key of the write-back admission line in `IoQueue::turns`: write-backs take a slot in
+/// call order, served like the writes of one block. No block has this number (a block is below
+/// `device_blocks`, which is at most `u64::MAX`).
+const ADMISSION: u64 = u64::MAX;
 
 /// A block's place in the write order. Dropping it ends the turn (or abandons it, if the turn
 /// never came), so the next write of the block can go.
@@ -216,7 +221,7 @@ impl<D: Device> IoQueue<D> {
             free_bufs: RefCell::new(free_bufs),
             writebacks_in_flight: Cell::new(0),
             in_flight: Cell::new(0),
-            turns: RefCell::new(HashMap::with_capacity(buf_count)),
+            turns: RefCell::new(HashMap::with_capacity(buf_count + 1)),
             writeback_error: RefCell::new(None),
             stats: RefCell::new(QueueStats::default()),
             changed: WaitList::with_capacity(buf_count),
@@ -326,18 +331,30 @@ impl<D: Device> IoQueue<D> {
         D: 'static,
     {
         let offset = self.check_block(block)?;
-        // The ticket is taken before any wait: submission order is call order. If this future
-        // is dropped while it waits for a slot, the ticket's drop abandons its turn.
+        // Both tickets are taken before any wait: submission order is call order. Slots are
+        // granted in call order too (the admission line), so a write-back never holds a slot
+        // while an earlier one waits for a slot: that holder would wait for its block's turn
+        // behind the earlier one, which waits for the slot, a deadlock once every slot is held
+        // that way. If this future is dropped while it waits, the tickets' drops abandon their
+        // turns and the request's drop gives the buffer back.
+        let admission = self.take_ticket(ADMISSION);
         let ticket = self.take_ticket(block);
+        let max = self.config.writebacks_in_flight_max;
+        let admitted = || {
+            let first_in_line =
+                self.turns.borrow().get(&ADMISSION).map(|t| t.serving) == Some(admission.ticket);
+            (first_in_line && self.writebacks_in_flight.get() < max).then_some(())
+        };
+        if admitted().is_none() {
+            self.stats.borrow_mut().submit_waits += 1;
+            self.changed.wait_for(admitted).await;
+        }
         let buf = request.buf.take().expect("a live request owns its buffer");
         drop(request);
-        let max = self.config.writebacks_in_flight_max;
-        if self.writebacks_in_flight.get() >= max {
-            self.stats.borrow_mut().submit_waits += 1;
-            self.changed.wait_for(|| (self.writebacks_in_flight.get() < max).then_some(())).await;
-        }
         let in_flight = self.writebacks_in_flight.get() + 1;
         self.writebacks_in_flight.set(in_flight);
+        // After the count above, so that the next in line sees this slot taken.
+        drop(admission);
         // Counted before the task is spawned, so a `sync` that runs first still waits for it.
         self.in_flight.set(self.in_flight.get() + 1);
         {

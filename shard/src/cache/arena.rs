@@ -1,0 +1,144 @@
+//! The frame arena: every buffer's bytes in one aligned allocation made when the partition
+//! is built, plus a per-frame borrow flag so that handing out `&[u8]` / `&mut [u8]` from it is
+//! sound.
+
+use std::alloc::{self, Layout};
+use std::cell::Cell;
+use std::ptr::NonNull;
+
+/// Alignment of every frame: a page, so any device's `O_DIRECT` alignment is met.
+const FRAME_ALIGNMENT: usize = 4096;
+
+/// `frame_count` frames of `frame_bytes` each.
+///
+/// Two invariants:
+/// 1. `borrows[i]` is 0 when frame `i` is not borrowed, `n > 0` while `n` shared borrows are
+///    alive, and -1 while one mutable borrow is alive.
+/// 2. Bytes of frame `i` are only reachable through a [`FrameRef`] or [`FrameMut`], which
+///    maintain (1).
+pub(crate) struct Arena {
+    base: NonNull<u8>,
+    layout: Layout,
+    frame_bytes: usize,
+    borrows: Box<[Cell<i32>]>,
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("frames", &self.borrows.len())
+            .field("frame_bytes", &self.frame_bytes)
+            .finish()
+    }
+}
+
+impl Arena {
+    pub(crate) fn new(frame_count: usize, frame_bytes: usize) -> Self {
+        assert!(frame_count > 0 && frame_bytes > 0, "an arena has at least one non-empty frame");
+        let size = frame_count.checked_mul(frame_bytes).expect("arena size overflows usize");
+        let layout = Layout::from_size_align(size, FRAME_ALIGNMENT)
+            .expect("a power-of-two alignment and a checked size make a valid layout");
+        // SAFETY: the layout has a non-zero size (both factors are positive).
+        let base = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(base) = NonNull::new(base) else { alloc::handle_alloc_error(layout) };
+        let borrows = (0..frame_count).map(|_| Cell::new(0)).collect();
+        Arena { base, layout, frame_bytes, borrows }
+    }
+
+    /// Whether frame `index` is mutably borrowed now.
+    pub(crate) fn is_mut_borrowed(&self, index: u32) -> bool {
+        self.borrows[index as usize].get() < 0
+    }
+
+    /// Whether frame `index` is borrowed at all now.
+    pub(crate) fn is_borrowed(&self, index: u32) -> bool {
+        self.borrows[index as usize].get() != 0
+    }
+
+    fn frame_ptr(&self, index: u32) -> *mut u8 {
+        assert!((index as usize) < self.borrows.len(), "frame index in range");
+        // SAFETY: index < frame_count, so the offset stays inside the allocation.
+        unsafe { self.base.as_ptr().add(index as usize * self.frame_bytes) }
+    }
+
+    /// A shared view of frame `index`, or `None` while it is mutably borrowed.
+    pub(crate) fn try_borrow(&self, index: u32) -> Option<FrameRef<'_>> {
+        let flag = &self.borrows[index as usize];
+        if flag.get() < 0 {
+            return None;
+        }
+        flag.set(flag.get() + 1);
+        // SAFETY: the flag now records a shared borrow, so no `FrameMut` of this frame exists
+        // or can be made until this one is dropped (invariant 1); the pointer is in bounds and
+        // the arena outlives the returned reference.
+        let bytes = unsafe { std::slice::from_raw_parts(self.frame_ptr(index), self.frame_bytes) };
+        Some(FrameRef { bytes, flag })
+    }
+
+    /// An exclusive view of frame `index`, or `None` while it is borrowed.
+    pub(crate) fn try_borrow_mut(&self, index: u32) -> Option<FrameMut<'_>> {
+        let flag = &self.borrows[index as usize];
+        if flag.get() != 0 {
+            return None;
+        }
+        flag.set(-1);
+        // SAFETY: the flag was 0 (no borrow alive) and now records this exclusive borrow, so no
+        // other reference to these bytes exists until it is dropped (invariant 1).
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(self.frame_ptr(index), self.frame_bytes) };
+        Some(FrameMut { bytes, flag })
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: `base` came from `alloc_zeroed` with exactly this layout and is freed once.
+        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) };
+    }
+}
+
+/// A shared borrow of a frame's bytes.
+#[derive(Debug)]
+pub struct FrameRef<'a> {
+    bytes: &'a [u8],
+    flag: &'a Cell<i32>,
+}
+
+impl std::ops::Deref for FrameRef<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl Drop for FrameRef<'_> {
+    fn drop(&mut self) {
+        self.flag.set(self.flag.get() - 1);
+    }
+}
+
+/// An exclusive borrow of a frame's bytes.
+#[derive(Debug)]
+pub struct FrameMut<'a> {
+    bytes: &'a mut [u8],
+    flag: &'a Cell<i32>,
+}
+
+impl std::ops::Deref for FrameMut<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl std::ops::DerefMut for FrameMut<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.bytes
+    }
+}
+
+impl Drop for FrameMut<'_> {
+    fn drop(&mut self) {
+        self.flag.set(0);
+    }
+}

@@ -1,0 +1,49 @@
+//! Counters of one cache partition.
+
+/// What a partition has done. Counters only grow; `pinned`, `dirty` and `frames` are gauges
+/// filled in when the snapshot is taken.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// `read` / `get` / `new` calls served from the cache.
+    pub hits: u64,
+    /// `read` calls that went to the device.
+    pub misses: u64,
+    /// `read` calls that joined a device read already in flight (single flight).
+    pub joins: u64,
+    /// `new` calls that installed a fresh buffer.
+    pub news: u64,
+    /// Frames reused for another block.
+    pub evictions: u64,
+    /// Writes of dirty buffers that completed successfully.
+    pub writebacks: u64,
+    /// Writes of dirty buffers that failed (the data stays cached and dirty).
+    pub write_errors: u64,
+    /// Device reads that failed.
+    pub read_errors: u64,
+    /// Times a caller waited for a frame (every frame pinned, being read or being written).
+    pub frame_waits: u64,
+    /// Times a caller waited for a session slot (the deadlock rule's admission bound).
+    pub session_waits: u64,
+    /// Prefetch reads started.
+    pub prefetch_reads: u64,
+    /// Prefetch blocks skipped for lack of a free frame or request buffer.
+    pub prefetch_skipped: u64,
+    /// Frames pinned now.
+    pub pinned: u64,
+    /// Frames dirty or being written now.
+    pub dirty: u64,
+    /// Frames in the partition.
+    pub frames: u64,
+}
+
+impl CacheStats {
+    /// Hits over hits plus misses (0 when there was no lookup).
+    pub fn hit_ratio(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+}
