@@ -106,6 +106,12 @@ pub enum Error {
     },
     /// The engine or shard was shut down before the call.
     ShutDown,
+    /// A shard stopped unexpectedly (its thread panicked or its executor ended) while a
+    /// request to it was pending.
+    ShardFailed {
+        /// The shard's index.
+        shard: usize,
+    },
 }
 
 impl Error {
@@ -173,6 +179,9 @@ impl fmt::Display for Error {
                 write!(f, "the buffer of block {block} is borrowed elsewhere")
             }
             Error::ShutDown => f.write_str("the engine is shut down"),
+            Error::ShardFailed { shard } => {
+                write!(f, "shard {shard} stopped unexpectedly (see its log for the panic)")
+            }
         }
     }
 }

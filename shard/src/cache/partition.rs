@@ -216,6 +216,18 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
     /// device. Returns the first latched write error (which stays latched until a write of
     /// that block succeeds or the block is forgotten), else the flush's error.
     pub async fn write_dirty(&self) -> Result<()> {
+        let write_error = self.write_back_dirty().await.err();
+        let flushed = self.inner.queue.flush().await;
+        match write_error {
+            Some(e) => Err(e),
+            None => flushed,
+        }
+    }
+
+    /// The first half of [`Partition::write_dirty`]: writes every buffer dirtied before the
+    /// call and waits for those writes, without flushing the device. Returns the first latched
+    /// write error. The engine's global barrier runs this on every shard, then flushes once.
+    pub async fn write_back_dirty(&self) -> Result<()> {
         let inner = &self.inner;
         let (barrier, failures_at_start) = {
             let table = inner.table.borrow();
@@ -228,11 +240,9 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
             }
             inner.wait_change().await;
         }
-        let write_error = inner.table.borrow().first_write_error();
-        let flushed = inner.queue.flush().await;
-        match write_error {
+        match inner.table.borrow().first_write_error() {
             Some(e) => Err(e),
-            None => flushed,
+            None => Ok(()),
         }
     }
 
@@ -293,8 +303,11 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         self.changed.wait_for(|| (self.changes.get() != seen).then_some(())).await;
     }
 
-    fn spawn_started_writes(self: &Rc<Self>, table: &mut Table) {
-        for frame in table.writes_to_start.drain(..) {
+    /// Spawns the writes an eviction scan scheduled. Must be called with no borrow of the
+    /// table held: glommio runs a spawned task right away, inside this call.
+    fn spawn_started_writes(self: &Rc<Self>) {
+        loop {
+            let Some(frame) = self.table.borrow_mut().writes_to_start.pop() else { return };
             let inner = Rc::clone(self);
             glommio::spawn_local(async move { inner.write_frame(frame).await }).detach();
         }
@@ -310,10 +323,12 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
                     return Ok(frame);
                 }
                 let victim = table.evict(true);
-                self.spawn_started_writes(&mut table);
+                drop(table);
+                self.spawn_started_writes();
                 if let Some(frame) = victim {
                     return Ok(frame);
                 }
+                let mut table = self.table.borrow_mut();
                 if table.writing_count == 0 {
                     if let Some(e) = table.first_write_error() {
                         // Every unpinned frame holds data whose write failed: no room can be

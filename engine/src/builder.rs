@@ -1,0 +1,180 @@
+//! The engine's settings and their validation.
+
+use std::path::PathBuf;
+
+use corebuf_shard::cache::CacheConfig;
+use corebuf_shard::io::QueueConfig;
+
+use crate::engine::Engine;
+use crate::{Error, Result};
+
+/// Builds an [`Engine`]. Every setting has a default except the path.
+///
+/// # Examples
+/// ```no_run
+/// let engine = corebuf::Engine::builder()
+///     .path("/var/lib/kv/data")
+///     .block_size_bytes(4096)
+///     .cache_size_bytes(1 << 30)
+///     .build()?;
+/// # Ok::<(), corebuf::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct EngineBuilder {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) block_size_bytes: usize,
+    pub(crate) cache_size_bytes: u64,
+    pub(crate) shards: Option<usize>,
+    pub(crate) range_blocks: u64,
+    pub(crate) writebacks_in_flight_max: usize,
+    pub(crate) io_depth_max: usize,
+    pub(crate) pins_per_session_max: usize,
+    pub(crate) inbox_capacity: usize,
+    pub(crate) handlers_in_flight_max: usize,
+    pub(crate) pin_threads: bool,
+    pub(crate) io_memory_bytes: usize,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        EngineBuilder {
+            path: None,
+            block_size_bytes: 4096,
+            cache_size_bytes: 256 << 20,
+            shards: None,
+            range_blocks: 64,
+            writebacks_in_flight_max: 32,
+            io_depth_max: 128,
+            pins_per_session_max: 8,
+            inbox_capacity: 1024,
+            handlers_in_flight_max: 1024,
+            pin_threads: true,
+            io_memory_bytes: 4 << 20,
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// The file or block device holding the data (must exist; its size is the device size).
+    pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// Block size in bytes: a power of two, a multiple of the device's logical block size,
+    /// at most 64 KiB. Default 4096.
+    pub fn block_size_bytes(mut self, bytes: usize) -> Self {
+        self.block_size_bytes = bytes;
+        self
+    }
+
+    /// Buffer bytes of the whole engine, split evenly over the shards. Default 256 MiB.
+    pub fn cache_size_bytes(mut self, bytes: u64) -> Self {
+        self.cache_size_bytes = bytes;
+        self
+    }
+
+    /// Number of shards (one executor thread each). Default: one per online core.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// Consecutive blocks that share an owner shard. Default 64.
+    pub fn range_blocks(mut self, blocks: u64) -> Self {
+        self.range_blocks = blocks;
+        self
+    }
+
+    /// Write-backs in flight per shard. Default 32.
+    pub fn writebacks_in_flight_max(mut self, max: usize) -> Self {
+        self.writebacks_in_flight_max = max;
+        self
+    }
+
+    /// Reads and writes in flight per shard (request buffers). Default 128.
+    pub fn io_depth_max(mut self, max: usize) -> Self {
+        self.io_depth_max = max;
+        self
+    }
+
+    /// The deadlock rule's bound: buffers one session may pin at once. Default 8.
+    pub fn pins_per_session_max(mut self, max: usize) -> Self {
+        self.pins_per_session_max = max;
+        self
+    }
+
+    /// Capacity of each shard's message inbox (senders wait when it is full). Default 1024.
+    pub fn inbox_capacity(mut self, capacity: usize) -> Self {
+        self.inbox_capacity = capacity;
+        self
+    }
+
+    /// Whether each shard's thread is pinned to a core (shard `i` on the `i`-th allowed CPU,
+    /// wrapping). Default true.
+    pub fn pin_threads(mut self, pin: bool) -> Self {
+        self.pin_threads = pin;
+        self
+    }
+
+    /// Locked memory glommio registers per shard for DMA reads. Default 4 MiB.
+    pub fn io_memory_bytes(mut self, bytes: usize) -> Self {
+        self.io_memory_bytes = bytes;
+        self
+    }
+
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    pub(crate) fn queue_config(&self) -> QueueConfig {
+        QueueConfig {
+            block_size_bytes: self.block_size_bytes,
+            io_depth_max: self.io_depth_max,
+            writebacks_in_flight_max: self.writebacks_in_flight_max,
+        }
+    }
+
+    pub(crate) fn cache_config(&self) -> CacheConfig {
+        CacheConfig {
+            cache_size_bytes: self.cache_size_bytes / self.shard_count().max(1) as u64,
+            pins_per_session_max: self.pins_per_session_max,
+            ..CacheConfig::default()
+        }
+    }
+
+    /// Checks what can be checked without opening the device (the shards check the rest).
+    pub(crate) fn validate(&self) -> Result<PathBuf> {
+        let Some(path) = self.path.clone() else {
+            return Err(Error::config("path", "no path given"));
+        };
+        let shards = self.shard_count();
+        if shards == 0 {
+            return Err(Error::config("shards", "must be at least 1"));
+        }
+        if shards > 1024 {
+            return Err(Error::config("shards", format!("{shards} is more than 1024")));
+        }
+        if self.range_blocks == 0 {
+            return Err(Error::config("range_blocks", "must be at least 1"));
+        }
+        if self.inbox_capacity == 0 || self.handlers_in_flight_max == 0 {
+            return Err(Error::config("inbox_capacity", "must be at least 1"));
+        }
+        if self.cache_size_bytes / (shards as u64) < self.block_size_bytes as u64 {
+            return Err(Error::config(
+                "cache_size_bytes",
+                format!(
+                    "{} bytes over {shards} shards leaves less than one {}-byte block per shard",
+                    self.cache_size_bytes, self.block_size_bytes
+                ),
+            ));
+        }
+        Ok(path)
+    }
+
+    /// Validates the settings, opens the device once per shard and starts the shards.
+    pub fn build(self) -> Result<Engine> {
+        Engine::start(self)
+    }
+}

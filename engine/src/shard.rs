@@ -1,0 +1,349 @@
+//! One shard's runtime: its partition, its inbox, and the routed operations that code running
+//! on the shard uses.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use corebuf_shard::cache::{Hooks, Partition};
+use corebuf_shard::io::{DmaDevice, IoQueue};
+use corebuf_shard::WaitList;
+
+use crate::builder::EngineBuilder;
+use crate::router::Router;
+use crate::stats::{new_histogram, ShardStats};
+use crate::{Error, Result};
+
+/// A job sent to a shard: a closure that builds a future on the shard's executor.
+pub(crate) type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// A one-shot reply channel.
+pub(crate) type Reply<T> = async_channel::Sender<T>;
+
+pub(crate) fn oneshot<T>() -> (Reply<T>, async_channel::Receiver<T>) {
+    async_channel::bounded(1)
+}
+
+/// What one shard can be asked to do by another shard or a [`Client`](crate::Client).
+pub(crate) enum Msg {
+    Read { block: u64, reply: Reply<Result<Vec<u8>>> },
+    Write { block: u64, data: Vec<u8>, reply: Reply<Result<()>> },
+    Prefetch { block: u64, count: u64 },
+    /// The first phase of the global barrier: write back this shard's dirty buffers.
+    WriteBack { reply: Reply<Result<()>> },
+    /// A whole global barrier, coordinated by the receiving shard.
+    Barrier { reply: Reply<Result<()>> },
+    Stats { reply: Reply<ShardStats> },
+    Run(Job),
+}
+
+/// The inboxes of every shard, shared by shards and clients.
+pub(crate) type Inboxes = Arc<[async_channel::Sender<Msg>]>;
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// One shard, as seen by code running on its executor: the local partition (zero-copy) and
+/// routed operations that reach any block through its owner.
+pub struct Shard {
+    id: usize,
+    partition: Partition<DmaDevice>,
+    router: Router,
+    inboxes: Inboxes,
+    handlers_in_flight: Cell<usize>,
+    handlers_in_flight_max: usize,
+    handler_done: WaitList,
+    messages_sent: Cell<u64>,
+    messages_received: Cell<u64>,
+    barriers: Cell<u64>,
+    barrier_latency_us: RefCell<corebuf_shard::io::LatencyHistogram>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// Opens this shard's device handle, queue and partition.
+    pub(crate) async fn open(
+        id: usize,
+        builder: &EngineBuilder,
+        path: &std::path::Path,
+        inboxes: Inboxes,
+    ) -> Result<Rc<Shard>> {
+        let device = DmaDevice::open(path).await?;
+        let queue = IoQueue::new(device, builder.queue_config())?;
+        let partition = Partition::new(queue, builder.cache_config(), Hooks::default())?;
+        let shard = Rc::new(Shard {
+            id,
+            partition,
+            router: Router::new(inboxes.len(), builder.range_blocks),
+            inboxes,
+            handlers_in_flight: Cell::new(0),
+            handlers_in_flight_max: builder.handlers_in_flight_max,
+            handler_done: WaitList::with_capacity(4),
+            messages_sent: Cell::new(0),
+            messages_received: Cell::new(0),
+            barriers: Cell::new(0),
+            barrier_latency_us: RefCell::new(new_histogram()),
+        });
+        CURRENT.with(|current| *current.borrow_mut() = Some(Rc::clone(&shard)));
+        Ok(shard)
+    }
+
+    /// The shard running on this thread, if this thread is a shard's executor.
+    pub fn current() -> Option<Rc<Shard>> {
+        CURRENT.with(|current| current.borrow().clone())
+    }
+
+    /// This shard's index.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// The number of shards in the engine.
+    pub fn shard_count(&self) -> usize {
+        self.router.shards()
+    }
+
+    /// The shard that owns `block`.
+    pub fn owner_of(&self, block: u64) -> usize {
+        self.router.shard_of(block)
+    }
+
+    /// Whether this shard owns `block` (then [`Shard::partition`] reaches it without a copy).
+    pub fn owns(&self, block: u64) -> bool {
+        self.router.shard_of(block) == self.id
+    }
+
+    /// This shard's cache partition, for zero-copy access to the blocks it owns. Touching a
+    /// block another shard owns through it would cache the block twice: use the routed
+    /// operations for those.
+    pub fn partition(&self) -> &Partition<DmaDevice> {
+        &self.partition
+    }
+
+    /// The device size in blocks.
+    pub fn device_blocks(&self) -> u64 {
+        self.partition.device_blocks()
+    }
+
+    /// The block size in bytes.
+    pub fn block_size(&self) -> usize {
+        self.partition.block_size()
+    }
+
+    async fn send(&self, shard: usize, msg: Msg) -> Result<()> {
+        self.messages_sent.set(self.messages_sent.get() + 1);
+        self.inboxes[shard].send(msg).await.map_err(|_| Error::ShutDown)
+    }
+
+    /// A copy of `block`'s data, from its owner (locally when this shard owns it).
+    pub async fn read(&self, block: u64) -> Result<Vec<u8>> {
+        let owner = self.owner_of(block);
+        if owner == self.id {
+            return read_local(&self.partition, block).await;
+        }
+        let (reply, answer) = oneshot();
+        self.send(owner, Msg::Read { block, reply }).await?;
+        answer.recv().await.map_err(|_| Error::ShardFailed { shard: owner })?
+    }
+
+    /// Writes a whole block (`data.len()` must be the block size) through its owner. The write
+    /// is in the owner's cache, dirty, when this returns; a barrier makes it durable.
+    pub async fn write(&self, block: u64, data: &[u8]) -> Result<()> {
+        check_block_data(data, self.block_size())?;
+        let owner = self.owner_of(block);
+        if owner == self.id {
+            return write_local(&self.partition, block, data).await;
+        }
+        let (reply, answer) = oneshot();
+        self.send(owner, Msg::Write { block, data: data.to_vec(), reply }).await?;
+        answer.recv().await.map_err(|_| Error::ShardFailed { shard: owner })?
+    }
+
+    /// Starts reads of `block..block + count`, split by owner; never waits. A part whose
+    /// owner's inbox is full is skipped, as prefetch may skip under pressure.
+    pub fn prefetch(&self, block: u64, count: u64) -> Result<()> {
+        check_span(block, count, self.device_blocks())?;
+        for (owner, first, n) in self.router.split(block, count) {
+            if owner == self.id {
+                self.partition.prefetch(first, n)?;
+            } else {
+                self.messages_sent.set(self.messages_sent.get() + 1);
+                let _ = self.inboxes[owner].try_send(Msg::Prefetch { block: first, count: n });
+            }
+        }
+        Ok(())
+    }
+
+    /// The global flush barrier: every shard writes back the buffers dirtied before the call
+    /// and waits, then the device is flushed once. Returns the first write error of any shard,
+    /// else the flush's error.
+    pub async fn flush(&self) -> Result<()> {
+        let started = Instant::now();
+        let mut answers = Vec::with_capacity(self.shard_count());
+        for shard in (0..self.shard_count()).filter(|&s| s != self.id) {
+            let (reply, answer) = oneshot();
+            self.send(shard, Msg::WriteBack { reply }).await?;
+            answers.push((shard, answer));
+        }
+        let mut first_error = self.partition.write_back_dirty().await.err();
+        for (shard, answer) in answers {
+            let result = answer.recv().await.unwrap_or(Err(Error::ShardFailed { shard }));
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        let flushed = self.partition.issue_flush().await;
+        self.barriers.set(self.barriers.get() + 1);
+        let us = (started.elapsed().as_micros() as u64).clamp(1, 60_000_000);
+        let _ = self.barrier_latency_us.borrow_mut().record(us);
+        match first_error {
+            Some(e) => Err(e),
+            None => flushed,
+        }
+    }
+
+    /// Runs `job` on the shard that owns `block` and returns its result. The closure gets that
+    /// shard, with zero-copy access to its partition.
+    pub async fn run_on_owner<T, F, Fut>(&self, block: u64, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        self.run_on(self.owner_of(block), job).await
+    }
+
+    /// Runs `job` on shard `shard` and returns its result.
+    pub async fn run_on<T, F, Fut>(&self, shard: usize, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        if shard >= self.shard_count() {
+            return Err(Error::config("shard", format!("no shard {shard}")));
+        }
+        let (reply, answer) = oneshot();
+        self.send(shard, Msg::Run(job_box(job, reply))).await?;
+        answer.recv().await.map_err(|_| Error::ShardFailed { shard })
+    }
+
+    /// This shard's statistics.
+    pub fn stats(&self) -> ShardStats {
+        ShardStats {
+            shard: self.id,
+            cache: self.partition.stats(),
+            queue: self.partition.queue().stats(),
+            messages_sent: self.messages_sent.get(),
+            messages_received: self.messages_received.get(),
+            barriers: self.barriers.get(),
+            barrier_latency_us: self.barrier_latency_us.borrow().clone(),
+        }
+    }
+
+    /// Serves the inbox until it is closed and drained, then waits for the handlers in flight.
+    pub(crate) async fn serve(self: Rc<Self>, inbox: async_channel::Receiver<Msg>) {
+        while let Ok(msg) = inbox.recv().await {
+            self.messages_received.set(self.messages_received.get() + 1);
+            let max = self.handlers_in_flight_max;
+            if self.handlers_in_flight.get() >= max {
+                self.handler_done
+                    .wait_for(|| (self.handlers_in_flight.get() < max).then_some(()))
+                    .await;
+            }
+            self.handlers_in_flight.set(self.handlers_in_flight.get() + 1);
+            let shard = Rc::clone(&self);
+            glommio::spawn_local(async move {
+                Rc::clone(&shard).handle(msg).await;
+                shard.handlers_in_flight.set(shard.handlers_in_flight.get() - 1);
+                shard.handler_done.notify_all();
+            })
+            .detach();
+        }
+        if self.handlers_in_flight.get() > 0 {
+            self.handler_done.wait_for(|| (self.handlers_in_flight.get() == 0).then_some(())).await;
+        }
+    }
+
+    async fn handle(self: Rc<Self>, msg: Msg) {
+        // A dropped reply receiver means the asker went away; nothing to do about it.
+        match msg {
+            Msg::Read { block, reply } => {
+                let _ = reply.send(read_local(&self.partition, block).await).await;
+            }
+            Msg::Write { block, data, reply } => {
+                let _ = reply.send(write_local(&self.partition, block, &data).await).await;
+            }
+            Msg::Prefetch { block, count } => {
+                let _ = self.partition.prefetch(block, count);
+            }
+            Msg::WriteBack { reply } => {
+                let _ = reply.send(self.partition.write_back_dirty().await).await;
+            }
+            Msg::Barrier { reply } => {
+                let _ = reply.send(self.flush().await).await;
+            }
+            Msg::Stats { reply } => {
+                let _ = reply.send(self.stats()).await;
+            }
+            Msg::Run(job) => job(self).await,
+        }
+    }
+}
+
+/// Boxes a closure and its reply channel into a [`Job`].
+pub(crate) fn job_box<T, F, Fut>(job: F, reply: Reply<T>) -> Job
+where
+    T: Send + 'static,
+    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
+    Box::new(move |shard| {
+        Box::pin(async move {
+            let value = job(shard).await;
+            let _ = reply.send(value).await;
+        })
+    })
+}
+
+pub(crate) fn check_block_data(data: &[u8], block_size: usize) -> Result<()> {
+    if data.len() != block_size {
+        return Err(Error::config(
+            "data",
+            format!("a block write needs exactly {block_size} bytes, got {}", data.len()),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_span(block: u64, count: u64, device_blocks: u64) -> Result<()> {
+    let last = block.saturating_add(count.max(1) - 1);
+    if last >= device_blocks {
+        return Err(Error::BlockOutOfRange { block: last, device_blocks });
+    }
+    Ok(())
+}
+
+async fn read_local(partition: &Partition<DmaDevice>, block: u64) -> Result<Vec<u8>> {
+    let session = partition.session().await;
+    let buf = session.read(block).await?;
+    let copy = buf.data().to_vec();
+    Ok(copy)
+}
+
+async fn write_local(partition: &Partition<DmaDevice>, block: u64, data: &[u8]) -> Result<()> {
+    let session = partition.session().await;
+    let buf = session.new_block(block).await?;
+    buf.data_mut().copy_from_slice(data);
+    buf.mark_dirty();
+    Ok(())
+}
