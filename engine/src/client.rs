@@ -44,7 +44,12 @@ impl Client {
         self.router.shard_of(block)
     }
 
-    async fn ask<T>(&self, shard: usize, msg: Msg, answer: async_channel::Receiver<T>) -> Result<T> {
+    async fn ask<T>(
+        &self,
+        shard: usize,
+        msg: Msg,
+        answer: async_channel::Receiver<T>,
+    ) -> Result<T> {
         self.inboxes[shard].send(msg).await.map_err(|_| Error::ShutDown)?;
         answer.recv().await.map_err(|_| Error::ShardFailed { shard })
     }

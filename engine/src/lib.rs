@@ -37,4 +37,3 @@ pub use engine::Engine;
 pub use router::Router;
 pub use shard::Shard;
 pub use stats::{EngineStats, ShardStats};
-

@@ -29,14 +29,30 @@ pub(crate) fn oneshot<T>() -> (Reply<T>, async_channel::Receiver<T>) {
 
 /// What one shard can be asked to do by another shard or a [`Client`](crate::Client).
 pub(crate) enum Msg {
-    Read { block: u64, reply: Reply<Result<Vec<u8>>> },
-    Write { block: u64, data: Vec<u8>, reply: Reply<Result<()>> },
-    Prefetch { block: u64, count: u64 },
+    Read {
+        block: u64,
+        reply: Reply<Result<Vec<u8>>>,
+    },
+    Write {
+        block: u64,
+        data: Vec<u8>,
+        reply: Reply<Result<()>>,
+    },
+    Prefetch {
+        block: u64,
+        count: u64,
+    },
     /// The first phase of the global barrier: write back this shard's dirty buffers.
-    WriteBack { reply: Reply<Result<()>> },
+    WriteBack {
+        reply: Reply<Result<()>>,
+    },
     /// A whole global barrier, coordinated by the receiving shard.
-    Barrier { reply: Reply<Result<()>> },
-    Stats { reply: Reply<ShardStats> },
+    Barrier {
+        reply: Reply<Result<()>>,
+    },
+    Stats {
+        reply: Reply<ShardStats>,
+    },
     Run(Job),
 }
 

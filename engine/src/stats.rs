@@ -65,7 +65,8 @@ impl EngineStats {
             let q = &s.queue;
             sum.in_flight += q.in_flight;
             sum.writebacks_in_flight += q.writebacks_in_flight;
-            sum.writebacks_in_flight_peak = sum.writebacks_in_flight_peak.max(q.writebacks_in_flight_peak);
+            sum.writebacks_in_flight_peak =
+                sum.writebacks_in_flight_peak.max(q.writebacks_in_flight_peak);
             sum.reads_completed += q.reads_completed;
             sum.writes_completed += q.writes_completed;
             sum.writebacks_completed += q.writebacks_completed;

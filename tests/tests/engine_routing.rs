@@ -34,14 +34,15 @@ fn writes_from_client_and_shards_read_back_everywhere_and_survive_reshard() {
         .unwrap();
     }
     for shard in 0..4 {
-        let seen: Vec<bool> = futures_lite::future::block_on(client.run_on(shard, |s| async move {
-            let mut ok = Vec::new();
-            for b in 0..BLOCKS {
-                ok.push(s.read(b).await.unwrap() == versioned_block(b, 1, BS));
-            }
-            ok
-        }))
-        .unwrap();
+        let seen: Vec<bool> =
+            futures_lite::future::block_on(client.run_on(shard, |s| async move {
+                let mut ok = Vec::new();
+                for b in 0..BLOCKS {
+                    ok.push(s.read(b).await.unwrap() == versioned_block(b, 1, BS));
+                }
+                ok
+            }))
+            .unwrap();
         assert!(seen.iter().all(|&ok| ok), "shard {shard} read stale data");
     }
     client.flush_blocking().unwrap();
