@@ -37,3 +37,8 @@ pub use engine::Engine;
 pub use router::Router;
 pub use shard::Shard;
 pub use stats::{EngineStats, ShardStats};
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
