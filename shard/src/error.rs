@@ -162,10 +162,9 @@ impl fmt::Display for Error {
                 path.display()
             ),
             Error::InvalidConfig { setting, reason } => write!(f, "invalid {setting}: {reason}"),
-            Error::BlockOutOfRange { block, device_blocks } => write!(
-                f,
-                "block {block} is beyond the end of the device ({device_blocks} blocks)"
-            ),
+            Error::BlockOutOfRange { block, device_blocks } => {
+                write!(f, "block {block} is beyond the end of the device ({device_blocks} blocks)")
+            }
             Error::Unaligned { offset, len, alignment } => write!(
                 f,
                 "offset {offset} / length {len} is not aligned to the device's {alignment} bytes"

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{block_of, config, device_file, image, pattern, run, version_of, BLOCK_BYTES};
-use corebuf_shard::io::{DmaDevice, IoQueue};
+use corebuf_shard::io::{Device, DmaDevice, IoQueue};
 use corebuf_shard::IoOp;
 
 /// The open-file flags the kernel reports for the descriptor this process has open on `path`
@@ -68,8 +68,11 @@ fn blocks_written_through_the_queue_read_back_through_the_queue_and_from_the_fil
     let bytes = std::fs::read(&path).expect("read the file after the executor exits");
     assert_eq!(bytes.len() as u64, BLOCKS * BLOCK_BYTES as u64, "the file keeps its size");
     for block in 0..BLOCKS {
-        let expected =
-            if written_blocks.contains(&block) || written_back_blocks.contains(&block) { 2 } else { 1 };
+        let expected = if written_blocks.contains(&block) || written_back_blocks.contains(&block) {
+            2
+        } else {
+            1
+        };
         assert_eq!(version_of(block_of(&bytes, block), block), Some(expected), "block {block}");
     }
 }
@@ -81,7 +84,6 @@ fn a_regular_file_is_open_with_o_direct_and_reports_its_geometry() {
         let device = DmaDevice::open(&path).await.expect("open the device file");
         assert!(device.direct_io_in_effect());
         assert!(!device.is_block_device());
-        use corebuf_shard::io::Device;
         assert_eq!(device.size_bytes(), 16 * BLOCK_BYTES as u64);
         let alignment = device.alignment_bytes();
         assert!(alignment >= 512 && alignment.is_power_of_two(), "alignment {alignment}");
@@ -219,7 +221,6 @@ fn a_loop_block_device_is_open_with_o_direct_and_round_trips_blocks() {
         assert!(device.direct_io_in_effect());
         let flags = kernel_open_flags(&device_path).expect("the device's descriptor is open");
         assert_ne!(flags & libc::O_DIRECT, 0, "kernel flags {flags:o} lack O_DIRECT");
-        use corebuf_shard::io::Device;
         assert_eq!(device.size_bytes(), BLOCKS * BLOCK_BYTES as u64);
         let name = device_path.file_name().expect("a device name").to_string_lossy().into_owned();
         let sysfs = format!("/sys/block/{name}/queue/logical_block_size");

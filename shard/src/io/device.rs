@@ -51,10 +51,10 @@ pub trait Device {
 
 /// Checks that `offset..offset + len` is aligned and inside a device of `size_bytes`.
 pub(crate) fn check_range(offset: u64, len: u64, alignment: u64, size_bytes: u64) -> Result<()> {
-    if offset % alignment != 0 || len % alignment != 0 || len == 0 {
+    if !offset.is_multiple_of(alignment) || !len.is_multiple_of(alignment) || len == 0 {
         return Err(crate::Error::Unaligned { offset, len, alignment });
     }
-    let end = offset.checked_add(len).unwrap_or(u64::MAX);
+    let end = offset.saturating_add(len);
     if end > size_bytes {
         return Err(crate::Error::BlockOutOfRange {
             block: (end - 1) / alignment,

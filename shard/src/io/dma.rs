@@ -33,7 +33,9 @@ impl IoBuf for DmaBuf {
 
     fn as_bytes_mut(&mut self) -> &mut [u8] {
         Rc::get_mut(&mut self.0)
-            .expect("a DmaBuf is shared only while its write is in flight, and nobody touches it then")
+            .expect(
+                "a DmaBuf is shared only while its write is in flight, and nobody touches it then",
+            )
             .as_bytes_mut()
     }
 }
@@ -86,7 +88,8 @@ impl DmaDevice {
             .map_err(|e| Error::io(IoOp::Open, &path, 0, io::Error::from(e)))?;
         ensure_direct_io(file.as_raw_fd(), &path)?;
         let (size_bytes, alignment_bytes) = if is_block_device {
-            block_device_geometry(file.as_raw_fd()).map_err(|e| Error::io(IoOp::Open, &path, 0, e))?
+            block_device_geometry(file.as_raw_fd())
+                .map_err(|e| Error::io(IoOp::Open, &path, 0, e))?
         } else {
             (metadata.len(), file.alignment().max(512))
         };

@@ -476,7 +476,7 @@ impl<D: Device> IoQueue<D> {
         if count == 0 {
             return Ok(());
         }
-        let last = block.checked_add(count - 1).unwrap_or(u64::MAX);
+        let last = block.saturating_add(count - 1);
         self.check_block(last)?;
         let _in_flight = InFlight::enter(self);
         let bs = self.config.block_size_bytes as u64;
@@ -496,7 +496,7 @@ fn validate<D: Device>(device: &D, config: &QueueConfig) -> Result<u64> {
     if bs == 0 || !bs.is_power_of_two() {
         return Err(Error::config("block_size_bytes", format!("{bs} is not a power of two")));
     }
-    if bs % alignment != 0 {
+    if !bs.is_multiple_of(alignment) {
         return Err(Error::config(
             "block_size_bytes",
             format!(
@@ -506,7 +506,7 @@ fn validate<D: Device>(device: &D, config: &QueueConfig) -> Result<u64> {
         ));
     }
     let size = device.size_bytes();
-    if size == 0 || size % bs != 0 {
+    if size == 0 || !size.is_multiple_of(bs) {
         return Err(Error::config(
             "device size",
             format!(

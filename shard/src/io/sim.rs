@@ -119,7 +119,7 @@ impl SimDevice {
     pub fn from_image(image: Vec<u8>, mut options: SimOptions) -> Self {
         options.size_bytes = image.len() as u64;
         assert!(
-            options.size_bytes % options.alignment_bytes == 0,
+            options.size_bytes.is_multiple_of(options.alignment_bytes),
             "a SimDevice's size must be a multiple of its alignment"
         );
         let state = SimState {
@@ -263,7 +263,8 @@ impl Device for SimDevice {
             }
             state.writes_in_flight.push((offset, len));
             let in_flight = state.writes_in_flight.len() as u64;
-            state.counters.writes_in_flight_peak = state.counters.writes_in_flight_peak.max(in_flight);
+            state.counters.writes_in_flight_peak =
+                state.counters.writes_in_flight_peak.max(in_flight);
         }
         self.latency().await;
         let result = self.inject(IoOp::Write, offset);

@@ -75,9 +75,10 @@ pub fn config(io_depth_max: usize, writebacks_in_flight_max: usize) -> QueueConf
     QueueConfig { block_size_bytes: BLOCK_BYTES, io_depth_max, writebacks_in_flight_max }
 }
 
-/// Runs `future` on a fresh glommio executor on this thread.
+/// Runs `future` on a fresh glommio executor on this thread, failing the test if it hangs for
+/// two minutes.
 pub fn run<T>(future: impl Future<Output = T>) -> T {
-    glommio::LocalExecutor::default().run(future)
+    glommio::LocalExecutor::default().run(within(120, "the test", future))
 }
 
 /// Awaits `future`, failing the test if it takes longer than `secs` seconds: a hang (a lost
