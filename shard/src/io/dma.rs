@@ -80,6 +80,9 @@ impl DmaDevice {
         if !file_type.is_file() && !is_block_device {
             return Err(Error::NotAFileOrDevice { path, kind: "special file" });
         }
+        if !is_block_device {
+            prime_iopoll_probe_if_sparse(&path).await?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -112,6 +115,48 @@ impl DmaDevice {
     fn err(&self, op: IoOp, offset: u64, e: impl Into<io::Error>) -> Error {
         Error::io(op, &self.path, offset, e.into())
     }
+}
+
+/// Works around a glommio 0.9 misdetection that breaks reads of sparse files.
+///
+/// When glommio opens the first file of a device on a thread, it probes whether the device
+/// supports io_uring polled I/O by reading the file's first block through its poll ring, and
+/// remembers the answer for the device in a thread-local map. If that block is a hole, the
+/// read never reaches the device and succeeds, so a device without poll queues (virtio-blk,
+/// loop) is taken as pollable, and every later read that does reach it fails with
+/// `EOPNOTSUPP` (see tests/tests/regression_sparse_file_reads.rs). When the data file starts
+/// with a hole, this first opens a small, fully written probe file beside it, so the probe
+/// reads real data, gets the true answer, and glommio caches it before the data file opens.
+async fn prime_iopoll_probe_if_sparse(path: &Path) -> Result<()> {
+    let open_error = |e: io::Error| Error::io(IoOp::Open, path, 0, e);
+    let file = fs::File::open(path).map_err(open_error)?;
+    // SAFETY: lseek on a descriptor `file` owns; no memory is passed.
+    let first_data = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    drop(file);
+    if first_data == 0 {
+        return Ok(()); // block 0 holds data: glommio's probe is right on its own
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let probe = dir.join(format!(
+        ".corebuf-iopoll-probe-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let result = async {
+        fs::write(&probe, vec![0u8; 64 << 10])?;
+        let probe_file = DmaFile::open(&probe).await.map_err(io::Error::from)?;
+        probe_file.close().await.map_err(io::Error::from)
+    }
+    .await;
+    let _ = fs::remove_file(&probe);
+    result.map_err(|e| {
+        let why = format!(
+            "{} starts with a hole, and the probe file that works around glommio's \
+             poll-ring misdetection for sparse files could not be used: {e}",
+            path.display()
+        );
+        open_error(io::Error::new(e.kind(), why))
+    })
 }
 
 /// Sets `O_DIRECT` on `fd` if it is not set, then checks that the kernel kept it.
