@@ -61,7 +61,7 @@ impl Engine {
                     let _ = started.send((id, Ok(shard.device_blocks())));
                     drop(started);
                     Rc::clone(&shard).serve(inbox).await;
-                    shard.partition().write_dirty().await
+                    shard.stop().await
                 });
             match spawned {
                 Ok(handle) => executors.push(handle),

@@ -290,6 +290,17 @@ impl Shard {
         }
     }
 
+    /// The end of a shard: writes back and flushes, waits for the I/O still in flight
+    /// (prefetches), closes the device while the executor can still run the close, and
+    /// forgets this thread's `Shard::current()`.
+    pub(crate) async fn stop(&self) -> Result<()> {
+        let flushed = self.partition.write_dirty().await;
+        let synced = self.partition.queue().sync().await;
+        let closed = self.partition.queue().device().close().await;
+        CURRENT.with(|current| current.borrow_mut().take());
+        flushed.and(synced).and(closed)
+    }
+
     async fn handle(self: Rc<Self>, msg: Msg) {
         // A dropped reply receiver means the asker went away; nothing to do about it.
         match msg {

@@ -1,6 +1,7 @@
 //! The production device: a glommio [`DmaFile`] opened with `O_DIRECT` on a regular file or a
 //! block device.
 
+use std::cell::RefCell;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -45,7 +46,9 @@ impl IoBuf for DmaBuf {
 /// One `DmaDevice` is opened per shard on the same path; each is used only by the executor that
 /// opened it.
 pub struct DmaDevice {
-    file: DmaFile,
+    /// `None` once [`DmaDevice::close`] ran. Operations clone the `Rc` for their duration, so
+    /// a close waits for none of them and the descriptor goes when the last one ends.
+    file: RefCell<Option<Rc<DmaFile>>>,
     path: PathBuf,
     size_bytes: u64,
     alignment_bytes: u64,
@@ -96,6 +99,7 @@ impl DmaDevice {
         } else {
             (metadata.len(), file.alignment().max(512))
         };
+        let file = RefCell::new(Some(Rc::new(file)));
         Ok(DmaDevice { file, path, size_bytes, alignment_bytes, is_block_device })
     }
 
@@ -103,13 +107,26 @@ impl DmaDevice {
     /// kernel with `fcntl(F_GETFL)`, not from what was asked for).
     pub fn direct_io_in_effect(&self) -> bool {
         // SAFETY: fcntl(F_GETFL) on a file descriptor this struct owns; no memory is passed.
-        let flags = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) };
+        let Ok(file) = self.file() else { return false };
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
         flags >= 0 && flags & libc::O_DIRECT != 0
     }
 
     /// Whether the path is a block device (as opposed to a regular file).
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
+    }
+
+    /// Closes the file (asynchronously through glommio, while its reactor is alive). Later
+    /// operations fail with [`Error::ShutDown`]. Must run on the executor before it stops:
+    /// a `DmaFile` dropped after its executor is gone leaks its descriptor.
+    pub async fn close(&self) -> Result<()> {
+        let Some(file) = self.file.borrow_mut().take() else { return Ok(()) };
+        file.close_rc().await.map(|_| ()).map_err(|e| self.err(IoOp::Open, 0, e))
+    }
+
+    fn file(&self) -> Result<Rc<DmaFile>> {
+        self.file.borrow().clone().ok_or(Error::ShutDown)
     }
 
     fn err(&self, op: IoOp, offset: u64, e: impl Into<io::Error>) -> Error {
@@ -217,7 +234,8 @@ impl Device for DmaDevice {
     }
 
     fn alloc_buf(&self, len: usize) -> DmaBuf {
-        let mut buf = self.file.alloc_dma_buffer(len);
+        let file = self.file().expect("buffers are allocated when the queue is built, before close");
+        let mut buf = file.alloc_dma_buffer(len);
         buf.as_bytes_mut().fill(0);
         DmaBuf(Rc::new(buf))
     }
@@ -226,7 +244,7 @@ impl Device for DmaDevice {
         let len = buf.as_bytes().len();
         check_range(offset, len as u64, self.alignment_bytes, self.size_bytes)?;
         let data = self
-            .file
+            .file()?
             .read_at_aligned(offset, len)
             .await
             .map_err(|e| self.err(IoOp::Read, offset, e))?;
@@ -245,7 +263,7 @@ impl Device for DmaDevice {
         let len = buf.as_bytes().len();
         check_range(offset, len as u64, self.alignment_bytes, self.size_bytes)?;
         let written = self
-            .file
+            .file()?
             .write_rc_at(Rc::clone(&buf.0), offset)
             .await
             .map_err(|e| self.err(IoOp::Write, offset, e))?;
@@ -260,22 +278,23 @@ impl Device for DmaDevice {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.file.fdatasync().await.map_err(|e| self.err(IoOp::Flush, 0, e))
+        self.file()?.fdatasync().await.map_err(|e| self.err(IoOp::Flush, 0, e))
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.alignment_bytes, self.size_bytes)?;
+        let file = self.file()?;
         if self.is_block_device {
             let range: [u64; 2] = [offset, len];
             const BLKDISCARD: libc::c_ulong = 0x1277;
             // SAFETY: BLKDISCARD reads two u64 through the pointer, which points at a live local.
-            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
             if rc < 0 {
                 return Err(self.err(IoOp::Discard, offset, io::Error::last_os_error()));
             }
             Ok(())
         } else {
-            self.file.deallocate(offset, len).await.map_err(|e| self.err(IoOp::Discard, offset, e))
+            file.deallocate(offset, len).await.map_err(|e| self.err(IoOp::Discard, offset, e))
         }
     }
 }
