@@ -104,5 +104,59 @@ pub fn round_writes(seed: u64, round: u64, block: u64) -> bool {
     x ^= x >> 31;
     x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^= x >> 29;
-    x % 3 == 0
+    x.is_multiple_of(3)
+}
+
+/// Bytes of one stamped sector: the simulated device's torn-write granularity.
+pub const STAMP_SECTOR_BYTES: usize = corebuf_shard::io::SECTOR_BYTES;
+
+/// Fills one 512-byte sector so it names itself: `[block][version][sector index][checksum]`
+/// then a payload derived from all three; the checksum covers every word but itself. A torn,
+/// misplaced, zeroed or stale sector fails [`check_sector`] or shows another version.
+pub fn stamp_sector(sector: &mut [u8], block: u64, index: u64, version: u64) {
+    assert_eq!(sector.len(), STAMP_SECTOR_BYTES, "one sector at a time");
+    let mut words = [0u64; STAMP_SECTOR_BYTES / 8];
+    words[0] = block;
+    words[1] = version;
+    words[2] = index;
+    let seed = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.rotate_left(17) ^ index;
+    for (i, word) in words.iter_mut().enumerate().skip(4) {
+        *word = seed.wrapping_add(i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    }
+    words[3] = sector_checksum(&words);
+    for (chunk, word) in sector.chunks_exact_mut(8).zip(words) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+}
+
+fn sector_checksum(words: &[u64]) -> u64 {
+    let mut hash: u64 = 0xCBF2_9CE4_8422_2325;
+    for (i, &word) in words.iter().enumerate() {
+        if i == 3 {
+            continue;
+        }
+        hash = (hash ^ word).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(29);
+    }
+    hash
+}
+
+/// Checks sector `index` of block `block` as read back; returns the version it carries.
+pub fn check_sector(sector: &[u8], block: u64, index: u64) -> Result<u64, String> {
+    let mut words = [0u64; STAMP_SECTOR_BYTES / 8];
+    for (word, chunk) in words.iter_mut().zip(sector.chunks_exact(8)) {
+        *word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    let (named, version, named_index, sum) = (words[0], words[1], words[2], words[3]);
+    if sum != sector_checksum(&words) {
+        return Err(format!(
+            "block {block} sector {index} fails its checksum (it names block {named} sector \
+             {named_index} version {version}): torn or garbage"
+        ));
+    }
+    if named != block || named_index != index {
+        return Err(format!(
+            "block {block} sector {index} holds block {named} sector {named_index} (misplaced)"
+        ));
+    }
+    Ok(version)
 }

@@ -33,16 +33,22 @@ impl std::fmt::Debug for Arena {
 }
 
 impl Arena {
-    pub(crate) fn new(frame_count: usize, frame_bytes: usize) -> Self {
+    /// Allocates the arena, or `None` if the memory cannot be had (the caller turns that into
+    /// a configuration error rather than letting the process abort).
+    pub(crate) fn new(frame_count: usize, frame_bytes: usize) -> Option<Self> {
         assert!(frame_count > 0 && frame_bytes > 0, "an arena has at least one non-empty frame");
-        let size = frame_count.checked_mul(frame_bytes).expect("arena size overflows usize");
-        let layout = Layout::from_size_align(size, FRAME_ALIGNMENT)
-            .expect("a power-of-two alignment and a checked size make a valid layout");
+        let size = frame_count.checked_mul(frame_bytes)?;
+        let layout = Layout::from_size_align(size, FRAME_ALIGNMENT).ok()?;
         // SAFETY: the layout has a non-zero size (both factors are positive).
-        let base = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(base) = NonNull::new(base) else { alloc::handle_alloc_error(layout) };
-        let borrows = (0..frame_count).map(|_| Cell::new(0)).collect();
-        Arena { base, layout, frame_bytes, borrows }
+        let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        let mut borrows = Vec::new();
+        if borrows.try_reserve_exact(frame_count).is_err() {
+            // SAFETY: `base` came from `alloc_zeroed` with this layout and is not used again.
+            unsafe { alloc::dealloc(base.as_ptr(), layout) };
+            return None;
+        }
+        borrows.resize_with(frame_count, || Cell::new(0));
+        Some(Arena { base, layout, frame_bytes, borrows: borrows.into_boxed_slice() })
     }
 
     /// Whether frame `index` is mutably borrowed now.

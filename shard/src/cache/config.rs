@@ -60,11 +60,8 @@ impl CacheConfig {
         // The deadlock rule: sessions × (pins − 1) < frames, so when every session waits for
         // one more buffer, at least one frame is not pinned and can be (written back and)
         // reused. Two sessions at least, or the partition serves one task at a time.
-        let sessions_max = if pins == 1 {
-            frames as usize
-        } else {
-            (frames as usize - 1) / (pins - 1)
-        };
+        let sessions_max =
+            if pins == 1 { frames as usize } else { (frames as usize - 1) / (pins - 1) };
         if (frames as usize) < 2 * pins {
             return Err(Error::config(
                 "cache_size_bytes",

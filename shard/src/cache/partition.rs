@@ -96,13 +96,25 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         }
         let sizing = config.sizing(block_size)?;
         let frames = sizing.frame_count;
+        let arena = Arena::new(frames, block_size).ok_or_else(|| {
+            Error::config(
+                "cache_size_bytes",
+                format!("{} bytes of buffers cannot be allocated", config.cache_size_bytes),
+            )
+        })?;
+        let table = Table::try_new(frames).ok_or_else(|| {
+            Error::config(
+                "cache_size_bytes",
+                format!("metadata for {frames} frames cannot be allocated"),
+            )
+        })?;
         let inner = Inner {
             device_blocks: queue.device_blocks(),
             queue,
             block_size,
-            arena: Arena::new(frames, block_size),
+            arena,
             aux: (0..frames).map(|_| RefCell::new(A::default())).collect(),
-            table: RefCell::new(Table::new(frames)),
+            table: RefCell::new(table),
             hooks,
             sizing,
             pins_per_session_max: config.pins_per_session_max,
@@ -165,7 +177,10 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         let max = inner.sizing.sessions_max;
         if inner.sessions_active.get() >= max {
             inner.table.borrow_mut().stats.session_waits += 1;
-            inner.session_slots.wait_for(|| (inner.sessions_active.get() < max).then_some(())).await;
+            inner
+                .session_slots
+                .wait_for(|| (inner.sessions_active.get() < max).then_some(()))
+                .await;
         }
         inner.sessions_active.set(inner.sessions_active.get() + 1);
         Session { inner: Rc::clone(inner), held: Cell::new(0) }
@@ -188,19 +203,15 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         self.inner.check_range(block, count)?;
         let mut started = 0;
         for b in block..block + count {
-            match self.inner.prefetch_one(b) {
-                Some(frame) => {
-                    started += 1;
-                    let inner = Rc::clone(&self.inner);
-                    glommio::spawn_local(async move {
-                        let guard = ReadGuard { inner: &inner, frame, done: false };
-                        // A failed prefetch just leaves the block uncached; the next read retries.
-                        let _ = inner.fill_from_device(guard, b).await;
-                    })
-                    .detach();
-                }
-                None => {}
-            }
+            let Some(frame) = self.inner.prefetch_one(b) else { continue };
+            started += 1;
+            let inner = Rc::clone(&self.inner);
+            glommio::spawn_local(async move {
+                let guard = ReadGuard { inner: &inner, frame, done: false };
+                // A failed prefetch just leaves the block uncached; the next read retries.
+                let _ = inner.fill_from_device(guard, b).await;
+            })
+            .detach();
         }
         Ok(started)
     }
@@ -299,7 +310,12 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
 
     /// Waits for the next state change notification.
     async fn wait_change(&self) {
-        let seen = self.changes.get();
+        self.wait_change_since(self.changes.get()).await;
+    }
+
+    /// Waits until a state change after the one numbered `seen` (resolves at once if there
+    /// was one already).
+    async fn wait_change_since(&self, seen: u64) {
         self.changed.wait_for(|| (self.changes.get() != seen).then_some(())).await;
     }
 
@@ -317,6 +333,9 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     /// dirty candidates on the way), else waits for a release or a write to finish.
     async fn alloc_frame(self: &Rc<Self>) -> Result<u32> {
         loop {
+            // Taken before the scan: the writes it starts run right away and may complete (and
+            // notify) before this task waits, and that change must end the wait.
+            let seen = self.changes.get();
             {
                 let mut table = self.table.borrow_mut();
                 if let Some(frame) = table.free.pop() {
@@ -338,7 +357,7 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
                 }
                 table.stats.frame_waits += 1;
             }
-            self.wait_change().await;
+            self.wait_change_since(seen).await;
         }
     }
 
@@ -397,14 +416,20 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
 
     /// Writes one frame whose write was scheduled (`WRITING` set). Returns once the write is
     /// submitted; its completion updates the table.
+    ///
+    /// If this future is dropped before the write is submitted, the guard below gives the frame
+    /// back as dirty: a scheduled write that never starts must not leave it WRITING forever.
     async fn write_frame(self: &Rc<Self>, frame: u32) {
+        let mut guard = WriteGuard { inner: self, frame, submitted: false };
         let mut request = self.queue.request().await;
-        // The snapshot needs the bytes not borrowed mutably (and, for `on_write`, not at all).
+        // The snapshot needs the bytes not borrowed mutably (and, for `on_write`, neither the
+        // bytes nor the aux data borrowed at all: the hook gets both mutably).
         // No await between this check and the copy below: if you add one, re-check after it.
         let needs_exclusive = self.hooks.on_write.is_some();
         let busy = |inner: &Self| {
             if needs_exclusive {
                 inner.arena.is_borrowed(frame)
+                    || inner.aux[frame as usize].try_borrow_mut().is_err()
             } else {
                 inner.arena.is_mut_borrowed(frame)
             }
@@ -431,6 +456,8 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         };
         let submitted = self.queue.write_back_then(request, block, Some(done)).await;
         debug_assert!(submitted.is_ok(), "an installed frame's block is inside the device");
+        // From here the completion callback ends the write.
+        guard.submitted = submitted.is_ok();
     }
 
     /// Schedules and submits writes of every dirty, idle-writer frame dirtied before `barrier`
@@ -487,7 +514,11 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
             loop {
                 let next = {
                     let mut table = inner.table.borrow_mut();
-                    if table.dirty_list.len() <= inner.sizing.dirty_low {
+                    // Frames whose write is already scheduled or in flight will be clean: only
+                    // the others count against the low mark, or the writer would write back
+                    // every dirty buffer whenever its writes are slower than its loop.
+                    let unscheduled = table.dirty_list.len() - table.writing_count;
+                    if unscheduled <= inner.sizing.dirty_low {
                         None
                     } else {
                         let found = table.dirty_list.iter().copied().find(|&f| {
@@ -515,6 +546,26 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
 
 fn failed_since(table: &Table, block: u64, failures_at_start: u64) -> bool {
     table.write_errors.get(&block).is_some_and(|(_, n)| *n > failures_at_start)
+}
+
+/// Ends a scheduled write of `frame` that was never submitted (its future was dropped while it
+/// waited for a request buffer, a data borrow or a write-back slot): the frame stops WRITING
+/// and keeps its data dirty, to be written later, instead of blocking eviction, `forget` and
+/// every later `write_dirty` forever.
+struct WriteGuard<'a, D: Device + 'static, A: Default + 'static> {
+    inner: &'a Inner<D, A>,
+    frame: u32,
+    submitted: bool,
+}
+
+impl<D: Device + 'static, A: Default + 'static> Drop for WriteGuard<'_, D, A> {
+    fn drop(&mut self) {
+        if self.submitted {
+            return;
+        }
+        self.inner.table.borrow_mut().cancel_write(self.frame);
+        self.inner.notify();
+    }
 }
 
 /// Uninstalls a READING frame unless the read completed (`done`): a failed or cancelled read
@@ -569,13 +620,18 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
         self.held.get()
     }
 
-    fn admit(&self) -> Result<()> {
+    /// Reserves one of the session's pins for a call that may wait before it pins its frame,
+    /// so that calls awaited together through one session cannot all pass the check and then
+    /// pin more than the limit. The reservation is given back if the call fails or is dropped.
+    fn admit(&self) -> Result<Admission<'_, D, A>> {
         if self.held.get() >= self.inner.pins_per_session_max {
             return Err(Error::PinLimit { requested: 1, limit: self.inner.pins_per_session_max });
         }
-        Ok(())
+        self.held.set(self.held.get() + 1);
+        Ok(Admission { session: self })
     }
 
+    /// A handle for a pin `get` takes (gets are not bounded, as in dm-bufio).
     #[inline]
     fn handle(&self, frame: u32, block: u64) -> BufRef<'_, D, A> {
         self.held.set(self.held.get() + 1);
@@ -599,7 +655,7 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
     pub async fn read(&self, block: u64) -> Result<BufRef<'_, D, A>> {
         let inner = &self.inner;
         inner.check_range(block, 1)?;
-        self.admit()?;
+        let admission = self.admit()?;
         let mut joined = false;
         loop {
             let lookup = {
@@ -613,7 +669,7 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
                             table.stats.hits += 1;
                         }
                         drop(table);
-                        return Ok(self.handle(frame, block));
+                        return Ok(admission.into_handle(frame, block));
                     }
                     Lookup::Reading(_) if !joined => {
                         joined = true;
@@ -626,17 +682,18 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
             match lookup {
                 Lookup::Reading(_) => inner.wait_change().await,
                 _ => {
-                    if let Some(handle) = self.read_miss(block).await? {
-                        return Ok(handle);
+                    if let Some(frame) = self.read_miss(block).await? {
+                        return Ok(admission.into_handle(frame, block));
                     }
                 }
             }
         }
     }
 
-    /// A miss: takes a frame, installs it READING and pinned, reads. `None` if another task
-    /// installed the block while this one waited for a frame (the caller looks up again).
-    async fn read_miss(&self, block: u64) -> Result<Option<BufRef<'_, D, A>>> {
+    /// A miss: takes a frame, installs it READING and pinned, reads; returns the frame. `None`
+    /// if another task installed the block while this one waited for a frame (the caller looks
+    /// up again).
+    async fn read_miss(&self, block: u64) -> Result<Option<u32>> {
         let inner = &self.inner;
         let frame = inner.alloc_frame().await?;
         {
@@ -651,7 +708,7 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
         }
         let guard = ReadGuard { inner, frame, done: false };
         inner.fill_from_device(guard, block).await?;
-        Ok(Some(self.handle(frame, block)))
+        Ok(Some(frame))
     }
 
     /// A pinned buffer for `block` without reading the device: zeroed, for the caller to fill
@@ -659,7 +716,7 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
     pub async fn new_block(&self, block: u64) -> Result<BufRef<'_, D, A>> {
         let inner = &self.inner;
         inner.check_range(block, 1)?;
-        self.admit()?;
+        let admission = self.admit()?;
         loop {
             let lookup = inner.table.borrow().lookup(block);
             match lookup {
@@ -669,7 +726,7 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
                     table.policy.touch(frame);
                     table.stats.hits += 1;
                     drop(table);
-                    return Ok(self.handle(frame, block));
+                    return Ok(admission.into_handle(frame, block));
                 }
                 Lookup::Reading(_) => inner.wait_change().await,
                 Lookup::Absent => {
@@ -683,11 +740,12 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
                     table.pin(frame);
                     table.stats.news += 1;
                     drop(table);
-                    let mut data = inner.arena.try_borrow_mut(frame).expect("a fresh frame is not lent");
+                    let mut data =
+                        inner.arena.try_borrow_mut(frame).expect("a fresh frame is not lent");
                     data.fill(0);
                     inner.run_on_alloc(frame, block, &mut data);
                     drop(data);
-                    return Ok(self.handle(frame, block));
+                    return Ok(admission.into_handle(frame, block));
                 }
             }
         }
@@ -727,6 +785,11 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
             inner.write_frame(frame).await;
         }
         let mut table = inner.table.borrow_mut();
+        // Checked again after the awaits above: a task that pinned the old block meanwhile
+        // must not be left holding a handle of `old_block` on a buffer that now is `new_block`.
+        if table.meta[frame as usize].pins != 1 {
+            return Err(Error::BufferBusy { block: old_block });
+        }
         if let Lookup::Valid(other) | Lookup::Reading(other) = table.lookup(new_block) {
             let m = table.meta[other as usize];
             if m.pins > 0 || m.has(flag::READING | flag::WRITING) {
@@ -742,6 +805,27 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
         drop(buf);
         inner.notify();
         Ok(())
+    }
+}
+
+/// One pin of a session reserved by [`Session::admit`]: it becomes a [`BufRef`] or, when
+/// dropped, gives the pin back.
+struct Admission<'s, D: Device + 'static, A: Default + 'static> {
+    session: &'s Session<D, A>,
+}
+
+impl<'s, D: Device + 'static, A: Default + 'static> Admission<'s, D, A> {
+    /// The handle of the pinned `frame`, holding the reserved pin.
+    fn into_handle(self, frame: u32, block: u64) -> BufRef<'s, D, A> {
+        let session = self.session;
+        std::mem::forget(self);
+        BufRef { session, frame, block }
+    }
+}
+
+impl<D: Device + 'static, A: Default + 'static> Drop for Admission<'_, D, A> {
+    fn drop(&mut self) {
+        self.session.held.set(self.session.held.get() - 1);
     }
 }
 
@@ -781,7 +865,11 @@ impl<D: Device + 'static, A: Default + 'static> BufRef<'_, D, A> {
 
     /// The buffer's bytes, or [`Error::BufferBusy`] while they are borrowed mutably.
     pub fn try_data(&self) -> Result<FrameRef<'_>> {
-        self.session.inner.arena.try_borrow(self.frame).ok_or(Error::BufferBusy { block: self.block })
+        self.session
+            .inner
+            .arena
+            .try_borrow(self.frame)
+            .ok_or(Error::BufferBusy { block: self.block })
     }
 
     /// The buffer's bytes, mutably. Call [`BufRef::mark_dirty`] after changing them.

@@ -109,18 +109,38 @@ impl S3Fifo {
         }
     }
 
-    /// Finds a frame to evict, asking `judge` about each candidate. Makes at most
-    /// `2 × (frames in queues) + 2` steps; `None` means nothing can be evicted now.
+    /// Finds a frame to evict, asking `judge` about each candidate. `None` means every frame
+    /// in both queues was judged and kept: nothing can be evicted now (the caller waits for a
+    /// release or a write to end, so a `None` while an evictable frame exists is a hang).
+    ///
+    /// First the S3-FIFO scan: the small queue while it is over its target share, else the
+    /// main queue with its second chances. A queue whose every frame was just kept is closed
+    /// for the rest of the scan, so pinned or dirty frames in one queue do not hide evictable
+    /// frames in the other. The scan's step bound lets every main frame spend its `FREQ_MAX`
+    /// second chances. If the scan finds nothing, [`S3Fifo::sweep`] judges every frame once.
     pub(crate) fn evict(&mut self, mut judge: impl FnMut(u32) -> Candidate) -> Option<u32> {
-        let budget = 2 * (self.small.len + self.main.len) + 2;
+        let budget = (FREQ_MAX as usize + 3) * (self.small.len + self.main.len) + 2;
+        // Small frames judged and kept in this scan. Small frames only leave the small queue
+        // during a scan (promoted or evicted) and a kept one goes to the head, so it comes up
+        // again only after every other small frame: `small_kept == small.len` means every
+        // small frame was kept.
+        let mut small_kept = 0;
+        // Main frames judged and kept in a row since the last second chance: `main.len` in a
+        // row is a whole round of keeps (a frame promoted meanwhile may be missed; the sweep
+        // catches it).
+        let mut main_kept = 0;
         for _ in 0..budget {
-            let from_small = self.small.len > self.small_target || self.main.len == 0;
+            let small_open = self.small.len > small_kept;
+            let main_open = self.main.len > main_kept;
+            let from_small = match (small_open, main_open) {
+                (false, false) => break,
+                (true, false) => true,
+                (false, true) => false,
+                (true, true) => self.small.len > self.small_target,
+            };
             let (queue, list) =
                 if from_small { (QueueId::Small, self.small) } else { (QueueId::Main, self.main) };
             let frame = list.tail;
-            if frame == NIL {
-                return None;
-            }
             let freq = self.freq[frame as usize];
             self.unlink(frame);
             if queue == QueueId::Small && freq >= PROMOTE_FREQ_MIN {
@@ -131,6 +151,7 @@ impl S3Fifo {
             if queue == QueueId::Main && freq > 0 {
                 self.freq[frame as usize] = freq - 1;
                 self.push_head(QueueId::Main, frame);
+                main_kept = 0;
                 continue;
             }
             match judge(frame) {
@@ -140,7 +161,35 @@ impl S3Fifo {
                     }
                     return Some(frame);
                 }
-                Candidate::Keep => self.push_head(queue, frame),
+                Candidate::Keep => {
+                    self.push_head(queue, frame);
+                    if queue == QueueId::Small {
+                        small_kept += 1;
+                    } else {
+                        main_kept += 1;
+                    }
+                }
+            }
+        }
+        self.sweep(judge)
+    }
+
+    /// The fallback of [`S3Fifo::evict`]: judges every frame once, small queue then main, from
+    /// the tail, ignoring frequencies, and evicts the first one the judge lets go. O(frames),
+    /// and only reached when the scan found nothing (under pressure).
+    fn sweep(&mut self, mut judge: impl FnMut(u32) -> Candidate) -> Option<u32> {
+        for queue in [QueueId::Small, QueueId::Main] {
+            let mut frame = self.list_mut(queue).tail;
+            while frame != NIL {
+                let towards_head = self.prev[frame as usize];
+                if let Candidate::Evict(block) = judge(frame) {
+                    self.unlink(frame);
+                    if queue == QueueId::Small {
+                        self.ghost_add(block);
+                    }
+                    return Some(frame);
+                }
+                frame = towards_head;
             }
         }
         None
@@ -264,6 +313,87 @@ mod tests {
         let (_, hits) = run(frames, &trace);
         let (_, hits_before_check) = run(frames, &trace[..warm]);
         assert_eq!(hits - hits_before_check, hot.len(), "every hot block must still be cached");
+    }
+
+    /// Regression: the scan used to take from the small queue while it was over its target,
+    /// and kept (pinned) small frames went back to it, so it never looked at the main queue.
+    #[test]
+    fn evict_looks_past_a_small_queue_of_kept_frames_into_main() {
+        let mut policy = S3Fifo::new(10); // small target: 1 frame
+        for f in 0..10 {
+            policy.insert(f, f as u64);
+        }
+        for f in 5..10 {
+            policy.touch(f); // promoted to main by the scan below
+        }
+        let victim =
+            policy.evict(|f| if f < 5 { Candidate::Keep } else { Candidate::Evict(f as u64) });
+        assert!(matches!(victim, Some(5..=9)), "{victim:?}");
+    }
+
+    /// Regression: the scan's budget of two passes ran out before main frames at the highest
+    /// frequency had spent their second chances, so it found nothing on a cache of hot blocks.
+    #[test]
+    fn evict_lets_hot_main_frames_spend_every_second_chance() {
+        let mut policy = S3Fifo::new(10);
+        for f in 0..10 {
+            policy.insert(f, f as u64);
+            policy.touch(f);
+        }
+        assert_eq!(policy.evict(|_| Candidate::Keep), None); // promotes all ten to main
+        assert_eq!(policy.main.len, 10);
+        for f in 0..10 {
+            for _ in 0..FREQ_MAX {
+                policy.touch(f);
+            }
+        }
+        let victim = policy.evict(|f| Candidate::Evict(f as u64));
+        assert!(victim.is_some(), "every frame is evictable once its chances are spent");
+    }
+
+    #[test]
+    fn evict_returns_none_only_when_every_frame_was_kept() {
+        let mut policy = S3Fifo::new(8);
+        for f in 0..8 {
+            policy.insert(f, f as u64);
+            if f % 2 == 0 {
+                policy.touch(f);
+            }
+        }
+        let mut judged = std::collections::HashSet::new();
+        assert_eq!(
+            policy.evict(|f| {
+                judged.insert(f);
+                Candidate::Keep
+            }),
+            None
+        );
+        assert_eq!(judged.len(), 8, "every frame was asked about before giving up");
+        // Only the last frame of the main queue may go.
+        let victim = policy.evict(|f| if f == 6 { Candidate::Evict(6) } else { Candidate::Keep });
+        assert_eq!(victim, Some(6));
+    }
+
+    /// Regression: a scan that counted every refusal in the main queue, revisits included,
+    /// declared main exhausted after seeing a pinned frame twice, while another main frame was
+    /// still spending its second chances and would have been evictable.
+    #[test]
+    fn evict_does_not_give_up_on_a_main_frame_with_second_chances_left() {
+        for hot_first in [false, true] {
+            let mut policy = S3Fifo::new(2);
+            policy.insert(0, 0);
+            policy.insert(1, 1);
+            policy.touch(0);
+            policy.touch(1);
+            assert_eq!(policy.evict(|_| Candidate::Keep), None); // both promoted to main
+            let hot = if hot_first { 0 } else { 1 };
+            policy.touch(hot);
+            policy.touch(hot);
+            let victim =
+                policy
+                    .evict(|f| if f == hot { Candidate::Evict(f as u64) } else { Candidate::Keep });
+            assert_eq!(victim, Some(hot), "the hot frame can go once its chances are spent");
+        }
     }
 
     #[test]

@@ -91,10 +91,17 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    pub(crate) fn new(frame_count: usize) -> Self {
-        Table {
-            meta: vec![FrameMeta::EMPTY; frame_count],
-            index: HashMap::with_capacity(frame_count),
+    /// The table for `frame_count` frames, or `None` if its largest array cannot be
+    /// allocated (so a typo in a cache size is an error, not an abort).
+    pub(crate) fn try_new(frame_count: usize) -> Option<Self> {
+        let mut meta = Vec::new();
+        meta.try_reserve_exact(frame_count).ok()?;
+        meta.resize(frame_count, FrameMeta::EMPTY);
+        let mut index = HashMap::new();
+        index.try_reserve(frame_count).ok()?;
+        Some(Table {
+            meta,
+            index,
             policy: S3Fifo::new(frame_count),
             free: (0..frame_count as u32).rev().collect(),
             dirty_list: Vec::with_capacity(frame_count),
@@ -105,7 +112,7 @@ impl Table {
             writing_count: 0,
             pinned_frames: 0,
             stats: CacheStats::default(),
-        }
+        })
     }
 
     /// Bytes of fixed metadata per frame: this table's arrays and the policy's.
@@ -241,6 +248,20 @@ impl Table {
                 self.stats.write_errors += 1;
                 self.write_errors.insert(block, (e, self.failures));
             }
+        }
+    }
+
+    /// A scheduled write of `frame` ended without being submitted (its future was dropped):
+    /// the frame stops WRITING, and modifications a snapshot had taken are dirty again.
+    pub(crate) fn cancel_write(&mut self, frame: u32) {
+        self.writing_count -= 1;
+        let m = &mut self.meta[frame as usize];
+        debug_assert!(m.has(flag::WRITING), "cancel of a write that is not scheduled");
+        m.flags &= !flag::WRITING;
+        if m.writing_oldest_seq != SEQ_NONE {
+            m.oldest_dirty_seq = m.oldest_dirty_seq.min(m.writing_oldest_seq);
+            m.flags |= flag::DIRTY;
+            m.writing_oldest_seq = SEQ_NONE;
         }
     }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use glommio::GlommioError;
 
 use super::device::{check_range, Device, IoBuf};
 use crate::error::{Error, IoOp, Result};
@@ -91,7 +92,7 @@ impl DmaDevice {
             .write(true)
             .dma_open(&path)
             .await
-            .map_err(|e| Error::io(IoOp::Open, &path, 0, io::Error::from(e)))?;
+            .map_err(|e| Error::io(IoOp::Open, &path, 0, os_error(e)))?;
         ensure_direct_io(file.as_raw_fd(), &path)?;
         let (size_bytes, alignment_bytes) = if is_block_device {
             block_device_geometry(file.as_raw_fd())
@@ -122,15 +123,15 @@ impl DmaDevice {
     /// a `DmaFile` dropped after its executor is gone leaks its descriptor.
     pub async fn close(&self) -> Result<()> {
         let Some(file) = self.file.borrow_mut().take() else { return Ok(()) };
-        file.close_rc().await.map(|_| ()).map_err(|e| self.err(IoOp::Open, 0, e))
+        file.close_rc().await.map(|_| ()).map_err(|e| self.err(IoOp::Open, 0, os_error(e)))
     }
 
     fn file(&self) -> Result<Rc<DmaFile>> {
         self.file.borrow().clone().ok_or(Error::ShutDown)
     }
 
-    fn err(&self, op: IoOp, offset: u64, e: impl Into<io::Error>) -> Error {
-        Error::io(op, &self.path, offset, e.into())
+    fn err(&self, op: IoOp, offset: u64, e: io::Error) -> Error {
+        Error::io(op, &self.path, offset, e)
     }
 }
 
@@ -161,8 +162,8 @@ async fn prime_iopoll_probe_if_sparse(path: &Path) -> Result<()> {
     ));
     let result = async {
         fs::write(&probe, vec![0u8; 64 << 10])?;
-        let probe_file = DmaFile::open(&probe).await.map_err(io::Error::from)?;
-        probe_file.close().await.map_err(io::Error::from)
+        let probe_file = DmaFile::open(&probe).await.map_err(os_error)?;
+        probe_file.close().await.map_err(os_error)
     }
     .await;
     let _ = fs::remove_file(&probe);
@@ -174,6 +175,15 @@ async fn prime_iopoll_probe_if_sparse(path: &Path) -> Result<()> {
         );
         open_error(io::Error::new(e.kind(), why))
     })
+}
+
+/// The operating system's error inside a glommio error, with its errno intact
+/// (`io::Error::from` on glommio's error keeps the kind and message but drops the errno).
+fn os_error(e: GlommioError<()>) -> io::Error {
+    match e {
+        GlommioError::IoError(source) | GlommioError::EnhancedIoError { source, .. } => source,
+        other => io::Error::from(other),
+    }
 }
 
 /// Sets `O_DIRECT` on `fd` if it is not set, then checks that the kernel kept it.
@@ -234,7 +244,8 @@ impl Device for DmaDevice {
     }
 
     fn alloc_buf(&self, len: usize) -> DmaBuf {
-        let file = self.file().expect("buffers are allocated when the queue is built, before close");
+        let file =
+            self.file().expect("buffers are allocated when the queue is built, before close");
         let mut buf = file.alloc_dma_buffer(len);
         buf.as_bytes_mut().fill(0);
         DmaBuf(Rc::new(buf))
@@ -247,7 +258,7 @@ impl Device for DmaDevice {
             .file()?
             .read_at_aligned(offset, len)
             .await
-            .map_err(|e| self.err(IoOp::Read, offset, e))?;
+            .map_err(|e| self.err(IoOp::Read, offset, os_error(e)))?;
         if data.len() != len {
             let short = io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -266,7 +277,7 @@ impl Device for DmaDevice {
             .file()?
             .write_rc_at(Rc::clone(&buf.0), offset)
             .await
-            .map_err(|e| self.err(IoOp::Write, offset, e))?;
+            .map_err(|e| self.err(IoOp::Write, offset, os_error(e)))?;
         if written != len {
             let short = io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -278,7 +289,7 @@ impl Device for DmaDevice {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.file()?.fdatasync().await.map_err(|e| self.err(IoOp::Flush, 0, e))
+        self.file()?.fdatasync().await.map_err(|e| self.err(IoOp::Flush, 0, os_error(e)))
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -294,7 +305,9 @@ impl Device for DmaDevice {
             }
             Ok(())
         } else {
-            file.deallocate(offset, len).await.map_err(|e| self.err(IoOp::Discard, offset, e))
+            file.deallocate(offset, len)
+                .await
+                .map_err(|e| self.err(IoOp::Discard, offset, os_error(e)))
         }
     }
 }
