@@ -367,7 +367,7 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         if table.lookup(block) != Lookup::Absent {
             return None;
         }
-        if self.queue.stats().in_flight as usize >= self.queue.config().io_depth_max {
+        if self.queue.in_flight() >= self.queue.config().io_depth_max {
             table.stats.prefetch_skipped += 1;
             return None;
         }

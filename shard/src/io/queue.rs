@@ -243,6 +243,11 @@ impl<D: Device> IoQueue<D> {
         self.device_blocks
     }
 
+    /// Requests of every kind in flight now (cheap, unlike [`IoQueue::stats`]).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
     /// A snapshot of the statistics.
     pub fn stats(&self) -> QueueStats {
         let mut stats = self.stats.borrow().clone();
