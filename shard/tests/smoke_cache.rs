@@ -32,3 +32,19 @@ fn write_evict_and_read_back() {
         assert_eq!(probe.size_bytes(), 256 * 4096);
     });
 }
+
+#[test]
+fn metadata_per_buffer_is_reported_and_smaller_than_dm_bufios() {
+    glommio::LocalExecutor::default().run(async {
+        let device = SimDevice::new(SimOptions::new(4096 * 4096));
+        let queue = IoQueue::new(device, QueueConfig::default()).unwrap();
+        let config = CacheConfig { cache_size_bytes: 1024 * 4096, ..CacheConfig::default() };
+        let part: Partition<SimDevice> = Partition::new(queue, config, Hooks::default()).unwrap();
+        let meta = part.metadata_bytes_per_frame();
+        let ghost = part.ghost_bytes_per_frame();
+        println!("metadata per buffer: {meta} bytes, ghost history: {ghost} bytes");
+        // dm-bufio's struct dm_buffer alone is over 100 bytes.
+        assert!(meta < 100, "{meta} bytes of metadata per buffer");
+        assert!(ghost > 0);
+    });
+}

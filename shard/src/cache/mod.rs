@@ -5,6 +5,7 @@
 
 mod arena;
 mod config;
+mod index;
 mod partition;
 mod policy;
 mod stats;

@@ -149,11 +149,19 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         self.inner.sizing.sessions_max
     }
 
-    /// Bytes of metadata per buffer, fixed arrays only (frame table, lists, policy); the block
-    /// index and the ghost are hash tables sized at start and come on top (see
-    /// docs/ARCHITECTURE.md).
+    /// Bytes of metadata per buffer: the frame table, the dirty and write lists, the policy's
+    /// lists, the block index, the data borrow flag and the aux cell. The ghost (block numbers
+    /// of recently evicted blocks, policy history rather than per-buffer state) comes on top:
+    /// see [`Partition::ghost_bytes_per_frame`] and docs/ARCHITECTURE.md.
     pub fn metadata_bytes_per_frame(&self) -> usize {
-        Table::bytes_per_frame() + 4 /* data borrow flag */ + std::mem::size_of::<RefCell<A>>()
+        Table::bytes_per_frame(self.frame_count())
+            + 4 /* data borrow flag */
+            + std::mem::size_of::<RefCell<A>>()
+    }
+
+    /// Bytes per buffer of the ghost: its ring of block numbers and its lookup table.
+    pub fn ghost_bytes_per_frame(&self) -> usize {
+        self.inner.table.borrow().policy.ghost_bytes() / self.frame_count()
     }
 
     /// The I/O queue under this partition.
@@ -797,9 +805,12 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
             }
             table.uninstall(other);
         }
-        table.index.remove(&old_block);
-        table.index.insert(new_block, frame);
-        table.meta[frame as usize].block = new_block;
+        // The index reads keys from the frame table: remove under the old block number, insert
+        // under the new one.
+        let Table { index, meta, .. } = &mut *table;
+        index.remove(old_block, meta);
+        meta[frame as usize].block = new_block;
+        index.insert(new_block, frame, meta);
         table.mark_dirty(frame, 0, inner.block_size);
         drop(table);
         drop(buf);

@@ -81,6 +81,12 @@ impl S3Fifo {
     /// Bytes of policy metadata per frame (lists, queue tag, frequency).
     pub(crate) const BYTES_PER_FRAME: usize = 4 + 4 + 1 + 1;
 
+    /// Bytes the ghost holds: its ring of block numbers and its lookup table (hashbrown:
+    /// one control byte and one `(u64, u32)` entry per bucket).
+    pub(crate) fn ghost_bytes(&self) -> usize {
+        self.ghost_ring.capacity() * 8 + self.ghost_count.capacity() * (16 + 1) * 8 / 7
+    }
+
     /// Admits a frame that now holds `block`: to main if the block was recently evicted (it is
     /// in the ghost), else to the small probationary queue.
     pub(crate) fn insert(&mut self, frame: u32, block: u64) {

@@ -14,6 +14,7 @@
 
 use hashbrown::HashMap;
 
+use super::index::FrameIndex;
 use super::policy::{Candidate, S3Fifo};
 use super::stats::CacheStats;
 use crate::error::Error;
@@ -48,7 +49,7 @@ pub(crate) struct FrameMeta {
 }
 
 impl FrameMeta {
-    const EMPTY: FrameMeta = FrameMeta {
+    pub(crate) const EMPTY: FrameMeta = FrameMeta {
         block: u64::MAX,
         oldest_dirty_seq: SEQ_NONE,
         writing_oldest_seq: SEQ_NONE,
@@ -75,7 +76,7 @@ pub(crate) enum Lookup {
 #[derive(Debug)]
 pub(crate) struct Table {
     pub(crate) meta: Vec<FrameMeta>,
-    pub(crate) index: HashMap<u64, u32>,
+    pub(crate) index: FrameIndex,
     pub(crate) policy: S3Fifo,
     pub(crate) free: Vec<u32>,
     pub(crate) dirty_list: Vec<u32>,
@@ -97,8 +98,7 @@ impl Table {
         let mut meta = Vec::new();
         meta.try_reserve_exact(frame_count).ok()?;
         meta.resize(frame_count, FrameMeta::EMPTY);
-        let mut index = HashMap::new();
-        index.try_reserve(frame_count).ok()?;
+        let index = FrameIndex::try_new(frame_count)?;
         Some(Table {
             meta,
             index,
@@ -116,16 +116,20 @@ impl Table {
     }
 
     /// Bytes of fixed metadata per frame: this table's arrays and the policy's.
-    pub(crate) const fn bytes_per_frame() -> usize {
+    /// Bytes of metadata per frame: this table's arrays, the policy's lists and the block
+    /// index (its slots spread over the frames). The ghost's hash table is policy history
+    /// and is reported by [`S3Fifo::ghost_bytes_per_frame`].
+    pub(crate) fn bytes_per_frame(frame_count: usize) -> usize {
         std::mem::size_of::<FrameMeta>() + 4 /* dirty list */ + 4 /* writes to start */
             + S3Fifo::BYTES_PER_FRAME
+            + FrameIndex::bytes_per_frame(frame_count)
     }
 
     #[inline]
     pub(crate) fn lookup(&self, block: u64) -> Lookup {
-        match self.index.get(&block) {
-            Some(&f) if self.meta[f as usize].has(flag::READING) => Lookup::Reading(f),
-            Some(&f) => Lookup::Valid(f),
+        match self.index.get(block, &self.meta) {
+            Some(f) if self.meta[f as usize].has(flag::READING) => Lookup::Reading(f),
+            Some(f) => Lookup::Valid(f),
             None => Lookup::Absent,
         }
     }
@@ -156,7 +160,7 @@ impl Table {
     pub(crate) fn install(&mut self, frame: u32, block: u64, flags: u8) {
         let m = &mut self.meta[frame as usize];
         *m = FrameMeta { block, flags, ..FrameMeta::EMPTY };
-        self.index.insert(block, frame);
+        self.index.insert(block, frame, &self.meta);
         self.policy.insert(frame, block);
     }
 
@@ -165,7 +169,7 @@ impl Table {
     pub(crate) fn uninstall(&mut self, frame: u32) {
         let m = self.meta[frame as usize];
         debug_assert!(m.pins == 0 && !m.has(flag::WRITING), "uninstall of a busy frame");
-        self.index.remove(&m.block);
+        self.index.remove(m.block, &self.meta);
         self.write_errors.remove(&m.block);
         self.policy.remove(frame);
         self.unlist_dirty(frame);
@@ -287,7 +291,7 @@ impl Table {
             Candidate::Evict(m.block)
         })?;
         let block = self.meta[victim as usize].block;
-        self.index.remove(&block);
+        self.index.remove(block, &self.meta);
         self.meta[victim as usize] = FrameMeta::EMPTY;
         self.stats.evictions += 1;
         Some(victim)
