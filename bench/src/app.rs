@@ -1,0 +1,189 @@
+//! One comparison: validate, load the trace, write the dataset, run corebuf and each baseline
+//! on it, simulate an exact LRU on corebuf's operation stream, compute the ratios.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::args::{Baseline, Host, PathMode, Settings};
+use crate::dataset::Dataset;
+use crate::error::Result;
+use crate::lru::simulate;
+use crate::report::{Comparison, Ratio, SideReport};
+use crate::runners::{self, fio};
+use crate::verify::Versions;
+use crate::workload::{Phase, Plan};
+
+/// Operations of the timed run replayed through the exact-LRU simulation at most (the first
+/// ones, round-robin over the workers); a note says when the run had more.
+const LRU_SIM_OPS_MAX: u64 = 20_000_000;
+
+/// Where the run happens.
+#[derive(Clone, Debug)]
+pub struct Env {
+    /// What the host offers.
+    pub host: Host,
+    /// Directory for the temporary dataset.
+    pub dir: Option<PathBuf>,
+    /// A dataset file to use and keep.
+    pub path: Option<PathBuf>,
+}
+
+/// Runs corebuf and the settings' baselines on one dataset.
+pub fn compare(title: &str, settings: &Settings, env: &Env) -> Result<Comparison> {
+    let mut notes = settings.validate(&env.host)?;
+    let trace = match &settings.trace {
+        Some(t) => Some(Arc::from(crate::trace::load(
+            &t.path,
+            t.format,
+            t.fold,
+            settings.block_size as u64,
+            settings.dataset_blocks,
+        )?)),
+        None => None,
+    };
+    eprintln!("== {title} ==");
+    let dataset = Dataset::prepare(
+        env.path.as_deref(),
+        env.dir.as_deref(),
+        settings.dataset_blocks,
+        settings.block_size,
+    )?;
+    if dataset.reused {
+        notes.push(format!(
+            "reused the dataset {} (size and sampled blocks are right)",
+            dataset.path.display()
+        ));
+    }
+    let plan = Plan::new(
+        settings.dataset_blocks,
+        settings.shards,
+        settings.range_blocks,
+        settings.dist,
+        settings.mix,
+        settings.seed,
+        trace,
+    )
+    .exclusive(settings.verify);
+    let versions = settings.verify.then(|| Arc::new(Versions::new(settings.dataset_blocks)));
+    let mut sides = Vec::new();
+    eprintln!("corebuf ...");
+    let mut core = runners::corebuf::run(settings, &dataset, &plan, versions.clone())?;
+    lru_simulation(settings, &plan, &mut core)?;
+    sides.push(core);
+    for baseline in &settings.baselines {
+        let side = match baseline {
+            Baseline::Raw => {
+                eprintln!("raw io_uring ...");
+                runners::raw::run(settings, &dataset, &plan, versions.clone())?
+            }
+            Baseline::Pread => {
+                eprintln!("pread ...");
+                runners::pread::run(settings, &dataset, &plan, versions.clone())?
+            }
+            Baseline::Lru => {
+                eprintln!("mutex-lru ...");
+                runners::lru::run(settings, &dataset, &plan, versions.clone())?
+            }
+            Baseline::None => continue,
+        };
+        sides.push(side);
+        if *baseline == Baseline::Raw && settings.fio {
+            run_fio(settings, &dataset, &mut sides, &mut notes);
+        }
+    }
+    if settings.fio && !settings.baselines.contains(&Baseline::Raw) {
+        notes.push("--fio runs beside the raw baseline, which this comparison does not run".into());
+    }
+    if settings.verify {
+        notes.push(
+            "verify: every read checked block number, version and checksum; no mismatch".into(),
+        );
+    }
+    let ratios = ratios(&sides);
+    Ok(Comparison {
+        title: title.to_string(),
+        settings: settings.clone(),
+        dataset_path: dataset.path.display().to_string(),
+        sides,
+        ratios,
+        notes,
+    })
+}
+
+fn run_fio(
+    settings: &Settings,
+    dataset: &Dataset,
+    sides: &mut Vec<SideReport>,
+    notes: &mut Vec<String>,
+) {
+    eprintln!("fio ...");
+    match fio::run(settings, dataset) {
+        fio::Outcome::Ran(report) => sides.push(*report),
+        fio::Outcome::Skipped(why) => {
+            eprintln!("  {why}");
+            notes.push(why);
+        }
+    }
+}
+
+/// The exact-LRU hit ratio on corebuf's operation stream (regenerated from the same seeds).
+fn lru_simulation(settings: &Settings, plan: &Plan, core: &mut SideReport) -> Result<()> {
+    let layout =
+        plan.layout(settings.path_mode == PathMode::Local, settings.shards, settings.inflight)?;
+    let mut phases = Vec::new();
+    for spec in runners::phases(settings) {
+        let (ops_max, counted) = match spec.phase {
+            Phase::Prefill => (u64::MAX, false),
+            Phase::Warmup => (core.warm_ops, false),
+            Phase::Measure => (core.ops.min(LRU_SIM_OPS_MAX), true),
+        };
+        phases.push((plan.streams(&layout, spec.phase, spec.ops), ops_max, counted));
+    }
+    let count = simulate(settings.cache_blocks() as usize, phases);
+    core.lru_sim_hit_ratio = Some(count.ratio());
+    if core.ops > LRU_SIM_OPS_MAX {
+        core.notes.push(format!(
+            "LRU% simulated on the first {LRU_SIM_OPS_MAX} of {} operations",
+            core.ops
+        ));
+    }
+    Ok(())
+}
+
+/// corebuf against every other side.
+fn ratios(sides: &[SideReport]) -> Vec<Ratio> {
+    let Some(core) = sides.first() else { return Vec::new() };
+    let mut out = Vec::new();
+    for other in &sides[1..] {
+        out.extend(Ratio::of(
+            format!("corebuf ops/s / {} ops/s", other.side),
+            core.ops_per_sec,
+            other.ops_per_sec,
+        ));
+        if other.side == "raw-io_uring" {
+            if let (Some(c), Some(r)) = (core.device_iops, other.device_iops) {
+                out.extend(Ratio::of("corebuf device IOPS / raw-io_uring IOPS", c, r));
+            }
+        }
+        if let (Some(c), Some(o)) = (core.hit_ratio, other.hit_ratio) {
+            out.push(Ratio::figure(
+                format!("corebuf hit% - {} hit%", other.side),
+                (c - o) * 100.0,
+                "points",
+            ));
+        }
+    }
+    if let (Some(c), Some(l)) = (core.hit_ratio, core.lru_sim_hit_ratio) {
+        out.push(Ratio::figure(
+            "corebuf hit% - exact LRU hit% (same stream, simulated)",
+            (c - l) * 100.0,
+            "points",
+        ));
+    }
+    let raw = sides.iter().find(|s| s.side == "raw-io_uring");
+    let fio = sides.iter().find(|s| s.side == "fio");
+    if let (Some(raw), Some(fio)) = (raw, fio) {
+        out.extend(Ratio::of("raw-io_uring ops/s / fio ops/s", raw.ops_per_sec, fio.ops_per_sec));
+    }
+    out
+}

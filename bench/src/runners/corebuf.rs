@@ -1,0 +1,304 @@
+//! The corebuf side: an engine on every core, driven locally (zero copy through each shard's
+//! partition), across shards (routed messages), or from plain threads through `Client`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use corebuf::{Client, Engine, EngineStats, Shard};
+
+use super::{phases, run_phase, Control, GroupResult, Recorder, StreamBank, Worker};
+use crate::args::{PathMode, Settings};
+use crate::block;
+use crate::dataset::Dataset;
+use crate::error::{BenchError, Result};
+use crate::report::SideReport;
+use crate::sysinfo;
+use crate::verify::Versions;
+use crate::workload::{Bounded, Op, OpKind, Phase, Plan};
+
+/// Runs the corebuf side: every phase, then the engine's figures of the timed run.
+pub fn run(
+    settings: &Settings,
+    dataset: &Dataset,
+    plan: &Plan,
+    versions: Option<Arc<Versions>>,
+) -> Result<SideReport> {
+    dataset.drop_page_cache();
+    sysinfo::reset_peak_rss();
+    let engine = Engine::builder()
+        .path(&dataset.path)
+        .block_size_bytes(settings.block_size)
+        .cache_size_bytes(settings.cache_bytes)
+        .shards(settings.shards)
+        .range_blocks(settings.range_blocks)
+        .io_depth_max(settings.inflight.max(128))
+        .build()?;
+    let client = engine.client();
+    let layout =
+        plan.layout(settings.path_mode == PathMode::Local, settings.shards, settings.inflight)?;
+    let workers = layout.workers();
+    let mut warm_ops = 0;
+    let mut timed = None;
+    for spec in phases(settings) {
+        let measure = spec.phase == Phase::Measure;
+        let before = if measure { Some(engine.stats()?) } else { None };
+        let results = match settings.path_mode {
+            PathMode::Local | PathMode::Cross => {
+                let ctl =
+                    Control::new(settings, versions.clone(), settings.shards, workers, measure);
+                let bank = StreamBank::new(plan, &layout, &spec);
+                let mode = settings.path_mode;
+                run_phase("corebuf", &spec, &ctl, settings.shards, |g| {
+                    run_shard(&client, g, bank.take(g), Arc::clone(&ctl), mode, workers)
+                })?
+            }
+            PathMode::Client => {
+                let ctl = Control::new(settings, versions.clone(), workers, workers, measure);
+                let bank = StreamBank::flat(plan, &layout, &spec);
+                run_phase("corebuf", &spec, &ctl, workers, |i| {
+                    client_thread(&client, i, bank.take(i), Arc::clone(&ctl), workers)
+                })?
+            }
+        };
+        match before {
+            Some(before) => timed = Some((before, results, engine.stats()?)),
+            None if spec.phase == Phase::Warmup => {
+                warm_ops += results.iter().map(|r| r.ops).sum::<u64>()
+            }
+            None => {}
+        }
+    }
+    let (rss_bytes, rss_peak_bytes) = sysinfo::rss_bytes();
+    engine.shutdown()?;
+    let (before, results, after) = timed.expect("the timed phase always runs");
+    let mut report = SideReport::from_groups("corebuf", &results, settings.block_size);
+    report.warm_ops = warm_ops;
+    report.rss_bytes = rss_bytes;
+    report.rss_peak_bytes = rss_peak_bytes;
+    add_engine_figures(&mut report, &before, &after, settings.path_mode);
+    Ok(report)
+}
+
+/// Hit ratio and device IOPS from the engine's own counters over the timed run. The hit ratio
+/// is over every access: `new_block` of an uncached block (a whole-block write) is a miss
+/// without a read, and a read that joined a read in flight is a hit (the block was admitted),
+/// as in the LRU simulation.
+fn add_engine_figures(
+    report: &mut SideReport,
+    before: &EngineStats,
+    after: &EngineStats,
+    mode: PathMode,
+) {
+    let secs = report.elapsed_secs;
+    let figures = |b: &corebuf::ShardStats, a: &corebuf::ShardStats| {
+        let hits = (a.cache.hits + a.cache.joins) - (b.cache.hits + b.cache.joins);
+        let misses = (a.cache.misses + a.cache.news) - (b.cache.misses + b.cache.news);
+        let io = |s: &corebuf::ShardStats| {
+            s.queue.reads_completed + s.queue.writes_completed + s.queue.writebacks_completed
+        };
+        (hits, misses, io(a) - io(b))
+    };
+    let (mut hits, mut misses, mut ios) = (0, 0, 0);
+    for (i, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
+        let (h, m, d) = figures(b, a);
+        (hits, misses, ios) = (hits + h, misses + m, ios + d);
+        if mode != PathMode::Client {
+            if let Some(g) = report.groups.get_mut(i) {
+                g.hit_ratio = (h + m > 0).then(|| h as f64 / (h + m) as f64);
+                g.device_iops = (secs > 0.0).then(|| d as f64 / secs);
+            }
+        }
+    }
+    let (b, a) = (before.cache(), after.cache());
+    let (bq, aq) = (before.queue(), after.queue());
+    report.notes.push(format!(
+        "engine during the timed run: {} hits, {} joins, {} misses, {} news, {} evictions, {} \
+         write-backs, {} frame waits, {} session waits; queue: {} reads, {} writes, {} \
+         write-backs, {} flushes, {} submit waits; {} barriers",
+        a.hits - b.hits,
+        a.joins - b.joins,
+        a.misses - b.misses,
+        a.news - b.news,
+        a.evictions - b.evictions,
+        a.writebacks - b.writebacks,
+        a.frame_waits - b.frame_waits,
+        a.session_waits - b.session_waits,
+        aq.reads_completed - bq.reads_completed,
+        aq.writes_completed - bq.writes_completed,
+        aq.writebacks_completed - bq.writebacks_completed,
+        aq.flushes_completed - bq.flushes_completed,
+        aq.submit_waits - bq.submit_waits,
+        after.barriers() - before.barriers(),
+    ));
+    report.hit_ratio = (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64);
+    report.device_iops = (secs > 0.0).then(|| ios as f64 / secs);
+    report.device_iops_source =
+        Some("engine queue stats: reads + writes + write-backs completed".into());
+    if mode != PathMode::Local && report.rmws > 0 {
+        report.notes.push(
+            "routed read-modify-writes are a read and a write message: the engine counts two \
+             lookups for each, the LRU simulation one"
+                .into(),
+        );
+    }
+    if mode == PathMode::Client {
+        report.groups.clear();
+        report.notes.push(
+            "client mode: one thread per operation in flight; per-thread figures omitted".into(),
+        );
+    }
+}
+
+/// Runs group `group`'s tasks on shard `group` and waits for them.
+fn run_shard(
+    client: &Client,
+    group: usize,
+    streams: Vec<Bounded>,
+    ctl: Arc<Control>,
+    mode: PathMode,
+    workers: usize,
+) -> Result<GroupResult> {
+    let job = move |shard: Rc<Shard>| async move {
+        let recorder = Rc::new(RefCell::new(Recorder::new(Arc::clone(&ctl), group)));
+        let tasks_per_group = streams.len();
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(t, stream)| {
+                let worker =
+                    Worker::new(stream, Arc::clone(&ctl), group * tasks_per_group + t, workers);
+                let task = shard_task(
+                    Rc::clone(&shard),
+                    worker,
+                    Rc::clone(&recorder),
+                    Arc::clone(&ctl),
+                    mode,
+                );
+                glommio::spawn_local(task)
+            })
+            .collect();
+        let mut outcome = Ok(());
+        for task in tasks {
+            if let Err(e) = task.await {
+                outcome = outcome.and(Err(e));
+            }
+        }
+        let recorder = Rc::try_unwrap(recorder).expect("every task has ended").into_inner();
+        outcome.map(|()| recorder.finish())
+    };
+    futures_lite::future::block_on(client.run_on(group, job))?
+}
+
+async fn shard_task(
+    shard: Rc<Shard>,
+    mut worker: Worker,
+    recorder: Rc<RefCell<Recorder>>,
+    ctl: Arc<Control>,
+    mode: PathMode,
+) -> Result<()> {
+    let mut copy = vec![0u8; shard.block_size()];
+    let mut resumed = None;
+    while let Some((op, start)) = worker.next(resumed).await {
+        let done = match mode {
+            PathMode::Local => local_op(&shard, &ctl, op).await,
+            _ => routed_op(&shard, &ctl, op, &mut copy).await,
+        };
+        if let Err(e) = done {
+            ctl.stop();
+            return Err(e);
+        }
+        let ended = recorder.borrow_mut().record(&op, start);
+        resumed = Some(ended);
+        if ctl.barrier_due(&op) {
+            shard.flush().await?;
+            recorder.borrow_mut().barrier();
+            resumed = None;
+        }
+        if super::yield_if_needed().await {
+            resumed = None;
+        }
+    }
+    Ok(())
+}
+
+/// One operation through the shard's own partition: no copy, no message.
+async fn local_op(shard: &Shard, ctl: &Control, op: Op) -> Result<()> {
+    let session = shard.partition().session().await;
+    let b = op.block;
+    let buf = match op.kind {
+        OpKind::Write => session.new_block(b).await?,
+        OpKind::Read | OpKind::Rmw => {
+            let buf = session.read(b).await?;
+            ctl.judge(b, &buf.data())?;
+            buf
+        }
+    };
+    if op.writes() {
+        let version = ctl.begin_write(b);
+        block::stamp(&mut buf.data_mut(), b, version);
+        buf.mark_dirty();
+        ctl.end_write(b, version);
+    }
+    Ok(())
+}
+
+/// One operation through the block's owner (`Shard::read` / `Shard::write`: a copy each way).
+async fn routed_op(shard: &Shard, ctl: &Control, op: Op, copy: &mut [u8]) -> Result<()> {
+    let b = op.block;
+    if op.kind != OpKind::Write {
+        let data = shard.read(b).await?;
+        ctl.judge(b, &data)?;
+    }
+    if op.writes() {
+        let version = ctl.begin_write(b);
+        block::stamp(copy, b, version);
+        shard.write(b, copy).await?;
+        ctl.end_write(b, version);
+    }
+    Ok(())
+}
+
+/// One plain thread issuing blocking `Client` calls, one at a time.
+fn client_thread(
+    client: &Client,
+    index: usize,
+    mut streams: Vec<Bounded>,
+    ctl: Arc<Control>,
+    workers: usize,
+) -> Result<GroupResult> {
+    let stream = streams.pop().expect("one stream per client thread");
+    let mut worker = Worker::new(stream, Arc::clone(&ctl), index, workers);
+    let mut recorder = Recorder::new(Arc::clone(&ctl), index);
+    let mut copy = vec![0u8; client.block_size()];
+    let mut resumed = None;
+    while let Some((op, start)) = worker.next_blocking(resumed) {
+        let done = client_op(client, &ctl, op, &mut copy);
+        if let Err(e) = done {
+            ctl.stop();
+            return Err(e);
+        }
+        resumed = Some(recorder.record(&op, start));
+        if ctl.barrier_due(&op) {
+            client.flush_blocking().map_err(BenchError::from)?;
+            recorder.barrier();
+            resumed = None;
+        }
+    }
+    Ok(recorder.finish())
+}
+
+fn client_op(client: &Client, ctl: &Control, op: Op, copy: &mut [u8]) -> Result<()> {
+    let b = op.block;
+    if op.kind != OpKind::Write {
+        let data = client.read_blocking(b)?;
+        ctl.judge(b, &data)?;
+    }
+    if op.writes() {
+        let version = ctl.begin_write(b);
+        block::stamp(copy, b, version);
+        client.write_blocking(b, copy)?;
+        ctl.end_write(b, version);
+    }
+    Ok(())
+}

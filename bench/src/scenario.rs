@@ -1,0 +1,208 @@
+//! The named scenarios of DESIGN §6: each runs corebuf and the right baseline in one process
+//! and reports the ratio against its target. The user's shards, in-flight count, length,
+//! seed, `--verify` and `--fio` carry over; sizes and workload are the scenario's own.
+
+use crate::app::{compare, Env};
+use crate::args::{Baseline, Length, PathMode, Scenario, Settings};
+use crate::error::Result;
+use crate::report::{self, Comparison, Ratio};
+use crate::workload::{Dist, Mix};
+
+const MIB: u64 = 1 << 20;
+
+/// Runs `which` (every scenario for `All`), printing each comparison as it completes.
+pub fn run(
+    which: Scenario,
+    base: &Settings,
+    env: &Env,
+    smoke: bool,
+    length_given: bool,
+) -> Result<Vec<Comparison>> {
+    let all = [
+        Scenario::Miss,
+        Scenario::Hit,
+        Scenario::Scaling,
+        Scenario::Write,
+        Scenario::Hitratio,
+        Scenario::Memory,
+    ];
+    let list: Vec<Scenario> = if which == Scenario::All { all.to_vec() } else { vec![which] };
+    let mut base = base.clone();
+    if !length_given {
+        base.length = Length::Seconds(if smoke { 1.0 } else { 4.0 });
+    }
+    let scale = if smoke { 8 } else { 1 };
+    let mut out = Vec::new();
+    for scenario in list {
+        for comparison in one(scenario, &base, env, scale)? {
+            report::print(&comparison);
+            out.push(comparison);
+        }
+    }
+    Ok(out)
+}
+
+/// The base settings with a scenario's sizes, workload and baselines.
+fn shaped(
+    base: &Settings,
+    dataset: u64,
+    cache: u64,
+    dist: Dist,
+    read_ratio: f64,
+    baselines: &[Baseline],
+) -> Settings {
+    let mut s = base.clone();
+    s.dataset_blocks = dataset / s.block_size as u64;
+    s.cache_bytes = cache;
+    s.dist = dist;
+    s.mix = Mix { read_ratio, rmw: false };
+    s.trace = None;
+    s.path_mode = PathMode::Local;
+    s.baselines = baselines.to_vec();
+    s.flush_every = None;
+    s.rate = None;
+    s.warmup_secs = 0.0;
+    s.prefill = false;
+    s
+}
+
+fn side<'c>(c: &'c Comparison, name: &str) -> Option<&'c report::SideReport> {
+    c.sides.iter().find(|s| s.side == name)
+}
+
+fn one(scenario: Scenario, base: &Settings, env: &Env, scale: u64) -> Result<Vec<Comparison>> {
+    let zipf = Dist::Zipf { theta: 0.99 };
+    let comparisons = match scenario {
+        Scenario::Miss => {
+            let s = shaped(
+                base,
+                512 * MIB / scale,
+                64 * MIB / scale,
+                Dist::Uniform,
+                1.0,
+                &[Baseline::Raw],
+            );
+            let mut c = compare("miss path: uniform random reads, dataset 8x cache", &s, env)?;
+            let raw = side(&c, "raw-io_uring").and_then(|r| r.device_iops);
+            if let (Some(core), Some(raw)) = (c.sides[0].device_iops, raw) {
+                c.ratios.extend(
+                    Ratio::of("target: corebuf device IOPS / raw io_uring IOPS", core, raw)
+                        .map(|r| r.at_least(0.9)),
+                );
+            }
+            vec![c]
+        }
+        Scenario::Hit => vec![hit(base, env, scale, base.shards, true)?],
+        Scenario::Scaling => {
+            let one_shard = hit(base, env, scale, 1, false)?;
+            let two = hit(base, env, scale, 2, false)?;
+            let mut two = two;
+            two.ratios.extend(
+                Ratio::of(
+                    "target: hit path ops/s, 2 shards / 1 shard",
+                    two.sides[0].ops_per_sec,
+                    one_shard.sides[0].ops_per_sec,
+                )
+                .map(|r| r.at_least(1.8)),
+            );
+            vec![one_shard, two]
+        }
+        Scenario::Write => {
+            let mut s = shaped(
+                base,
+                512 * MIB / scale,
+                64 * MIB / scale,
+                Dist::Uniform,
+                0.0,
+                &[Baseline::Raw],
+            );
+            s.flush_every = Some(10_000);
+            let mut c = compare("write path: random writes, a barrier every 10k writes", &s, env)?;
+            if let Some(raw) = side(&c, "raw-io_uring").map(|r| r.ops_per_sec) {
+                c.ratios.extend(
+                    Ratio::of(
+                        "target: corebuf writes/s / raw random-write IOPS",
+                        c.sides[0].ops_per_sec,
+                        raw,
+                    )
+                    .map(|r| r.at_least(0.8)),
+                );
+            }
+            vec![c]
+        }
+        Scenario::Hitratio => {
+            let dataset = 256 * MIB / scale;
+            let s = shaped(base, dataset, dataset / 10, zipf, 1.0, &[Baseline::Lru]);
+            let mut c = compare("hit ratio: zipf 0.99, cache = 10% of dataset", &s, env)?;
+            let core = &c.sides[0];
+            if let (Some(h), Some(l)) = (core.hit_ratio, core.lru_sim_hit_ratio) {
+                let r = Ratio::figure(
+                    "target: corebuf hit% - exact LRU hit% (points)",
+                    (h - l) * 100.0,
+                    "points",
+                );
+                c.ratios.push(r.at_least(3.0));
+            }
+            vec![c]
+        }
+        Scenario::Memory => {
+            let cache = 256 * MIB / scale;
+            let mut s = shaped(base, 2 * cache, cache, Dist::Uniform, 0.9, &[]);
+            // Read every block once first so every frame is touched before RSS is measured.
+            s.prefill = true;
+            let mut c = compare("memory: peak RSS against cache x 1.05 + 64 MiB", &s, env)?;
+            let bound = cache as f64 * 1.05 + 64.0 * MIB as f64;
+            let peak = c.sides[0].rss_peak_bytes as f64;
+            c.ratios.push(
+                Ratio::figure(
+                    "target: corebuf peak RSS / (cache x 1.05 + 64 MiB)",
+                    peak / bound,
+                    "x",
+                )
+                .at_most(1.0),
+            );
+            vec![c]
+        }
+        Scenario::All | Scenario::Default => unreachable!("dispatched by the caller"),
+    };
+    Ok(comparisons)
+}
+
+/// The hit path: the dataset fits the cache (half of it), zipf 0.99 reads, local, prefilled.
+fn hit(
+    base: &Settings,
+    env: &Env,
+    scale: u64,
+    shards: usize,
+    with_pread: bool,
+) -> Result<Comparison> {
+    let baselines: &[Baseline] = if with_pread { &[Baseline::Pread] } else { &[] };
+    let mut s = shaped(
+        base,
+        128 * MIB / scale,
+        256 * MIB / scale,
+        Dist::Zipf { theta: 0.99 },
+        1.0,
+        baselines,
+    );
+    s.shards = shards;
+    s.baseline_threads = shards;
+    s.prefill = true;
+    let title =
+        format!("hit path: dataset fits the cache, zipf 0.99 reads, local, {shards} shard(s)");
+    let mut c = compare(&title, &s, env)?;
+    let per_shard = c.sides[0].ops_per_sec / shards as f64;
+    c.ratios
+        .push(Ratio::figure("target: corebuf reads/s per shard", per_shard, "ops/s").at_least(5e6));
+    if let Some(pread) = side(&c, "pread").map(|p| p.ops_per_sec) {
+        c.ratios.extend(
+            Ratio::of(
+                "target: corebuf hits/s / buffered pread hits/s",
+                c.sides[0].ops_per_sec,
+                pread,
+            )
+            .map(|r| r.at_least(5.0)),
+        );
+    }
+    Ok(c)
+}
