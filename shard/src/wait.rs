@@ -60,3 +60,58 @@ impl WaitList {
         })
     }
 }
+
+/// A first-come, first-served line: tasks take a ticket and pass one at a time, in ticket
+/// order. Used where a plain [`WaitList`] would let a task that arrives later take a
+/// resource before one that has been waiting (barging), which can starve a waiter for as
+/// long as others keep arriving.
+#[derive(Debug, Default)]
+pub struct FifoGate {
+    next_ticket: std::cell::Cell<u64>,
+    serving: std::cell::Cell<u64>,
+    /// Tickets whose holder left before its turn; skipped when their turn comes.
+    abandoned: RefCell<Vec<u64>>,
+    turn_changed: WaitList,
+}
+
+/// A place in a [`FifoGate`]'s line. Dropping it ends the turn (or gives up the place).
+#[derive(Debug)]
+pub struct GateTicket<'g> {
+    gate: &'g FifoGate,
+    ticket: u64,
+}
+
+impl FifoGate {
+    /// Takes a ticket and waits until it is this ticket's turn. Without a line, this is two
+    /// counter updates and no wait.
+    pub async fn pass(&self) -> GateTicket<'_> {
+        let ticket = self.next_ticket.get();
+        self.next_ticket.set(ticket + 1);
+        let place = GateTicket { gate: self, ticket };
+        if self.serving.get() != ticket {
+            self.turn_changed.wait_for(|| (self.serving.get() == ticket).then_some(())).await;
+        }
+        place
+    }
+}
+
+impl Drop for GateTicket<'_> {
+    fn drop(&mut self) {
+        let gate = self.gate;
+        if gate.serving.get() != self.ticket {
+            gate.abandoned.borrow_mut().push(self.ticket);
+            return;
+        }
+        let mut serving = self.ticket + 1;
+        let mut abandoned = gate.abandoned.borrow_mut();
+        while let Some(at) = abandoned.iter().position(|&t| t == serving) {
+            abandoned.swap_remove(at);
+            serving += 1;
+        }
+        drop(abandoned);
+        gate.serving.set(serving);
+        if serving != gate.next_ticket.get() {
+            gate.turn_changed.notify_all();
+        }
+    }
+}

@@ -10,7 +10,7 @@ use super::stats::CacheStats;
 use super::table::{flag, Lookup, Table, SEQ_NONE};
 use crate::error::{Error, Result};
 use crate::io::{Device, IoQueue};
-use crate::wait::WaitList;
+use crate::wait::{FifoGate, WaitList};
 
 /// A hook called with a buffer's block number, bytes and aux data.
 pub type Hook<A> = Box<dyn Fn(u64, &mut [u8], &mut A)>;
@@ -51,6 +51,7 @@ struct Inner<D: Device, A> {
     sizing: Sizing,
     pins_per_session_max: usize,
     sessions_active: Cell<usize>,
+    alloc_line: FifoGate,
     background_writer_running: Cell<bool>,
     /// Bumped and notified whenever a frame's state changes in a way a waiter may care about:
     /// a read completes or fails, a pin drops to zero, a write ends, a data borrow ends.
@@ -119,6 +120,7 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
             sizing,
             pins_per_session_max: config.pins_per_session_max,
             sessions_active: Cell::new(0),
+            alloc_line: FifoGate::default(),
             background_writer_running: Cell::new(false),
             changes: Cell::new(0),
             changed: WaitList::with_capacity(64),
@@ -340,17 +342,32 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     /// A frame for a new block: a free one, else a clean idle one evicted (starting writes of
     /// dirty candidates on the way), else waits for a release or a write to finish.
     async fn alloc_frame(self: &Rc<Self>) -> Result<u32> {
+        // One allocation at a time, first come first served: a task that starts an operation
+        // while others wait for a frame would otherwise take the frame a waiter was woken for,
+        // and a waiter could lose that race for as long as operations keep coming.
+        let _turn = self.alloc_line.pass().await;
         loop {
             // Taken before the scan: the writes it starts run right away and may complete (and
             // notify) before this task waits, and that change must end the wait.
             let seen = self.changes.get();
-            {
+            let writes_max = self.queue.config().writebacks_in_flight_max;
+            let must_wait = {
                 let mut table = self.table.borrow_mut();
                 if let Some(frame) = table.free.pop() {
                     return Ok(frame);
                 }
-                let victim = table.evict(true);
-                drop(table);
+                let must_wait = table.eviction_must_wait(writes_max);
+                if must_wait {
+                    table.stats.frame_waits += 1;
+                }
+                must_wait
+            };
+            if must_wait {
+                self.wait_change_since(seen).await;
+                continue;
+            }
+            {
+                let victim = self.table.borrow_mut().evict(writes_max);
                 self.spawn_started_writes();
                 if let Some(frame) = victim {
                     return Ok(frame);
@@ -381,7 +398,7 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         }
         let frame = match table.free.pop() {
             Some(frame) => frame,
-            None => match table.evict(false) {
+            None => match table.evict(0) {
                 Some(frame) => frame,
                 None => {
                     table.stats.prefetch_skipped += 1;
@@ -470,25 +487,36 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
 
     /// Schedules and submits writes of every dirty, idle-writer frame dirtied before `barrier`
     /// whose write has not failed since failure number `failures_at_start`.
+    ///
+    /// The dirty list is walked with a cursor, so a pass is O(dirty frames), not O(n²): frames
+    /// whose write was scheduled stay listed (WRITING) and keep their places, but a completed
+    /// write removes its frame by swapping the last one into its slot, which may move a frame
+    /// behind the cursor. So a pass that reaches the end starts over once, and only a pass
+    /// from the start that finds nothing ends the walk.
     async fn write_all_dirty_before(self: &Rc<Self>, barrier: u64, failures_at_start: u64) {
+        let mut cursor = 0;
         loop {
             let next = {
                 let mut table = self.table.borrow_mut();
-                let found = table.dirty_list.iter().copied().find(|&f| {
+                let start = cursor.min(table.dirty_list.len());
+                let found = table.dirty_list[start..].iter().position(|&f| {
                     let m = &table.meta[f as usize];
                     m.has(flag::DIRTY)
                         && !m.has(flag::WRITING)
                         && m.oldest_dirty_seq < barrier
                         && !failed_since(&table, m.block, failures_at_start)
                 });
-                if let Some(frame) = found {
+                found.map(|at| {
+                    let frame = table.dirty_list[start + at];
                     table.begin_write(frame);
-                }
-                found
+                    cursor = start + at + 1;
+                    frame
+                })
             };
             match next {
                 Some(frame) => self.write_frame(frame).await,
-                None => return,
+                None if cursor == 0 => return,
+                None => cursor = 0,
             }
         }
     }
@@ -519,6 +547,7 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         self.background_writer_running.set(true);
         let inner = Rc::clone(self);
         glommio::spawn_local(async move {
+            let mut cursor = 0; // as in `write_all_dirty_before`: one O(n) walk, not O(n²)
             loop {
                 let next = {
                     let mut table = inner.table.borrow_mut();
@@ -529,21 +558,25 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
                     if unscheduled <= inner.sizing.dirty_low {
                         None
                     } else {
-                        let found = table.dirty_list.iter().copied().find(|&f| {
+                        let start = cursor.min(table.dirty_list.len());
+                        let found = table.dirty_list[start..].iter().position(|&f| {
                             let m = &table.meta[f as usize];
                             m.has(flag::DIRTY)
                                 && !m.has(flag::WRITING)
                                 && !table.write_errors.contains_key(&m.block)
                         });
-                        if let Some(frame) = found {
+                        found.map(|at| {
+                            let frame = table.dirty_list[start + at];
                             table.begin_write(frame);
-                        }
-                        found
+                            cursor = start + at + 1;
+                            frame
+                        })
                     }
                 };
                 match next {
                     Some(frame) => inner.write_frame(frame).await,
-                    None => break,
+                    None if cursor == 0 => break,
+                    None => cursor = 0,
                 }
             }
             inner.background_writer_running.set(false);

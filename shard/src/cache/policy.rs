@@ -108,6 +108,20 @@ impl S3Fifo {
         }
     }
 
+    /// Evicts a specific frame the caller knows is evictable (a dirty victim whose eviction
+    /// write just completed): unlinks it, and remembers its block in the ghost if it was still
+    /// on probation, as a scan would have.
+    pub(crate) fn evict_frame(&mut self, frame: u32, block: u64) {
+        let queue = self.queue_of[frame as usize];
+        if queue == QueueId::None {
+            return;
+        }
+        self.unlink(frame);
+        if queue == QueueId::Small {
+            self.ghost_add(block);
+        }
+    }
+
     /// Takes a frame out of the policy (forgotten or re-homed).
     pub(crate) fn remove(&mut self, frame: u32) {
         if self.queue_of[frame as usize] != QueueId::None {

@@ -32,6 +32,11 @@ pub(crate) mod flag {
     pub(crate) const DIRTY: u8 = 4;
     /// A write is scheduled or in flight (at most one per frame).
     pub(crate) const WRITING: u8 = 8;
+    /// The write in flight was started by the eviction scan: the frame was a victim kept
+    /// only because it was dirty.
+    pub(crate) const EVICT_WRITE: u8 = 16;
+    /// Listed in `ready_victims`: its eviction write completed and left it clean.
+    pub(crate) const READY: u8 = 32;
 }
 
 /// One frame's metadata: 40 bytes.
@@ -82,6 +87,12 @@ pub(crate) struct Table {
     pub(crate) dirty_list: Vec<u32>,
     /// Writes the eviction scan decided to start; drained right after the scan.
     pub(crate) writes_to_start: Vec<u32>,
+    /// Frames whose eviction write completed and left them clean, idle: the next evictions
+    /// take them first, in O(1), instead of scanning past every dirty frame again. Entries
+    /// are re-checked when taken (the frame may have been pinned, dirtied or dropped since).
+    pub(crate) ready_victims: std::collections::VecDeque<u32>,
+    /// Writes started by the eviction scan and not yet ended.
+    pub(crate) evict_writes: usize,
     /// Latched write errors by block, with the failure's sequence number.
     pub(crate) write_errors: HashMap<u64, (Error, u64)>,
     pub(crate) failures: u64,
@@ -106,6 +117,8 @@ impl Table {
             free: (0..frame_count as u32).rev().collect(),
             dirty_list: Vec::with_capacity(frame_count),
             writes_to_start: Vec::with_capacity(frame_count),
+            ready_victims: std::collections::VecDeque::with_capacity(frame_count),
+            evict_writes: 0,
             write_errors: HashMap::new(),
             failures: 0,
             dirty_seq: 0,
@@ -121,6 +134,7 @@ impl Table {
     /// and is reported by [`S3Fifo::ghost_bytes_per_frame`].
     pub(crate) fn bytes_per_frame(frame_count: usize) -> usize {
         std::mem::size_of::<FrameMeta>() + 4 /* dirty list */ + 4 /* writes to start */
+            + 4 /* ready victims */
             + S3Fifo::BYTES_PER_FRAME
             + FrameIndex::bytes_per_frame(frame_count)
     }
@@ -231,15 +245,24 @@ impl Table {
     pub(crate) fn end_write(&mut self, frame: u32, result: Result<(), Error>) {
         self.writing_count -= 1;
         let m = &mut self.meta[frame as usize];
-        m.flags &= !flag::WRITING;
+        let evicting = m.has(flag::EVICT_WRITE);
+        m.flags &= !(flag::WRITING | flag::EVICT_WRITE);
+        if evicting {
+            self.evict_writes -= 1;
+        }
         let block = m.block;
         match result {
             Ok(()) => {
                 m.writing_oldest_seq = SEQ_NONE;
                 self.stats.writebacks += 1;
                 self.write_errors.remove(&block);
-                if !self.meta[frame as usize].has(flag::DIRTY) {
+                let m = self.meta[frame as usize];
+                if !m.has(flag::DIRTY) {
                     self.unlist_dirty(frame);
+                    if evicting && m.pins == 0 && !m.has(flag::READY) {
+                        self.meta[frame as usize].flags |= flag::READY;
+                        self.ready_victims.push_back(frame);
+                    }
                 }
             }
             Err(e) => {
@@ -261,7 +284,10 @@ impl Table {
         self.writing_count -= 1;
         let m = &mut self.meta[frame as usize];
         debug_assert!(m.has(flag::WRITING), "cancel of a write that is not scheduled");
-        m.flags &= !flag::WRITING;
+        if m.has(flag::EVICT_WRITE) {
+            self.evict_writes -= 1;
+        }
+        m.flags &= !(flag::WRITING | flag::EVICT_WRITE);
         if m.writing_oldest_seq != SEQ_NONE {
             m.oldest_dirty_seq = m.oldest_dirty_seq.min(m.writing_oldest_seq);
             m.flags |= flag::DIRTY;
@@ -272,29 +298,73 @@ impl Table {
     /// The judge of eviction candidates: pinned, reading and writing frames stay; a dirty one
     /// stays and gets a write started (unless its last write failed: eviction does not retry
     /// failed writes, `write_dirty` does); a clean idle one goes.
-    pub(crate) fn evict(&mut self, start_writes: bool) -> Option<u32> {
-        let Table { policy, meta, write_errors, writes_to_start, writing_count, .. } = self;
+    ///
+    /// At most `writes_max` eviction writes are in flight: past that, dirty candidates are
+    /// just kept (their writes would only queue behind the others, and every queued write is a
+    /// task waiting for a request buffer).
+    pub(crate) fn evict(&mut self, writes_max: usize) -> Option<u32> {
+        if let Some(frame) = self.take_ready_victim() {
+            return Some(frame);
+        }
+        let Table {
+            policy, meta, write_errors, writes_to_start, writing_count, evict_writes, ..
+        } = self;
         let victim = policy.evict(|f| {
             let m = &mut meta[f as usize];
             if m.pins > 0 || m.has(flag::READING | flag::WRITING) {
                 return Candidate::Keep;
             }
             if m.has(flag::DIRTY) {
-                if start_writes && !write_errors.contains_key(&m.block) {
+                if *evict_writes < writes_max && !write_errors.contains_key(&m.block) {
                     // Same as `begin_write`; the caller spawns the write right after the scan.
-                    m.flags |= flag::WRITING;
+                    m.flags |= flag::WRITING | flag::EVICT_WRITE;
                     *writing_count += 1;
+                    *evict_writes += 1;
                     writes_to_start.push(f);
                 }
                 return Candidate::Keep;
             }
             Candidate::Evict(m.block)
         })?;
+        self.meta[victim as usize].flags &= !flag::READY;
         let block = self.meta[victim as usize].block;
         self.index.remove(block, &self.meta);
         self.meta[victim as usize] = FrameMeta::EMPTY;
         self.stats.evictions += 1;
         Some(victim)
+    }
+
+    /// The oldest ready victim that is still clean and idle, taken out of the cache.
+    fn take_ready_victim(&mut self) -> Option<u32> {
+        while let Some(frame) = self.ready_victims.pop_front() {
+            let m = self.meta[frame as usize];
+            if !m.has(flag::READY) {
+                continue; // re-installed or dropped since it was listed
+            }
+            self.meta[frame as usize].flags &= !flag::READY;
+            let idle = m.pins == 0 && !m.has(flag::READING | flag::WRITING | flag::DIRTY);
+            if !idle || !m.has(flag::VALID) {
+                continue; // pinned or dirtied again: back to the normal policy
+            }
+            self.policy.evict_frame(frame, m.block);
+            self.index.remove(m.block, &self.meta);
+            self.meta[frame as usize] = FrameMeta::EMPTY;
+            self.stats.evictions += 1;
+            return Some(frame);
+        }
+        None
+    }
+
+    /// Whether an eviction scan now would only find busy frames: nothing is ready and the
+    /// eviction writes are at their bound, so waiting for one of them to end is the way to a
+    /// frame (one always ends: they are in flight).
+    ///
+    /// Only when at least three quarters of the frames are dirty: then a scan mostly meets
+    /// dirty frames and is long, while with more clean frames it is likely to find one soon.
+    pub(crate) fn eviction_must_wait(&self, writes_max: usize) -> bool {
+        self.ready_victims.is_empty()
+            && self.evict_writes >= writes_max
+            && self.dirty_list.len() * 4 >= self.meta.len() * 3
     }
 
     /// The first latched write error (the oldest failure), if any.
