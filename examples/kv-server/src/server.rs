@@ -1,0 +1,774 @@
+//! Connections: accept, parse, route each key to its owner shard, reply in order.
+//!
+//! Every shard runs an accept loop on its own `SO_REUSEPORT` listener, so the kernel spreads
+//! connections over the shards. A connection parses every complete command in its buffer,
+//! turns key commands into operations, groups them by owner shard (keeping each owner's order)
+//! and runs the groups at once: the local group in place, each remote group as one message.
+//! Replies are rendered in request order. Under `--fsync always` the replies of a batch that
+//! wrote anything are held until a barrier covering those writes has completed (group commit).
+
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::format::{MAX_KEY, MAX_VALUE};
+use crate::resp::{self, Parsed};
+use crate::store::{Cond, Fsync, InfoPart, KvShard};
+
+/// Operations that run on a key's owner shard (everything in them is `Send`).
+#[derive(Debug)]
+pub enum Op {
+    /// GET / MGET element.
+    Get(Vec<u8>),
+    /// SET / MSET pair.
+    Set(Vec<u8>, Vec<u8>, Cond),
+    /// DEL of one key.
+    Del(Vec<u8>),
+    /// EXISTS of one key.
+    Exists(Vec<u8>),
+}
+
+impl Op {
+    fn key(&self) -> &[u8] {
+        match self {
+            Op::Get(k) | Op::Set(k, _, _) | Op::Del(k) | Op::Exists(k) => k,
+        }
+    }
+}
+
+/// An operation's result.
+#[derive(Debug)]
+pub enum OpOut {
+    /// A value or nil.
+    Value(Option<Vec<u8>>),
+    /// Whether it took effect (set, deleted, exists).
+    Done(bool),
+    /// An error message (with its `ERR` prefix).
+    Err(String),
+}
+
+/// Runs operations in order on this shard (their owner).
+pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let result = match op {
+            Op::Get(k) => kv.get(&k).await.map(OpOut::Value),
+            Op::Set(k, v, c) => kv.set(&k, &v, c).await.map(OpOut::Done),
+            Op::Del(k) => kv.del(&k).await.map(OpOut::Done),
+            Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
+        };
+        out.push(result.unwrap_or_else(|e| OpOut::Err(e.to_string())));
+    }
+    out
+}
+
+/// How to render a reply from operation results.
+#[derive(Debug)]
+enum Item {
+    Raw(Vec<u8>),
+    Bulk(usize),
+    SetReply(usize),
+    Count(Range<usize>),
+    AllOk(Range<usize>),
+}
+
+/// Operations per batch before it runs (bounds the memory of gathered values).
+const BATCH_OPS: usize = 256;
+/// Reply bytes buffered before they are written out mid-batch.
+const WRITE_HIGH: usize = 1 << 20;
+/// Bytes read from the socket at a time (also the read buffer an idle connection keeps).
+const READ_CHUNK: usize = 16 << 10;
+/// Reply buffer capacity an idle connection keeps at most.
+const WRITE_KEEP: usize = 64 << 10;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Conn {
+    kv: Rc<KvShard>,
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    ops: Vec<Op>,
+    items: Vec<Item>,
+    /// Writes whose replies wait in `wbuf` for a barrier (fsync always).
+    uncommitted: bool,
+}
+
+/// Binds this shard's listener on `addr` (SO_REUSEPORT: every shard binds the same port) and
+/// spawns its accept loop. Returns the bound address.
+pub fn listen(kv: Rc<KvShard>, addr: &str) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).map_err(io::Error::from)?;
+    let local = listener.local_addr().map_err(io::Error::from)?;
+    glommio::spawn_local(accept_loop(kv, listener)).detach();
+    Ok(local)
+}
+
+async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
+    loop {
+        let stop = kv.stop.wait();
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                eprintln!("corebuf-kv: shard {}: accept failed: {e}", kv.shard.id());
+                // Out of descriptors, say: back off instead of spinning.
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let c = &kv.counters;
+        if c.connections.get() >= kv.geo.max_clients_per_shard {
+            c.rejected.set(c.rejected.get() + 1);
+            let mut stream = stream;
+            glommio::spawn_local(async move {
+                let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+            })
+            .detach();
+            continue;
+        }
+        c.connections.set(c.connections.get() + 1);
+        c.connections_total.set(c.connections_total.get() + 1);
+        let kv2 = Rc::clone(&kv);
+        glommio::spawn_local(async move {
+            let _ = stream.set_nodelay(true);
+            let mut conn = Conn {
+                kv: Rc::clone(&kv2),
+                stream,
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+                ops: Vec::new(),
+                items: Vec::new(),
+                uncommitted: false,
+            };
+            conn.serve().await;
+            drop(conn);
+            kv2.counters.connections.set(kv2.counters.connections.get() - 1);
+            kv2.conns_closed.notify_all();
+        })
+        .detach();
+    }
+}
+
+impl Conn {
+    async fn serve(&mut self) {
+        loop {
+            let flow = self.process().await;
+            if self.flush().await.is_err() || flow == Flow::Close {
+                return;
+            }
+            if self.kv.stop.is_set() {
+                return;
+            }
+            // Read straight into the buffer's spare room.
+            let len = self.rbuf.len();
+            self.rbuf.resize(len + READ_CHUNK, 0);
+            let kv = Rc::clone(&self.kv);
+            let stream = &mut self.stream;
+            let room = &mut self.rbuf[len..];
+            let read = futures_lite::future::or(async { Some(stream.read(room).await) }, async {
+                kv.stop.wait().await;
+                None
+            })
+            .await;
+            match read {
+                Some(Ok(n)) if n > 0 => self.rbuf.truncate(len + n),
+                // End of stream, an error, or the server stops: a half-read request costs
+                // nothing more than its buffer, dropped here.
+                _ => return,
+            }
+        }
+    }
+
+    /// Parses and executes every complete command in the read buffer.
+    async fn process(&mut self) -> Flow {
+        let rbuf = std::mem::take(&mut self.rbuf);
+        let mut pos = 0;
+        let mut flow = Flow::Continue;
+        while pos < rbuf.len() {
+            match resp::parse(&rbuf[pos..]) {
+                Parsed::Incomplete => break,
+                Parsed::Error(msg) => {
+                    let c = &self.kv.counters;
+                    c.protocol_errors.set(c.protocol_errors.get() + 1);
+                    self.push_raw(|out| resp::error(out, &format!("ERR Protocol error: {msg}")));
+                    flow = Flow::Close;
+                    break;
+                }
+                Parsed::Command { args, consumed } => {
+                    let base = pos;
+                    pos += consumed;
+                    if args.is_empty() {
+                        continue;
+                    }
+                    let c = &self.kv.counters;
+                    c.commands.set(c.commands.get() + 1);
+                    let argv: Vec<&[u8]> =
+                        args.iter().map(|r| &rbuf[base + r.start..base + r.end]).collect();
+                    if self.command(&argv).await == Flow::Close {
+                        flow = Flow::Close;
+                        break;
+                    }
+                    if self.ops.len() >= BATCH_OPS {
+                        self.run_batch().await;
+                    }
+                    if self.wbuf.len() >= WRITE_HIGH && self.flush().await.is_err() {
+                        flow = Flow::Close;
+                        break;
+                    }
+                }
+            }
+        }
+        self.run_batch().await;
+        self.rbuf = rbuf;
+        self.rbuf.drain(..pos.min(self.rbuf.len()));
+        if self.rbuf.capacity() > 4 * READ_CHUNK && self.rbuf.len() < READ_CHUNK {
+            self.rbuf.shrink_to(2 * READ_CHUNK);
+        }
+        flow
+    }
+
+    /// Writes the buffered replies, after the barrier their writes need.
+    async fn flush(&mut self) -> Result<(), ()> {
+        if self.uncommitted && self.kv.geo.fsync == Fsync::Always {
+            if let Err(e) = self.kv.commit().await {
+                // The writes may not be durable: never acknowledge them. The client sees the
+                // connection drop, as it would if the server died.
+                eprintln!("corebuf-kv: closing a connection, its writes failed to commit: {e}");
+                return Err(());
+            }
+        }
+        self.uncommitted = false;
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        if self.wbuf.capacity() > WRITE_KEEP {
+            self.wbuf.shrink_to(WRITE_KEEP);
+        }
+        result.map_err(|_| ())
+    }
+
+    fn push_raw(&mut self, render: impl FnOnce(&mut Vec<u8>)) {
+        if self.items.is_empty() {
+            render(&mut self.wbuf);
+        } else {
+            let mut bytes = Vec::new();
+            render(&mut bytes);
+            self.items.push(Item::Raw(bytes));
+        }
+    }
+
+    fn push_op(&mut self, op: Op) -> usize {
+        self.ops.push(op);
+        self.ops.len() - 1
+    }
+
+    /// Runs the pending operations (grouped by owner, groups concurrently) and renders every
+    /// pending reply in order.
+    async fn run_batch(&mut self) {
+        let ops = std::mem::take(&mut self.ops);
+        let mut results: Vec<Option<OpOut>> = Vec::new();
+        if !ops.is_empty() {
+            results = (0..ops.len()).map(|_| None).collect();
+            let kv = &self.kv;
+            let shards = kv.shard.shard_count();
+            let mut groups: Vec<(Vec<usize>, Vec<Op>)> =
+                (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
+            let writes: Vec<bool> =
+                ops.iter().map(|op| matches!(op, Op::Set(..) | Op::Del(..))).collect();
+            for (i, op) in ops.into_iter().enumerate() {
+                let owner = kv.owner_of_key(op.key());
+                groups[owner].0.push(i);
+                groups[owner].1.push(op);
+            }
+            let me = kv.shard.id();
+            let local = std::mem::take(&mut groups[me]);
+            let mut remote = Vec::new();
+            for (owner, (idx, ops)) in groups.into_iter().enumerate() {
+                if ops.is_empty() || owner == me {
+                    continue;
+                }
+                kv.counters.remote_batches.set(kv.counters.remote_batches.get() + 1);
+                let shard = Rc::clone(&kv.shard);
+                let task = glommio::spawn_local(async move {
+                    shard
+                        .run_on(
+                            owner,
+                            move |_| async move { exec_ops(KvShard::current(), ops).await },
+                        )
+                        .await
+                });
+                remote.push((idx, task));
+            }
+            if !local.1.is_empty() {
+                for (i, out) in local.0.into_iter().zip(exec_ops(Rc::clone(kv), local.1).await) {
+                    results[i] = Some(out);
+                }
+            }
+            for (idx, task) in remote {
+                match task.await {
+                    Ok(outs) => {
+                        for (i, out) in idx.into_iter().zip(outs) {
+                            results[i] = Some(out);
+                        }
+                    }
+                    Err(e) => {
+                        for i in idx {
+                            results[i] = Some(OpOut::Err(format!("ERR shard unavailable: {e}")));
+                        }
+                    }
+                }
+            }
+            // Replies to writes that took effect wait for a barrier (fsync always). A failed
+            // write may have changed something too (a cleanup, a rebuild): count it as well.
+            let changed = |r: &Option<OpOut>| !matches!(r, Some(OpOut::Done(false)));
+            if writes.iter().zip(&results).any(|(&w, r)| w && changed(r)) {
+                self.uncommitted = true;
+            }
+        }
+        let out = &mut self.wbuf;
+        let get = |i: usize| results[i].as_ref().unwrap_or(&OpOut::Done(false));
+        for item in self.items.drain(..) {
+            match item {
+                Item::Raw(bytes) => out.extend_from_slice(&bytes),
+                Item::Bulk(i) => match get(i) {
+                    OpOut::Value(Some(v)) => resp::bulk(out, v),
+                    OpOut::Value(None) => resp::null(out),
+                    OpOut::Err(e) => resp::error(out, e),
+                    OpOut::Done(_) => resp::error(out, "ERR internal: unexpected result"),
+                },
+                Item::SetReply(i) => match get(i) {
+                    OpOut::Done(true) => resp::simple(out, "OK"),
+                    OpOut::Done(false) => resp::null(out),
+                    OpOut::Err(e) => resp::error(out, e),
+                    OpOut::Value(_) => resp::error(out, "ERR internal: unexpected result"),
+                },
+                Item::Count(range) | Item::AllOk(range)
+                    if range.clone().any(|i| matches!(get(i), OpOut::Err(_))) =>
+                {
+                    let Some(OpOut::Err(e)) = range.map(get).find(|o| matches!(o, OpOut::Err(_)))
+                    else {
+                        unreachable!("an error was found just above")
+                    };
+                    resp::error(out, e);
+                }
+                Item::Count(range) => {
+                    let n = range.map(get).filter(|o| matches!(o, OpOut::Done(true))).count();
+                    resp::integer(out, n as i64);
+                }
+                Item::AllOk(_) => resp::simple(out, "OK"),
+            }
+        }
+    }
+
+    /// Handles one command.
+    async fn command(&mut self, argv: &[&[u8]]) -> Flow {
+        let mut name_buf = [0u8; 16];
+        let raw = argv[0];
+        let name: &[u8] = if raw.len() <= name_buf.len() {
+            name_buf[..raw.len()].copy_from_slice(raw);
+            name_buf[..raw.len()].make_ascii_lowercase();
+            &name_buf[..raw.len()]
+        } else {
+            b"?"
+        };
+        let args = &argv[1..];
+        let arity_error = |this: &mut Self| {
+            let n = String::from_utf8_lossy(name).into_owned();
+            this.push_raw(|out| {
+                resp::error(out, &format!("ERR wrong number of arguments for '{n}' command"))
+            });
+            Flow::Continue
+        };
+        match name {
+            b"get" => {
+                if args.len() != 1 {
+                    return arity_error(self);
+                }
+                if let Err(e) = check_key(args[0]) {
+                    self.push_raw(|out| resp::error(out, &e));
+                    return Flow::Continue;
+                }
+                let i = self.push_op(Op::Get(args[0].to_vec()));
+                self.items.push(Item::Bulk(i));
+            }
+            b"set" => {
+                if args.len() < 2 {
+                    return arity_error(self);
+                }
+                let mut cond = Cond::Always;
+                for opt in &args[2..] {
+                    match opt.to_ascii_lowercase().as_slice() {
+                        b"nx" if cond == Cond::Always => cond = Cond::Nx,
+                        b"xx" if cond == Cond::Always => cond = Cond::Xx,
+                        b"ex" | b"px" | b"exat" | b"pxat" | b"keepttl" => {
+                            self.push_raw(|out| {
+                                resp::error(out, "ERR key expiry is not supported by corebuf-kv")
+                            });
+                            return Flow::Continue;
+                        }
+                        _ => {
+                            self.push_raw(|out| resp::error(out, "ERR syntax error"));
+                            return Flow::Continue;
+                        }
+                    }
+                }
+                if let Err(e) = check_key(args[0]).and_then(|()| check_value(args[1])) {
+                    self.push_raw(|out| resp::error(out, &e));
+                    return Flow::Continue;
+                }
+                let i = self.push_op(Op::Set(args[0].to_vec(), args[1].to_vec(), cond));
+                self.items.push(Item::SetReply(i));
+            }
+            b"setnx" => {
+                if args.len() != 2 {
+                    return arity_error(self);
+                }
+                if let Err(e) = check_key(args[0]).and_then(|()| check_value(args[1])) {
+                    self.push_raw(|out| resp::error(out, &e));
+                    return Flow::Continue;
+                }
+                let i = self.push_op(Op::Set(args[0].to_vec(), args[1].to_vec(), Cond::Nx));
+                self.items.push(Item::Count(i..i + 1));
+            }
+            b"del" | b"unlink" | b"exists" => {
+                if args.is_empty() {
+                    return arity_error(self);
+                }
+                if let Some(e) = args.iter().find_map(|k| check_key(k).err()) {
+                    self.push_raw(|out| resp::error(out, &e));
+                    return Flow::Continue;
+                }
+                let start = self.ops.len();
+                for k in args {
+                    let op = if name == b"exists" {
+                        Op::Exists(k.to_vec())
+                    } else {
+                        Op::Del(k.to_vec())
+                    };
+                    self.push_op(op);
+                }
+                self.items.push(Item::Count(start..self.ops.len()));
+            }
+            b"mget" => {
+                if args.is_empty() {
+                    return arity_error(self);
+                }
+                if let Some(e) = args.iter().find_map(|k| check_key(k).err()) {
+                    self.push_raw(|out| resp::error(out, &e));
+                    return Flow::Continue;
+                }
+                self.push_raw(|out| resp::array(out, args.len()));
+                for k in args {
+                    if self.ops.len() >= BATCH_OPS {
+                        // Large MGETs stream out in pieces: values never pile up unbounded.
+                        self.run_batch().await;
+                        if self.wbuf.len() >= WRITE_HIGH && self.flush().await.is_err() {
+                            return Flow::Close;
+                        }
+                    }
+                    let i = self.push_op(Op::Get(k.to_vec()));
+                    self.items.push(Item::Bulk(i));
+                }
+            }
+            b"mset" => {
+                if args.is_empty() || !args.len().is_multiple_of(2) {
+                    return arity_error(self);
+                }
+                let bad = args
+                    .chunks(2)
+                    .find_map(|kv| check_key(kv[0]).and_then(|()| check_value(kv[1])).err());
+                if let Some(e) = bad {
+                    self.push_raw(|out| resp::error(out, &e));
+                    return Flow::Continue;
+                }
+                let start = self.ops.len();
+                for kv in args.chunks(2) {
+                    self.push_op(Op::Set(kv[0].to_vec(), kv[1].to_vec(), Cond::Always));
+                }
+                self.items.push(Item::AllOk(start..self.ops.len()));
+            }
+            b"ping" => match args {
+                [] => self.push_raw(|out| resp::simple(out, "PONG")),
+                [msg] => self.push_raw(|out| resp::bulk(out, msg)),
+                _ => return arity_error(self),
+            },
+            b"echo" => match args {
+                [msg] => self.push_raw(|out| resp::bulk(out, msg)),
+                _ => return arity_error(self),
+            },
+            b"quit" => {
+                self.push_raw(|out| resp::simple(out, "OK"));
+                return Flow::Close;
+            }
+            b"select" => match args {
+                [b"0"] => self.push_raw(|out| resp::simple(out, "OK")),
+                [_] => self.push_raw(|out| resp::error(out, "ERR DB index is out of range")),
+                _ => return arity_error(self),
+            },
+            b"command" => self.push_raw(|out| resp::array(out, 0)),
+            b"config" => {
+                let sub = args.first().map(|s| s.to_ascii_lowercase());
+                match sub.as_deref() {
+                    Some(b"get") => self.push_raw(|out| resp::array(out, 0)),
+                    Some(b"set") | Some(b"resetstat") | Some(b"rewrite") => self.push_raw(|out| {
+                        resp::error(out, "ERR CONFIG SET is not supported by corebuf-kv")
+                    }),
+                    _ => self.push_raw(|out| resp::error(out, "ERR unknown CONFIG subcommand")),
+                }
+            }
+            b"client" => self.push_raw(|out| resp::simple(out, "OK")),
+            b"dbsize" => {
+                if !args.is_empty() {
+                    return arity_error(self);
+                }
+                self.run_batch().await;
+                let reply = match dbsize(&self.kv).await {
+                    Ok(n) => {
+                        let mut b = Vec::new();
+                        resp::integer(&mut b, n as i64);
+                        b
+                    }
+                    Err(e) => {
+                        let mut b = Vec::new();
+                        resp::error(&mut b, &e);
+                        b
+                    }
+                };
+                self.wbuf.extend_from_slice(&reply);
+            }
+            b"info" => {
+                self.run_batch().await;
+                let section = args.first().map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
+                let text = info(&self.kv, section.as_deref()).await;
+                resp::bulk(&mut self.wbuf, text.as_bytes());
+            }
+            b"shutdown" => {
+                self.run_batch().await;
+                // Acknowledged writes of this connection are flushed before the server stops.
+                let _ = self.flush().await;
+                let _ = self.kv.stop_tx.send("SHUTDOWN command".into());
+                return Flow::Close;
+            }
+            _ => {
+                let shown = String::from_utf8_lossy(&raw[..raw.len().min(64)]).into_owned();
+                let first: Vec<String> = args
+                    .iter()
+                    .take(3)
+                    .map(|a| format!("'{}'", String::from_utf8_lossy(&a[..a.len().min(32)])))
+                    .collect();
+                self.push_raw(|out| {
+                    resp::error(
+                        out,
+                        &format!(
+                            "ERR unknown command '{shown}', with args beginning with: {}",
+                            first.join(" ")
+                        ),
+                    )
+                });
+            }
+        }
+        Flow::Continue
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), String> {
+    if key.len() > MAX_KEY {
+        return Err(format!("ERR key too long ({} bytes; the limit is {MAX_KEY})", key.len()));
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<(), String> {
+    if value.len() > MAX_VALUE {
+        return Err(format!(
+            "ERR value too large ({} bytes; the limit is {MAX_VALUE} bytes)",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `f` on every shard concurrently (locally for this one) and collects the results.
+async fn on_every_shard<T, F, Fut>(kv: &Rc<KvShard>, f: F) -> Vec<Result<T, String>>
+where
+    T: Send + 'static,
+    F: Fn(Rc<KvShard>) -> Fut + Send + Clone + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let me = kv.shard.id();
+    let mut tasks = Vec::new();
+    for s in 0..kv.shard.shard_count() {
+        if s == me {
+            continue;
+        }
+        let (shard, f) = (Rc::clone(&kv.shard), f.clone());
+        tasks.push((
+            s,
+            glommio::spawn_local(async move {
+                shard.run_on(s, move |_| async move { f(KvShard::current()).await }).await
+            }),
+        ));
+    }
+    let mut out: Vec<Option<Result<T, String>>> =
+        (0..kv.shard.shard_count()).map(|_| None).collect();
+    out[me] = Some(Ok(f(Rc::clone(kv)).await));
+    for (s, task) in tasks {
+        out[s] = Some(task.await.map_err(|e| e.to_string()));
+    }
+    out.into_iter().map(|o| o.expect("every shard answered")).collect()
+}
+
+async fn dbsize(kv: &Rc<KvShard>) -> Result<u64, String> {
+    let parts =
+        on_every_shard(kv, |kv| async move { kv.count_keys().await.map_err(|e| e.to_string()) })
+            .await;
+    let mut total = 0;
+    for part in parts {
+        total += part??;
+    }
+    Ok(total)
+}
+
+async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
+    let parts: Vec<InfoPart> = on_every_shard(kv, |kv| async move { kv.info() })
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+    let sum = |f: fn(&InfoPart) -> u64| parts.iter().map(f).sum::<u64>();
+    let geo = &kv.geo;
+    let want = |name: &str| {
+        matches!(section, None | Some("all") | Some("everything") | Some("default"))
+            || section == Some(name)
+    };
+    let mut s = String::new();
+    use std::fmt::Write as _;
+    if want("server") {
+        let _ = write!(
+            s,
+            "# Server\r\nredis_version:7.0.0\r\ncorebuf_kv_version:{}\r\nredis_mode:standalone\r\n\
+             process_id:{}\r\nuptime_in_seconds:{}\r\nshards:{}\r\nexecutor:glommio thread-per-core\r\n\r\n",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            geo.started.elapsed().as_secs(),
+            parts.len()
+        );
+    }
+    if want("clients") {
+        let _ = write!(
+            s,
+            "# Clients\r\nconnected_clients:{}\r\nrejected_connections:{}\r\n\r\n",
+            sum(|p| p.connections),
+            sum(|p| p.rejected)
+        );
+    }
+    if want("persistence") {
+        let barriers = sum(|p| p.barriers);
+        let mean = sum(|p| p.barrier_mean_us * p.barriers).checked_div(barriers).unwrap_or(0);
+        let _ = write!(
+            s,
+            "# Persistence\r\naof_enabled:1\r\nappendfsync:{}\r\nbarriers:{}\r\nbarrier_mean_us:{}\r\n\
+             commit_waits:{}\r\ndeferred_jobs_pending:{}\r\ndeferred_jobs_run:{}\r\nepoch:{}\r\n\r\n",
+            geo.fsync,
+            barriers,
+            mean,
+            sum(|p| p.commit_waiters),
+            sum(|p| p.jobs.0),
+            sum(|p| p.jobs.1),
+            geo.epoch
+        );
+    }
+    if want("stats") {
+        let _ = write!(
+            s,
+            "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
+             keyspace_hits:{}\r\nkeyspace_misses:{}\r\nkey_operations:{}\r\nremote_batches:{}\r\n\
+             protocol_errors:{}\r\nout_of_space_errors:{}\r\n\r\n",
+            sum(|p| p.connections_total),
+            sum(|p| p.commands),
+            sum(|p| p.hits),
+            sum(|p| p.misses),
+            sum(|p| p.ops),
+            sum(|p| p.remote_batches),
+            sum(|p| p.protocol_errors),
+            sum(|p| p.out_of_space),
+        );
+    }
+    if want("storage") {
+        let _ = write!(
+            s,
+            "# Storage\r\ndata_file:{}\r\nblock_size:{}\r\nrange_blocks:{}\r\nbuckets_per_range:{}\r\n\
+             ranges:{}\r\nmax_value_bytes:{}\r\nranges_loaded_trusted:{}\r\nranges_loaded_fresh:{}\r\n\
+             ranges_rebuilt:{}\r\nrecords_repaired:{}\r\nfree_blocks_in_loaded_ranges:{}\r\n\r\n",
+            geo.path,
+            crate::format::BLOCK_SIZE,
+            crate::format::RANGE_BLOCKS,
+            crate::format::BUCKETS_PER_RANGE,
+            geo.ranges,
+            MAX_VALUE,
+            sum(|p| p.ranges_loaded.0),
+            sum(|p| p.ranges_loaded.1),
+            sum(|p| p.ranges_loaded.2),
+            sum(|p| p.records_repaired),
+            sum(|p| p.free_blocks_loaded),
+        );
+    }
+    if want("cache") || want("corebuf") {
+        let (hits, misses) = (sum(|p| p.cache_hits), sum(|p| p.cache_misses));
+        let ratio = if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 };
+        let _ = write!(
+            s,
+            "# Cache\r\ncache_frames:{}\r\ncache_hits:{hits}\r\ncache_misses:{misses}\r\n\
+             cache_hit_ratio:{ratio:.4}\r\ncache_evictions:{}\r\ncache_writebacks:{}\r\n\
+             cache_dirty:{}\r\ndevice_reads:{}\r\ndevice_writes:{}\r\ndevice_flushes:{}\r\n\
+             device_bytes_read:{}\r\ndevice_bytes_written:{}\r\nmessages_sent:{}\r\n\
+             messages_received:{}\r\n",
+            sum(|p| p.frames),
+            sum(|p| p.evictions),
+            sum(|p| p.writebacks),
+            sum(|p| p.dirty),
+            sum(|p| p.device_reads),
+            sum(|p| p.device_writes),
+            sum(|p| p.device_flushes),
+            sum(|p| p.bytes_read),
+            sum(|p| p.bytes_written),
+            sum(|p| p.messages_sent),
+            sum(|p| p.messages_received),
+        );
+        for p in &parts {
+            let _ = write!(
+                s,
+                "shard{}:cache_hits={},cache_misses={},evictions={},frames={},key_ops={},\
+                 commands={},connections={},barriers={},read_p99_us={}\r\n",
+                p.shard,
+                p.cache_hits,
+                p.cache_misses,
+                p.evictions,
+                p.frames,
+                p.ops,
+                p.commands,
+                p.connections,
+                p.barriers,
+                p.read_p99_us
+            );
+        }
+        s.push_str("\r\n");
+    }
+    s
+}

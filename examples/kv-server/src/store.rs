@@ -1,0 +1,1448 @@
+//! One shard's half of the key-value store: the hash table operations on the ranges this shard
+//! owns, the per-range free space, the per-bucket locks, the deferred work that waits for a
+//! barrier, and the group-commit task.
+//!
+//! # Crash safety in one paragraph
+//!
+//! The cache may write any dirty block at any time, so after a crash the device holds, for each
+//! block, some version no older than the last completed barrier. The format is built so that
+//! every such mix reads back as a state the clients could have seen:
+//! - a change that fits in one block is made in that block (one block write is atomic);
+//! - a new block (overflow, extent) is referenced by a tag it carries, so a reference that
+//!   reached the device before the block did is recognisably stale and ignored;
+//! - a replaced value's old record is removed, and freed blocks are reused, only after a
+//!   barrier has made the replacement durable ([`JobKind`]);
+//! - the free-space bitmaps are not trusted after a crash: they are rebuilt from the chains.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use corebuf::io::DmaDevice;
+use corebuf::Shard;
+use corebuf_shard::cache::Session;
+use corebuf_shard::WaitList;
+use hashbrown::HashMap;
+
+use crate::format::{self, Body, Check, Corrupt, ExtentCheck, RecordRef};
+use crate::format::{BUCKETS_PER_RANGE, POOL_START, RANGE_BLOCKS, RECORD_AREA};
+use crate::lock::BucketLocks;
+use crate::stop::StopSignal;
+
+/// A session of this shard's cache partition.
+type Sess = Session<DmaDevice>;
+
+/// The durability policy (Redis's `appendfsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    /// A write is answered only after a barrier covering it completed (group commit).
+    Always,
+    /// A barrier runs every second when anything was written.
+    Everysec,
+    /// No periodic barrier: eviction and shutdown write the data.
+    No,
+}
+
+impl fmt::Display for Fsync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fsync::Always => "always",
+            Fsync::Everysec => "everysec",
+            Fsync::No => "no",
+        })
+    }
+}
+
+/// Facts fixed for the whole run, shared by every shard.
+#[derive(Debug)]
+pub struct Geometry {
+    /// Ranges on the device (range 0 is the superblock's).
+    pub ranges: u64,
+    /// The SipHash key.
+    pub hash_key: (u64, u64),
+    /// This run's epoch.
+    pub epoch: u64,
+    /// Range headers stamped below this epoch are rebuilt instead of trusted.
+    pub valid_from: u64,
+    /// The durability policy.
+    pub fsync: Fsync,
+    /// Most connections per shard.
+    pub max_clients_per_shard: usize,
+    /// When the server started.
+    pub started: Instant,
+    /// The data file (for INFO).
+    pub path: String,
+}
+
+/// Where a key lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loc {
+    /// Its range.
+    pub range: u64,
+    /// Its bucket's head block.
+    pub head: u64,
+    /// Its bucket id (`range * BUCKETS_PER_RANGE + bucket`).
+    pub bucket_id: u64,
+}
+
+impl Geometry {
+    /// The range and bucket of `key`: two independent halves of its SipHash.
+    pub fn locate(&self, key: &[u8]) -> Loc {
+        let h = format::siphash24(self.hash_key.0, self.hash_key.1, key);
+        let data_ranges = self.ranges - 1;
+        let range = 1 + (((h & 0xFFFF_FFFF) * data_ranges) >> 32);
+        let bucket = ((h >> 32) * BUCKETS_PER_RANGE) >> 32;
+        Loc {
+            range,
+            head: range * RANGE_BLOCKS + 1 + bucket,
+            bucket_id: range * BUCKETS_PER_RANGE + bucket,
+        }
+    }
+}
+
+/// Why an operation failed; rendered as the `-ERR ...` reply.
+#[derive(Debug, Clone)]
+pub enum KvError {
+    /// A block failed its checks.
+    Corrupt(Corrupt),
+    /// The engine reported an error (I/O, shutdown).
+    Engine(String),
+    /// The key's range has no free block left.
+    OutOfSpace(u64),
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+impl fmt::Display for KvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvError::Corrupt(c) => write!(f, "ERR {c}"),
+            KvError::Engine(e) => write!(f, "ERR storage error: {e}"),
+            KvError::OutOfSpace(r) => write!(
+                f,
+                "ERR out of space: region {r} of the data file (where this key hashes) is full; \
+                 delete keys or use a larger --size"
+            ),
+            KvError::ShuttingDown => write!(f, "ERR the server is shutting down"),
+        }
+    }
+}
+
+impl From<corebuf::Error> for KvError {
+    fn from(e: corebuf::Error) -> Self {
+        KvError::Engine(e.to_string())
+    }
+}
+
+impl From<Corrupt> for KvError {
+    fn from(c: Corrupt) -> Self {
+        KvError::Corrupt(c)
+    }
+}
+
+/// Result of store operations.
+pub type KvResult<T> = Result<T, KvError>;
+
+/// The condition of a SET.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cond {
+    /// Always set.
+    Always,
+    /// Only if the key does not exist (NX).
+    Nx,
+    /// Only if the key exists (XX).
+    Xx,
+}
+
+/// A range's free-space bitmap and key count, once loaded.
+#[derive(Debug, Clone)]
+struct RangeAlloc {
+    bitmap: Vec<u64>,
+    keys: u64,
+}
+
+impl RangeAlloc {
+    fn fresh() -> RangeAlloc {
+        let mut a = RangeAlloc { bitmap: vec![0; (RANGE_BLOCKS as usize).div_ceil(64)], keys: 0 };
+        for b in 0..POOL_START {
+            a.set(b);
+        }
+        a
+    }
+    fn set(&mut self, b: u64) {
+        self.bitmap[(b / 64) as usize] |= 1 << (b % 64);
+    }
+    fn clear(&mut self, b: u64) {
+        self.bitmap[(b / 64) as usize] &= !(1 << (b % 64));
+    }
+    fn is_set(&self, b: u64) -> bool {
+        self.bitmap[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+    fn free_blocks(&self) -> u64 {
+        RANGE_BLOCKS - self.bitmap.iter().map(|w| w.count_ones() as u64).sum::<u64>()
+    }
+}
+
+#[derive(Debug)]
+enum SlotState {
+    Unloaded,
+    Loading,
+    Loaded(RangeAlloc),
+}
+
+#[derive(Debug)]
+struct RangeSlot {
+    state: RefCell<SlotState>,
+    ready: WaitList,
+}
+
+/// Work that must wait until a barrier has made an earlier change durable.
+#[derive(Debug)]
+enum JobKind {
+    /// Return blocks (offsets within the range) to the range's free space.
+    Free { range: u64, blocks: Vec<u16> },
+    /// Remove every record of `key` older than `keep` (a newer one is durable now).
+    Cleanup { key: Vec<u8>, keep: u64 },
+}
+
+#[derive(Debug)]
+struct Job {
+    /// The barrier number (on this shard's committer) that must complete first.
+    after: u64,
+    kind: JobKind,
+}
+
+/// The group-commit state of one shard.
+#[derive(Debug, Default)]
+struct Committer {
+    /// Barriers started by this shard.
+    started: Cell<u64>,
+    /// The number of the last barrier that ended.
+    completed: Cell<u64>,
+    /// The number of the last barrier that succeeded.
+    last_ok: Cell<u64>,
+    last_error: RefCell<String>,
+    /// The highest barrier number a waiter needs.
+    wanted: Cell<u64>,
+    /// Writes applied on this shard since the last barrier started (for everysec).
+    writes: Cell<u64>,
+    wake: WaitList,
+    done: WaitList,
+    /// Barrier latencies, µs (sum and count for INFO).
+    latency_sum_us: Cell<u64>,
+    waiters_served: Cell<u64>,
+}
+
+/// Counters for INFO.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Commands parsed on this shard's connections.
+    pub commands: Cell<u64>,
+    /// Connections accepted.
+    pub connections_total: Cell<u64>,
+    /// Connections open now.
+    pub connections: Cell<usize>,
+    /// Connections refused at the client limit.
+    pub rejected: Cell<u64>,
+    /// Batches of operations sent to other shards.
+    pub remote_batches: Cell<u64>,
+    /// Operations executed on this shard as the owner.
+    pub ops: Cell<u64>,
+    /// GETs that found / did not find their key.
+    pub hits: Cell<u64>,
+    /// GETs that did not find their key.
+    pub misses: Cell<u64>,
+    /// Ranges loaded from a trusted header / fresh / rebuilt from their chains.
+    pub ranges_trusted: Cell<u64>,
+    /// Ranges never used before.
+    pub ranges_fresh: Cell<u64>,
+    /// Ranges whose free space was rebuilt (after an unclean shutdown).
+    pub ranges_rebuilt: Cell<u64>,
+    /// Records removed by rebuilds (stale or unfinished after a crash).
+    pub records_repaired: Cell<u64>,
+    /// Deferred jobs executed.
+    pub jobs_run: Cell<u64>,
+    /// SETs refused for lack of space.
+    pub out_of_space: Cell<u64>,
+    /// Protocol errors.
+    pub protocol_errors: Cell<u64>,
+}
+
+/// One shard's store.
+pub struct KvShard {
+    /// The engine shard this runs on.
+    pub shard: Rc<Shard>,
+    /// Run-wide facts.
+    pub geo: Arc<Geometry>,
+    locks: BucketLocks,
+    ranges: RefCell<HashMap<u64, Rc<RangeSlot>>>,
+    committer: Committer,
+    jobs: RefCell<Vec<Job>>,
+    due: RefCell<VecDeque<JobKind>>,
+    runner_busy: Cell<bool>,
+    jobs_idle: WaitList,
+    next_id: Cell<u64>,
+    /// Counters for INFO.
+    pub counters: Counters,
+    /// Set when the server stops: no new connections, connections close when idle.
+    pub stop: StopSignal,
+    /// Woken when a connection ends.
+    pub conns_closed: WaitList,
+    frozen: Cell<bool>,
+    writers_active: Cell<usize>,
+    writers_idle: WaitList,
+    /// Tells the main thread to stop the server (SHUTDOWN).
+    pub stop_tx: mpsc::Sender<String>,
+}
+
+impl fmt::Debug for KvShard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvShard").field("shard", &self.shard.id()).finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<KvShard>>> = const { RefCell::new(None) };
+}
+
+/// Marks a write operation in progress (shutdown waits for none before writing headers).
+struct WriteToken<'a>(&'a KvShard);
+
+impl Drop for WriteToken<'_> {
+    fn drop(&mut self) {
+        self.0.writers_active.set(self.0.writers_active.get() - 1);
+        self.0.writers_idle.notify_all();
+    }
+}
+
+/// What a chain walk found in one block.
+#[derive(Debug, Clone)]
+struct ChainBlock {
+    block: u64,
+    /// Never written (an empty bucket head).
+    zero: bool,
+    used: usize,
+}
+
+/// A record of the wanted key found by a chain walk.
+#[derive(Debug, Clone)]
+struct Hit {
+    chain_index: usize,
+    block: u64,
+    rec: RecordRef,
+    /// The inline value, when the walk was asked to copy values.
+    inline: Option<Vec<u8>>,
+}
+
+/// The per-shard summary returned for INFO.
+#[derive(Debug, Clone, Default)]
+pub struct InfoPart {
+    /// The shard.
+    pub shard: usize,
+    /// Engine statistics of the shard.
+    pub cache_hits: u64,
+    /// Cache misses.
+    pub cache_misses: u64,
+    /// Evictions.
+    pub evictions: u64,
+    /// Write-backs.
+    pub writebacks: u64,
+    /// Frames.
+    pub frames: u64,
+    /// Dirty frames.
+    pub dirty: u64,
+    /// Device reads.
+    pub device_reads: u64,
+    /// Device writes (normal and write-back).
+    pub device_writes: u64,
+    /// Device flushes.
+    pub device_flushes: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Cross-shard messages sent.
+    pub messages_sent: u64,
+    /// Messages received.
+    pub messages_received: u64,
+    /// Barriers this shard's committer ran, and their mean latency.
+    pub barriers: u64,
+    /// Mean barrier latency, µs.
+    pub barrier_mean_us: u64,
+    /// Writers that waited for a barrier.
+    pub commit_waiters: u64,
+    /// Read latency p99, µs.
+    pub read_p99_us: u64,
+    /// KV counters.
+    pub commands: u64,
+    /// Connections open.
+    pub connections: u64,
+    /// Connections accepted.
+    pub connections_total: u64,
+    /// Connections rejected.
+    pub rejected: u64,
+    /// Operations executed as owner.
+    pub ops: u64,
+    /// Remote batches sent.
+    pub remote_batches: u64,
+    /// GET hits.
+    pub hits: u64,
+    /// GET misses.
+    pub misses: u64,
+    /// Ranges loaded trusted / fresh / rebuilt.
+    pub ranges_loaded: (u64, u64, u64),
+    /// Free blocks in the loaded ranges.
+    pub free_blocks_loaded: u64,
+    /// Records repaired.
+    pub records_repaired: u64,
+    /// Deferred jobs pending and run.
+    pub jobs: (u64, u64),
+    /// Out of space refusals.
+    pub out_of_space: u64,
+    /// Protocol errors.
+    pub protocol_errors: u64,
+}
+
+impl KvShard {
+    /// Creates this shard's store and starts its committer task.
+    pub fn install(shard: Rc<Shard>, geo: Arc<Geometry>, stop_tx: mpsc::Sender<String>) {
+        let kv = Rc::new(KvShard {
+            shard,
+            geo,
+            locks: BucketLocks::default(),
+            ranges: RefCell::new(HashMap::new()),
+            committer: Committer::default(),
+            jobs: RefCell::new(Vec::new()),
+            due: RefCell::new(VecDeque::new()),
+            runner_busy: Cell::new(false),
+            jobs_idle: WaitList::default(),
+            next_id: Cell::new(1),
+            counters: Counters::default(),
+            stop: StopSignal::default(),
+            conns_closed: WaitList::default(),
+            frozen: Cell::new(false),
+            writers_active: Cell::new(0),
+            writers_idle: WaitList::default(),
+            stop_tx,
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&kv)));
+        glommio::spawn_local(Rc::clone(&kv).committer_loop()).detach();
+    }
+
+    /// The store of the shard running on this thread, if it was installed.
+    pub fn try_current() -> Option<Rc<KvShard>> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// The store of the shard running on this thread.
+    ///
+    /// # Panics
+    /// On a thread where [`KvShard::install`] did not run (a bug).
+    pub fn current() -> Rc<KvShard> {
+        CURRENT.with(|c| c.borrow().clone()).expect("KvShard::install ran on every shard")
+    }
+
+    /// The shard that owns `key`.
+    pub fn owner_of_key(&self, key: &[u8]) -> usize {
+        let loc = self.geo.locate(key);
+        self.shard.owner_of(loc.range * RANGE_BLOCKS)
+    }
+
+    fn id(&self) -> u64 {
+        let n = self.next_id.get();
+        self.next_id.set(n + 1);
+        (self.geo.epoch << 40) | n
+    }
+
+    fn begin_write(&self) -> KvResult<WriteToken<'_>> {
+        if self.frozen.get() {
+            return Err(KvError::ShuttingDown);
+        }
+        self.writers_active.set(self.writers_active.get() + 1);
+        Ok(WriteToken(self))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Operations (run on the key's owner).
+
+    /// The value of `key`.
+    pub async fn get(&self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        self.counters.ops.set(self.counters.ops.get() + 1);
+        let loc = self.geo.locate(key);
+        let _lock = self.locks.read(loc.bucket_id).await;
+        let sess = self.shard.partition().session().await;
+        let (_, mut hits) = self.walk(&sess, &loc, key, true).await?;
+        hits.sort_by_key(|h| std::cmp::Reverse(h.rec.version));
+        for hit in hits {
+            match &hit.rec.body {
+                Body::Inline(_) => {
+                    self.counters.hits.set(self.counters.hits.get() + 1);
+                    return Ok(hit.inline);
+                }
+                Body::Extents(tag, list) => {
+                    let value =
+                        self.read_extents(&sess, &loc, *tag, list, hit.rec.value_len).await?;
+                    if value.is_some() {
+                        self.counters.hits.set(self.counters.hits.get() + 1);
+                        return Ok(value);
+                    }
+                    // Unfinished before a crash: an older version (if any) is the value.
+                }
+            }
+        }
+        self.counters.misses.set(self.counters.misses.get() + 1);
+        Ok(None)
+    }
+
+    /// Sets `key` to `value` (if `cond` holds). Returns whether it was set.
+    pub async fn set(&self, key: &[u8], value: &[u8], cond: Cond) -> KvResult<bool> {
+        self.counters.ops.set(self.counters.ops.get() + 1);
+        let loc = self.geo.locate(key);
+        let mut retried = false;
+        loop {
+            let result = {
+                let _token = self.begin_write()?;
+                self.ensure_loaded(loc.range).await?;
+                let _lock = self.locks.write(loc.bucket_id).await;
+                self.set_locked(&loc, key, value, cond).await
+            };
+            match result {
+                Err(KvError::OutOfSpace(_)) if !retried && self.jobs_pending() => {
+                    // Space freed by deletes returns after a barrier: run one and retry.
+                    retried = true;
+                    self.settle().await?;
+                }
+                Err(KvError::OutOfSpace(r)) => {
+                    self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
+                    return Err(KvError::OutOfSpace(r));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn set_locked(&self, loc: &Loc, key: &[u8], value: &[u8], cond: Cond) -> KvResult<bool> {
+        if self.frozen.get() {
+            return Err(KvError::ShuttingDown);
+        }
+        let sess = self.shard.partition().session().await;
+        let (chain, hits) = self.walk(&sess, loc, key, false).await?;
+        let existed = !hits.is_empty();
+        match cond {
+            Cond::Nx if existed => return Ok(false),
+            Cond::Xx if !existed => return Ok(false),
+            _ => {}
+        }
+        let version = self.id();
+        let newest = hits.iter().max_by_key(|h| h.rec.version).cloned();
+        if format::inline_record_len(key.len(), value.len()) <= format::INLINE_RECORD_MAX {
+            let record = format::encode_inline(key, value, version);
+            if let Some(n) = &newest {
+                let used = chain[n.chain_index].used;
+                if used - n.rec.len + record.len() <= RECORD_AREA {
+                    // Replace in place: one block write, atomic.
+                    let buf = sess.read(n.block).await?;
+                    {
+                        let mut data = buf.data_mut();
+                        format::remove_record(&mut data, n.rec.offset, n.rec.len);
+                        format::append_record(&mut data, &record);
+                        format::seal(&mut data);
+                    }
+                    buf.mark_dirty();
+                    drop(buf);
+                    if let Body::Extents(_, list) = &n.rec.body {
+                        self.defer(JobKind::Free { range: loc.range, blocks: list.clone() });
+                    }
+                    self.note_write();
+                    return Ok(true);
+                }
+            }
+            self.insert(&sess, loc, &chain, &record).await?;
+        } else {
+            let n = format::extent_count(value.len());
+            let blocks = self.alloc(loc.range, n)?;
+            let tag = format::mix64(self.id());
+            let written = self.write_extents(&sess, loc, tag, &blocks, value).await;
+            let record = format::encode_extents(key, value.len(), version, tag, &blocks);
+            let inserted = match written {
+                Ok(()) => self.insert(&sess, loc, &chain, &record).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = inserted {
+                // Nothing on the device refers to these blocks: they are free again at once.
+                self.free_now(loc.range, &blocks);
+                return Err(e);
+            }
+        }
+        if existed {
+            // The old record(s) go once a barrier has made the new one durable.
+            self.defer(JobKind::Cleanup { key: key.to_vec(), keep: version });
+        } else {
+            self.add_keys(loc.range, 1);
+        }
+        self.note_write();
+        Ok(true)
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn del(&self, key: &[u8]) -> KvResult<bool> {
+        self.counters.ops.set(self.counters.ops.get() + 1);
+        let loc = self.geo.locate(key);
+        let _token = self.begin_write()?;
+        self.ensure_loaded(loc.range).await?;
+        let _lock = self.locks.write(loc.bucket_id).await;
+        if self.frozen.get() {
+            return Err(KvError::ShuttingDown);
+        }
+        let newest = {
+            let sess = self.shard.partition().session().await;
+            let (_, hits) = self.walk(&sess, &loc, key, false).await?;
+            let Some(newest) = hits.iter().map(|h| h.rec.version).max() else { return Ok(false) };
+            if hits.len() > 1 {
+                // An older record awaits its cleanup. Remove it first and make that durable,
+                // so that a crash cannot leave the older value behind the deleted newer one.
+                self.remove_where(&sess, &loc, |k, v| k == key && v < newest, true).await?;
+            }
+            if hits.len() > 1 {
+                Some(newest)
+            } else {
+                self.remove_where(&sess, &loc, |k, _| k == key, true).await?;
+                None
+            }
+        };
+        if newest.is_some() {
+            self.commit().await.map_err(KvError::Engine)?;
+            let sess = self.shard.partition().session().await;
+            self.remove_where(&sess, &loc, |k, _| k == key, true).await?;
+        }
+        self.add_keys(loc.range, -1);
+        self.note_write();
+        Ok(true)
+    }
+
+    /// Whether `key` exists.
+    pub async fn exists(&self, key: &[u8]) -> KvResult<bool> {
+        Ok(self.get(key).await?.is_some())
+    }
+
+    /// Keys on the ranges this shard owns (loads every such range once).
+    pub async fn count_keys(&self) -> KvResult<u64> {
+        let mut total = 0;
+        for range in 1..self.geo.ranges {
+            if !self.shard.owns(range * RANGE_BLOCKS) {
+                continue;
+            }
+            {
+                let _token = self.begin_write()?;
+                self.ensure_loaded(range).await?;
+            }
+            if let Some(slot) = self.ranges.borrow().get(&range) {
+                if let SlotState::Loaded(a) = &*slot.state.borrow() {
+                    total += a.keys;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Chains.
+
+    /// Checks a chain block; `None` for an overflow link whose target does not carry the
+    /// expected tag (written before its target reached the device, then a crash).
+    fn check_chain_block(
+        &self,
+        loc: &Loc,
+        block: u64,
+        data: &[u8],
+        expect_tag: Option<u64>,
+    ) -> KvResult<Option<(format::RecordBlock, bool)>> {
+        match expect_tag {
+            None => match format::check_block(block, data)? {
+                Check::Zero => {
+                    Ok(Some((format::RecordBlock { next: (0, 0), count: 0, used: 0 }, true)))
+                }
+                Check::Valid(h) if h.kind == format::kind::HEAD => {
+                    Ok(Some((format::parse_record_block(block, data, loc.bucket_id)?, false)))
+                }
+                Check::Valid(h) => Err(format::corrupt(
+                    block,
+                    format!("block of kind {} where a bucket head belongs", h.kind),
+                )
+                .into()),
+            },
+            Some(tag) => {
+                if data[..4] != format::MAGIC {
+                    return Ok(None);
+                }
+                match format::check_block(block, data)? {
+                    Check::Valid(h) if h.kind == format::kind::OVERFLOW && h.tag == tag => {
+                        Ok(Some((format::parse_record_block(block, data, loc.bucket_id)?, false)))
+                    }
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
+
+    fn check_link(&self, loc: &Loc, from: u64, next: u64) -> KvResult<()> {
+        let base = loc.range * RANGE_BLOCKS;
+        if next < base + POOL_START || next >= base + RANGE_BLOCKS {
+            return Err(format::corrupt(
+                from,
+                format!("chain link to block {next}, outside the pool of its range"),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Walks `loc`'s chain: the blocks, and the records of `key` (values copied if asked).
+    /// A stale link ends the chain (see [`KvShard::check_chain_block`]).
+    async fn walk(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        key: &[u8],
+        copy_values: bool,
+    ) -> KvResult<(Vec<ChainBlock>, Vec<Hit>)> {
+        let mut chain = Vec::with_capacity(2);
+        let mut hits = Vec::new();
+        let mut block = loc.head;
+        let mut expect_tag = None;
+        loop {
+            let buf = sess.read(block).await?;
+            let next = {
+                let data = buf.data();
+                let Some((rbk, zero)) = self.check_chain_block(loc, block, &data, expect_tag)?
+                else {
+                    break;
+                };
+                for rec in format::records(block, &data, &rbk)? {
+                    if &data[rec.key.0..rec.key.0 + rec.key.1] != key {
+                        continue;
+                    }
+                    let inline = match rec.body {
+                        Body::Inline(at) if copy_values => {
+                            Some(data[at..at + rec.value_len].to_vec())
+                        }
+                        _ => None,
+                    };
+                    hits.push(Hit { chain_index: chain.len(), block, rec, inline });
+                }
+                chain.push(ChainBlock { block, zero, used: rbk.used });
+                rbk.next
+            };
+            drop(buf);
+            if next.0 == 0 {
+                break;
+            }
+            self.check_link(loc, block, next.0)?;
+            if chain.len() as u64 > RANGE_BLOCKS {
+                return Err(format::corrupt(loc.head, "bucket chain loops").into());
+            }
+            block = next.0;
+            expect_tag = Some(next.1);
+        }
+        Ok((chain, hits))
+    }
+
+    /// Appends `record` to the first chain block with room, or to a new overflow block linked
+    /// at the tail (the new block is written with its tag before the link points at it).
+    async fn insert(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        chain: &[ChainBlock],
+        record: &[u8],
+    ) -> KvResult<()> {
+        if let Some(c) = chain.iter().find(|c| c.used + record.len() <= RECORD_AREA) {
+            let buf = sess.read(c.block).await?;
+            {
+                let mut data = buf.data_mut();
+                if c.zero {
+                    format::init_record_block(
+                        &mut data,
+                        format::kind::HEAD,
+                        c.block,
+                        0,
+                        loc.bucket_id,
+                    );
+                }
+                format::append_record(&mut data, record);
+                format::seal(&mut data);
+            }
+            buf.mark_dirty();
+            return Ok(());
+        }
+        let offsets = self.alloc(loc.range, 1)?;
+        let block = loc.range * RANGE_BLOCKS + offsets[0] as u64;
+        let tag = format::mix64(self.id());
+        let linked = async {
+            let fresh = sess.new_block(block).await?;
+            {
+                let mut data = fresh.data_mut();
+                format::init_record_block(
+                    &mut data,
+                    format::kind::OVERFLOW,
+                    block,
+                    tag,
+                    loc.bucket_id,
+                );
+                format::append_record(&mut data, record);
+                format::seal(&mut data);
+            }
+            fresh.mark_dirty();
+            drop(fresh);
+            let tail = chain.last().expect("a chain has its head");
+            let buf = sess.read(tail.block).await?;
+            {
+                let mut data = buf.data_mut();
+                if tail.zero {
+                    format::init_record_block(
+                        &mut data,
+                        format::kind::HEAD,
+                        tail.block,
+                        0,
+                        loc.bucket_id,
+                    );
+                }
+                format::set_next(&mut data, block, tag);
+                format::seal(&mut data);
+            }
+            buf.mark_dirty();
+            Ok::<(), KvError>(())
+        }
+        .await;
+        if linked.is_err() {
+            self.free_now(loc.range, &offsets);
+        }
+        linked
+    }
+
+    /// Removes every record for which `pred(key, version)` holds from `loc`'s chain. Extents
+    /// of removed records and overflow blocks left empty (unlinked if `unlink`) are freed after
+    /// the next barrier. Returns the records removed.
+    async fn remove_where(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        pred: impl Fn(&[u8], u64) -> bool,
+        unlink: bool,
+    ) -> KvResult<usize> {
+        let (removed, extents, unlinked) = self.remove_records(sess, loc, pred, unlink).await?;
+        for list in extents {
+            self.defer(JobKind::Free { range: loc.range, blocks: list });
+        }
+        if !unlinked.is_empty() {
+            self.defer(JobKind::Free { range: loc.range, blocks: unlinked });
+        }
+        Ok(removed)
+    }
+
+    /// [`KvShard::remove_where`] without the frees: returns the removed count, the extent lists
+    /// of removed records and the unlinked blocks (offsets within the range).
+    async fn remove_records(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        pred: impl Fn(&[u8], u64) -> bool,
+        unlink: bool,
+    ) -> KvResult<(usize, Vec<Vec<u16>>, Vec<u16>)> {
+        let mut removed = 0;
+        let mut extents = Vec::new();
+        let mut unlinked = Vec::new();
+        let mut prev: Option<u64> = None;
+        let mut block = loc.head;
+        let mut expect_tag = None;
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            if steps > RANGE_BLOCKS + 1 {
+                return Err(format::corrupt(loc.head, "bucket chain loops").into());
+            }
+            let buf = sess.read(block).await?;
+            let (next, now_empty) = {
+                let mut data = buf.data_mut();
+                let Some((rbk, zero)) = self.check_chain_block(loc, block, &data, expect_tag)?
+                else {
+                    break;
+                };
+                if zero {
+                    break;
+                }
+                let recs = format::records(block, &data, &rbk)?;
+                let mut changed = false;
+                let mut left = recs.len();
+                // From the back, so earlier offsets stay valid.
+                for rec in recs.iter().rev() {
+                    if pred(&data[rec.key.0..rec.key.0 + rec.key.1], rec.version) {
+                        format::remove_record(&mut data, rec.offset, rec.len);
+                        if let Body::Extents(_, list) = &rec.body {
+                            extents.push(list.clone());
+                        }
+                        removed += 1;
+                        left -= 1;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    format::seal(&mut data);
+                }
+                drop(data);
+                if changed {
+                    buf.mark_dirty();
+                }
+                (rbk.next, left == 0 && expect_tag.is_some())
+            };
+            drop(buf);
+            if now_empty && unlink {
+                // Unlink the empty overflow block: its predecessor points past it.
+                let p = prev.expect("an overflow block has a predecessor");
+                let pbuf = sess.read(p).await?;
+                {
+                    let mut data = pbuf.data_mut();
+                    format::set_next(&mut data, next.0, next.1);
+                    format::seal(&mut data);
+                }
+                pbuf.mark_dirty();
+                unlinked.push((block - loc.range * RANGE_BLOCKS) as u16);
+            } else {
+                prev = Some(block);
+            }
+            if next.0 == 0 {
+                break;
+            }
+            self.check_link(loc, block, next.0)?;
+            block = next.0;
+            expect_tag = Some(next.1);
+        }
+        Ok((removed, extents, unlinked))
+    }
+
+    async fn write_extents(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        tag: u64,
+        blocks: &[u16],
+        value: &[u8],
+    ) -> KvResult<()> {
+        let base = loc.range * RANGE_BLOCKS;
+        for (i, (part, &offset)) in value.chunks(format::EXTENT_PAYLOAD).zip(blocks).enumerate() {
+            let block = base + offset as u64;
+            let buf = sess.new_block(block).await?;
+            format::encode_extent(&mut buf.data_mut(), block, tag, loc.bucket_id, i as u32, part);
+            buf.mark_dirty();
+        }
+        Ok(())
+    }
+
+    /// The value stored in extents, or `None` if they never reached the device.
+    async fn read_extents(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        tag: u64,
+        blocks: &[u16],
+        len: usize,
+    ) -> KvResult<Option<Vec<u8>>> {
+        let base = loc.range * RANGE_BLOCKS;
+        for &offset in blocks {
+            let _ = self.shard.partition().prefetch(base + offset as u64, 1);
+        }
+        let mut value = Vec::with_capacity(len);
+        for (i, &offset) in blocks.iter().enumerate() {
+            let block = base + offset as u64;
+            let expect = (len - i * format::EXTENT_PAYLOAD).min(format::EXTENT_PAYLOAD);
+            let buf = sess.read(block).await?;
+            let data = buf.data();
+            match format::check_extent(block, &data, tag, loc.bucket_id, i as u32, expect)? {
+                ExtentCheck::Part(part) => value.extend_from_slice(part),
+                ExtentCheck::Missing => return Ok(None),
+            }
+        }
+        Ok(Some(value))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Ranges and free space.
+
+    fn slot(&self, range: u64) -> Rc<RangeSlot> {
+        let mut ranges = self.ranges.borrow_mut();
+        Rc::clone(ranges.entry(range).or_insert_with(|| {
+            Rc::new(RangeSlot {
+                state: RefCell::new(SlotState::Unloaded),
+                ready: WaitList::default(),
+            })
+        }))
+    }
+
+    /// Loads `range`'s free space and key count (once per run): from its header if a clean
+    /// shutdown wrote it after the last crash, else by walking (and repairing) its chains.
+    async fn ensure_loaded(&self, range: u64) -> KvResult<()> {
+        loop {
+            let slot = self.slot(range);
+            let loading = match &*slot.state.borrow() {
+                SlotState::Loaded(_) => return Ok(()),
+                SlotState::Loading => true,
+                SlotState::Unloaded => false,
+            };
+            if loading {
+                slot.ready
+                    .wait_for(|| {
+                        (!matches!(*slot.state.borrow(), SlotState::Loading)).then_some(())
+                    })
+                    .await;
+                continue;
+            }
+            *slot.state.borrow_mut() = SlotState::Loading;
+            let loaded = self.load_range(range).await;
+            *slot.state.borrow_mut() = match &loaded {
+                Ok(alloc) => SlotState::Loaded(alloc.clone()),
+                Err(_) => SlotState::Unloaded,
+            };
+            slot.ready.notify_all();
+            return loaded.map(|_| ());
+        }
+    }
+
+    async fn load_range(&self, range: u64) -> KvResult<RangeAlloc> {
+        let header = range * RANGE_BLOCKS;
+        {
+            let sess = self.shard.partition().session().await;
+            let buf = sess.read(header).await?;
+            let data = buf.data();
+            match format::check_block(header, &data) {
+                Ok(Check::Valid(h)) if h.kind == format::kind::RANGE => {
+                    if let Some(rh) = format::RangeHeader::decode(range, &data) {
+                        let mut alloc = RangeAlloc { bitmap: rh.bitmap, keys: rh.keys };
+                        if rh.stamp >= self.geo.valid_from
+                            && (0..POOL_START).all(|b| alloc.is_set(b))
+                        {
+                            self.counters
+                                .ranges_trusted
+                                .set(self.counters.ranges_trusted.get() + 1);
+                            alloc.bitmap.truncate((RANGE_BLOCKS as usize).div_ceil(64));
+                            return Ok(alloc);
+                        }
+                    }
+                }
+                Ok(Check::Zero) if self.geo.valid_from == 0 => {
+                    self.counters.ranges_fresh.set(self.counters.ranges_fresh.get() + 1);
+                    return Ok(RangeAlloc::fresh());
+                }
+                // Untrusted, or damaged: the header is derived data, rebuild it.
+                _ => {}
+            }
+        }
+        self.rebuild_range(range).await
+    }
+
+    /// Walks every chain of `range` after an unclean shutdown: truncates stale links, drops
+    /// records whose value never reached the device and records shadowed by a newer one, and
+    /// computes the free space and key count from what remains.
+    async fn rebuild_range(&self, range: u64) -> KvResult<RangeAlloc> {
+        let mut alloc = RangeAlloc::fresh();
+        for bucket in 0..BUCKETS_PER_RANGE {
+            let loc = Loc {
+                range,
+                head: range * RANGE_BLOCKS + 1 + bucket,
+                bucket_id: range * BUCKETS_PER_RANGE + bucket,
+            };
+            let _lock = self.locks.write(loc.bucket_id).await;
+            let sess = self.shard.partition().session().await;
+            let keys = self.repair_bucket(&sess, &loc, &mut alloc).await?;
+            alloc.keys += keys;
+        }
+        self.counters.ranges_rebuilt.set(self.counters.ranges_rebuilt.get() + 1);
+        Ok(alloc)
+    }
+
+    async fn repair_bucket(&self, sess: &Sess, loc: &Loc, alloc: &mut RangeAlloc) -> KvResult<u64> {
+        let base = loc.range * RANGE_BLOCKS;
+        // 1. The chain, truncated at a stale link; every record in it.
+        let mut chain: Vec<u64> = Vec::new();
+        let mut records: Vec<(Vec<u8>, RecordRef)> = Vec::new();
+        let mut block = loc.head;
+        let mut expect_tag = None;
+        loop {
+            let buf = sess.read(block).await?;
+            let checked = {
+                let data = buf.data();
+                match self.check_chain_block(loc, block, &data, expect_tag)? {
+                    None => None,
+                    Some((rbk, _)) => {
+                        for rec in format::records(block, &data, &rbk)? {
+                            let key = data[rec.key.0..rec.key.0 + rec.key.1].to_vec();
+                            records.push((key, rec));
+                        }
+                        Some(rbk.next)
+                    }
+                }
+            };
+            drop(buf);
+            let Some(next) = checked else {
+                // `block` was never written with this tag: cut the link to it.
+                let last = *chain.last().expect("the head is always accepted");
+                let pbuf = sess.read(last).await?;
+                {
+                    let mut data = pbuf.data_mut();
+                    format::set_next(&mut data, 0, 0);
+                    format::seal(&mut data);
+                }
+                pbuf.mark_dirty();
+                break;
+            };
+            chain.push(block);
+            if next.0 == 0 {
+                break;
+            }
+            self.check_link(loc, block, next.0)?;
+            if chain.len() as u64 > RANGE_BLOCKS {
+                return Err(format::corrupt(loc.head, "bucket chain loops").into());
+            }
+            block = next.0;
+            expect_tag = Some(next.1);
+        }
+        // 2. Which records hold a complete value; per key, the newest complete one stays.
+        let mut newest: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut complete: HashMap<(Vec<u8>, u64), bool> = HashMap::new();
+        for (key, rec) in &records {
+            let ok = match &rec.body {
+                Body::Inline(_) => true,
+                Body::Extents(tag, list) => {
+                    self.read_extents(sess, loc, *tag, list, rec.value_len).await?.is_some()
+                }
+            };
+            complete.insert((key.clone(), rec.version), ok);
+            if ok {
+                let e = newest.entry(key.clone()).or_insert(rec.version);
+                *e = (*e).max(rec.version);
+            }
+        }
+        let keep = |key: &[u8], version: u64| newest.get(key) == Some(&version);
+        let drop_count = records.iter().filter(|(k, r)| !keep(k, r.version)).count();
+        if drop_count > 0 {
+            // Not durable yet, but safe: what is dropped is shadowed or incomplete, and the
+            // blocks it used are reused only with new tags.
+            let (removed, _, _) = self.remove_records(sess, loc, |k, v| !keep(k, v), false).await?;
+            self.counters
+                .records_repaired
+                .set(self.counters.records_repaired.get() + removed as u64);
+        }
+        // 3. In use: the chain's blocks (empty ones stay linked), and the kept extents.
+        for &b in &chain {
+            alloc.set(b - base);
+        }
+        for (key, rec) in &records {
+            if keep(key, rec.version) {
+                if let Body::Extents(_, list) = &rec.body {
+                    for &offset in list {
+                        alloc.set(offset as u64);
+                    }
+                }
+            }
+        }
+        Ok(newest.len() as u64)
+    }
+
+    fn with_alloc<T>(&self, range: u64, f: impl FnOnce(&mut RangeAlloc) -> T) -> T {
+        let slot = self.slot(range);
+        let mut state = slot.state.borrow_mut();
+        let SlotState::Loaded(alloc) = &mut *state else {
+            panic!("range {range} is used before it is loaded");
+        };
+        f(alloc)
+    }
+
+    /// Takes `n` free pool blocks of `range` (offsets within the range), or none.
+    fn alloc(&self, range: u64, n: usize) -> KvResult<Vec<u16>> {
+        self.with_alloc(range, |a| {
+            let free: Vec<u16> = (POOL_START..RANGE_BLOCKS)
+                .filter(|&b| !a.is_set(b))
+                .take(n)
+                .map(|b| b as u16)
+                .collect();
+            if free.len() < n {
+                return Err(KvError::OutOfSpace(range));
+            }
+            for &b in &free {
+                a.set(b as u64);
+            }
+            Ok(free)
+        })
+    }
+
+    fn free_now(&self, range: u64, blocks: &[u16]) {
+        self.with_alloc(range, |a| {
+            for &b in blocks {
+                a.clear(b as u64);
+            }
+        });
+    }
+
+    fn add_keys(&self, range: u64, delta: i64) {
+        self.with_alloc(range, |a| a.keys = a.keys.saturating_add_signed(delta));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Deferred jobs and group commit.
+
+    fn note_write(&self) {
+        self.committer.writes.set(self.committer.writes.get() + 1);
+    }
+
+    fn defer(&self, kind: JobKind) {
+        let after = self.committer.started.get() + 1;
+        self.jobs.borrow_mut().push(Job { after, kind });
+    }
+
+    fn jobs_pending(&self) -> bool {
+        !self.jobs.borrow().is_empty() || !self.due.borrow().is_empty() || self.runner_busy.get()
+    }
+
+    /// Runs barriers until the deferred jobs pending now have run: a cleanup frees blocks only
+    /// after one more barrier, so this takes up to three rounds.
+    async fn settle(&self) -> KvResult<()> {
+        for _ in 0..3 {
+            self.commit().await.map_err(KvError::Engine)?;
+            self.jobs_idle
+                .wait_for(|| {
+                    (self.due.borrow().is_empty() && !self.runner_busy.get()).then_some(())
+                })
+                .await;
+            if self.jobs.borrow().is_empty() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until a barrier that started after this call has completed (group commit: every
+    /// writer waiting at the same time shares that barrier). Errors carry the barrier's error.
+    pub async fn commit(&self) -> Result<(), String> {
+        let c = &self.committer;
+        let need = c.started.get() + 1;
+        if c.wanted.get() < need {
+            c.wanted.set(need);
+            c.wake.notify_all();
+        }
+        c.waiters_served.set(c.waiters_served.get() + 1);
+        c.done.wait_for(|| (c.completed.get() >= need).then_some(())).await;
+        if c.last_ok.get() >= need {
+            Ok(())
+        } else {
+            Err(c.last_error.borrow().clone())
+        }
+    }
+
+    async fn committer_loop(self: Rc<Self>) {
+        let c = &self.committer;
+        let period = match self.geo.fsync {
+            Fsync::Always | Fsync::Everysec => Duration::from_secs(1),
+            Fsync::No => Duration::from_secs(5),
+        };
+        let mut last = Instant::now();
+        loop {
+            if c.wanted.get() <= c.completed.get() {
+                let now = Instant::now();
+                let deadline = last + period;
+                if now < deadline {
+                    let wait =
+                        c.wake.wait_for(|| (c.wanted.get() > c.completed.get()).then_some(()));
+                    futures_lite::future::or(wait, glommio::timer::sleep(deadline - now)).await;
+                    continue;
+                }
+                let periodic = (self.geo.fsync == Fsync::Everysec && c.writes.get() > 0)
+                    || !self.jobs.borrow().is_empty();
+                if !periodic {
+                    last = now;
+                    continue;
+                }
+            }
+            self.run_barrier().await;
+            last = Instant::now();
+        }
+    }
+
+    async fn run_barrier(self: &Rc<Self>) {
+        let c = &self.committer;
+        let n = c.started.get() + 1;
+        c.started.set(n);
+        c.writes.set(0);
+        let t0 = Instant::now();
+        let result = self.shard.flush().await;
+        c.latency_sum_us.set(c.latency_sum_us.get() + t0.elapsed().as_micros() as u64);
+        c.completed.set(n);
+        match result {
+            Ok(()) => c.last_ok.set(n),
+            Err(e) => {
+                eprintln!("corebuf-kv: shard {}: barrier failed: {e}", self.shard.id());
+                *c.last_error.borrow_mut() = format!("barrier failed: {e}");
+            }
+        }
+        // Jobs whose change is now durable can run.
+        let ready: Vec<JobKind> = {
+            let mut jobs = self.jobs.borrow_mut();
+            let ok = c.last_ok.get();
+            let (ready, waiting): (Vec<Job>, Vec<Job>) =
+                jobs.drain(..).partition(|j| j.after <= ok);
+            *jobs = waiting;
+            ready.into_iter().map(|j| j.kind).collect()
+        };
+        c.done.notify_all();
+        if !ready.is_empty() {
+            self.due.borrow_mut().extend(ready);
+            if !self.runner_busy.get() {
+                self.runner_busy.set(true);
+                glommio::spawn_local(Rc::clone(self).job_runner()).detach();
+            }
+        }
+    }
+
+    async fn job_runner(self: Rc<Self>) {
+        loop {
+            let next = self.due.borrow_mut().pop_front();
+            let Some(job) = next else { break };
+            if let Err(e) = self.run_job(job).await {
+                eprintln!("corebuf-kv: shard {}: deferred cleanup failed: {e}", self.shard.id());
+            }
+            self.counters.jobs_run.set(self.counters.jobs_run.get() + 1);
+        }
+        self.runner_busy.set(false);
+        self.jobs_idle.notify_all();
+    }
+
+    async fn run_job(&self, job: JobKind) -> KvResult<()> {
+        match job {
+            JobKind::Free { range, blocks } => {
+                self.free_now(range, &blocks);
+                Ok(())
+            }
+            JobKind::Cleanup { key, keep } => {
+                let loc = self.geo.locate(&key);
+                let _token = self.begin_write()?;
+                self.ensure_loaded(loc.range).await?;
+                let _lock = self.locks.write(loc.bucket_id).await;
+                let sess = self.shard.partition().session().await;
+                self.remove_where(&sess, &loc, |k, v| k == key.as_slice() && v < keep, true)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Shutdown.
+
+    /// Runs barriers until no deferred job is left (a few rounds at most: a cleanup can free
+    /// blocks, which waits for one more barrier).
+    pub async fn drain_jobs(&self) -> Result<(), String> {
+        for _ in 0..8 {
+            if !self.jobs_pending() {
+                return Ok(());
+            }
+            self.settle().await.map_err(|e| e.to_string())?;
+        }
+        if self.jobs_pending() {
+            return Err("deferred jobs still pending after 8 barriers".into());
+        }
+        Ok(())
+    }
+
+    /// Refuses further writes, waits for those in flight, and writes every loaded range's
+    /// header (free-space bitmap and key count) stamped with this run's epoch.
+    pub async fn write_range_headers(&self) -> Result<u64, String> {
+        self.frozen.set(true);
+        self.writers_idle.wait_for(|| (self.writers_active.get() == 0).then_some(())).await;
+        let loaded: Vec<(u64, RangeAlloc)> = self
+            .ranges
+            .borrow()
+            .iter()
+            .filter_map(|(&r, slot)| match &*slot.state.borrow() {
+                SlotState::Loaded(a) => Some((r, a.clone())),
+                _ => None,
+            })
+            .collect();
+        let sess = self.shard.partition().session().await;
+        for (range, alloc) in &loaded {
+            let block = range * RANGE_BLOCKS;
+            let header = format::RangeHeader {
+                range: *range,
+                stamp: self.geo.epoch,
+                keys: alloc.keys,
+                bitmap: alloc.bitmap.clone(),
+            };
+            let buf = sess.new_block(block).await.map_err(|e| e.to_string())?;
+            header.encode_into(block, &mut buf.data_mut());
+            buf.mark_dirty();
+        }
+        Ok(loaded.len() as u64)
+    }
+
+    /// Sets the stopping flag and wakes every connection and the accept loop.
+    pub fn begin_stop(&self) {
+        self.stop.set();
+    }
+
+    /// Waits until this shard's connections have closed, at most `limit`.
+    pub async fn wait_connections(&self, limit: Duration) -> usize {
+        let closed =
+            self.conns_closed.wait_for(|| (self.counters.connections.get() == 0).then_some(()));
+        futures_lite::future::or(closed, glommio::timer::sleep(limit)).await;
+        self.counters.connections.get()
+    }
+
+    /// This shard's statistics for INFO.
+    pub fn info(&self) -> InfoPart {
+        let s = self.shard.stats();
+        let c = &self.counters;
+        let (mut loaded, mut free) = (0, 0);
+        for slot in self.ranges.borrow().values() {
+            if let SlotState::Loaded(a) = &*slot.state.borrow() {
+                loaded += 1;
+                free += a.free_blocks();
+            }
+        }
+        let _ = loaded;
+        let barriers = self.committer.started.get();
+        InfoPart {
+            shard: self.shard.id(),
+            cache_hits: s.cache.hits,
+            cache_misses: s.cache.misses,
+            evictions: s.cache.evictions,
+            writebacks: s.cache.writebacks,
+            frames: s.cache.frames,
+            dirty: s.cache.dirty,
+            device_reads: s.queue.reads_completed,
+            device_writes: s.queue.writes_completed + s.queue.writebacks_completed,
+            device_flushes: s.queue.flushes_completed,
+            bytes_read: s.queue.bytes_read,
+            bytes_written: s.queue.bytes_written,
+            messages_sent: s.messages_sent,
+            messages_received: s.messages_received,
+            barriers,
+            barrier_mean_us: self.committer.latency_sum_us.get() / barriers.max(1),
+            commit_waiters: self.committer.waiters_served.get(),
+            read_p99_us: s.queue.read_latency_us.value_at_quantile(0.99),
+            commands: c.commands.get(),
+            connections: c.connections.get() as u64,
+            connections_total: c.connections_total.get(),
+            rejected: c.rejected.get(),
+            ops: c.ops.get(),
+            remote_batches: c.remote_batches.get(),
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            ranges_loaded: (c.ranges_trusted.get(), c.ranges_fresh.get(), c.ranges_rebuilt.get()),
+            free_blocks_loaded: free,
+            records_repaired: c.records_repaired.get(),
+            jobs: ((self.jobs.borrow().len() + self.due.borrow().len()) as u64, c.jobs_run.get()),
+            out_of_space: c.out_of_space.get(),
+            protocol_errors: c.protocol_errors.get(),
+        }
+    }
+}

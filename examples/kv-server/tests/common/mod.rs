@@ -1,0 +1,352 @@
+//! Test harness: starts the `corebuf-kv` binary on a free loopback port with a data file in a
+//! scratch directory on a real file system, and speaks RESP to it with a small blocking client.
+//! Every server is killed when its handle drops, so a failing test leaves no process behind.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to start or stop.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A scratch directory under the target directory (never a tmpfs `/tmp`: O_DIRECT needs a
+/// real file system), removed when dropped.
+pub fn scratch(name: &str) -> tempfile::TempDir {
+    let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("corebuf-kv-tests");
+    std::fs::create_dir_all(&parent).expect("create the scratch parent");
+    tempfile::Builder::new().prefix(name).tempdir_in(parent).expect("create a scratch dir")
+}
+
+/// A running server process.
+pub struct Server {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its data file.
+    pub path: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts a server on `path` with `args` (plus `--port 0 --path PATH`); panics on failure.
+    pub fn start(path: &Path, args: &[&str]) -> Server {
+        match Server::try_start(path, args) {
+            Ok(server) => server,
+            Err(e) => panic!("the server did not start: {e}"),
+        }
+    }
+
+    /// Starts a server; `Err(stderr)` if it exits before listening.
+    pub fn try_start(path: &Path, args: &[&str]) -> Result<Server, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corebuf-kv"))
+            .arg("--path")
+            .arg(path)
+            .args(["--port", "0", "--bind", "127.0.0.1"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn corebuf-kv");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().expect("stderr log");
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let out_pipe = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut server = Server { child: Some(child), port: 0, path: path.to_path_buf(), stderr };
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                        let port = rest.split_whitespace().next().unwrap_or("");
+                        server.port = port.parse().expect("a port number");
+                        return Ok(server);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = server.wait_exit(START_TIMEOUT);
+                    std::thread::sleep(Duration::from_millis(100));
+                    return Err(format!("exited with {status:?}; stderr:\n{}", server.stderr()));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "not listening after {START_TIMEOUT:?}; stderr:\n{}",
+                    server.stderr()
+                ));
+            }
+        }
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr log").clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// A new connection.
+    pub fn client(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    /// Waits for the process to exit (killing it after `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                self.child = None;
+                panic!("the server did not exit within {limit:?} (killed: {status:?})");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SHUTDOWN and waits for a clean exit.
+    pub fn shutdown(mut self) -> String {
+        let mut c = self.client();
+        c.send_raw(b"*1\r\n$8\r\nSHUTDOWN\r\n");
+        let status = self.wait_exit(START_TIMEOUT).expect("an exit status");
+        std::thread::sleep(Duration::from_millis(50));
+        let log = self.stderr();
+        assert!(status.success(), "SHUTDOWN exit status {status:?}; stderr:\n{log}");
+        assert!(log.contains("stopped cleanly"), "stderr:\n{log}");
+        log
+    }
+
+    /// Sends a signal (SIGTERM, SIGKILL, ...) to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    }
+
+    /// SIGKILL, and reap the process.
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        let status = self.wait_exit(START_TIMEOUT);
+        assert!(status.is_some_and(|s| !s.success()));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A RESP2 reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// `+...`
+    Simple(String),
+    /// `-...`
+    Error(String),
+    /// `:n`
+    Int(i64),
+    /// `$...` (None for the null bulk string)
+    Bulk(Option<Vec<u8>>),
+    /// `*...`
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    /// The bulk bytes, panicking otherwise.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        match self {
+            Reply::Bulk(b) => b.clone(),
+            other => panic!("expected a bulk reply, got {other:?}"),
+        }
+    }
+
+    /// Whether this is an error containing `text`.
+    pub fn is_error_with(&self, text: &str) -> bool {
+        matches!(self, Reply::Error(e) if e.contains(text))
+    }
+}
+
+/// Shorthand for a simple-string reply.
+pub fn ok() -> Reply {
+    Reply::Simple("OK".into())
+}
+
+/// Shorthand for a bulk reply.
+pub fn bulk(b: impl AsRef<[u8]>) -> Reply {
+    Reply::Bulk(Some(b.as_ref().to_vec()))
+}
+
+/// Encodes a command as a RESP multibulk.
+pub fn encode(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// A blocking RESP client.
+pub struct Client {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    /// Connects to 127.0.0.1:`port`.
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        Client { stream, reader }
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// Sends raw bytes, reporting errors.
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads one reply.
+    pub fn read_reply(&mut self) -> Reply {
+        self.try_read_reply().expect("read a reply")
+    }
+
+    /// Reads one reply, or the I/O error (a closed connection is `UnexpectedEof`).
+    pub fn try_read_reply(&mut self) -> std::io::Result<Reply> {
+        let mut line = Vec::new();
+        self.reader.read_until(b'\n', &mut line)?;
+        if line.len() < 3 || !line.ends_with(b"\r\n") {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        let text = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        Ok(match line[0] {
+            b'+' => Reply::Simple(text),
+            b'-' => Reply::Error(text),
+            b':' => Reply::Int(text.parse().map_err(|_| bad("integer"))?),
+            b'$' => {
+                let n: i64 = text.parse().map_err(|_| bad("bulk length"))?;
+                if n < 0 {
+                    Reply::Bulk(None)
+                } else {
+                    let mut data = vec![0u8; n as usize + 2];
+                    self.reader.read_exact(&mut data)?;
+                    data.truncate(n as usize);
+                    Reply::Bulk(Some(data))
+                }
+            }
+            b'*' => {
+                let n: i64 = text.parse().map_err(|_| bad("array length"))?;
+                let mut items = Vec::new();
+                for _ in 0..n.max(0) {
+                    items.push(self.try_read_reply()?);
+                }
+                Reply::Array(items)
+            }
+            _ => return Err(bad("reply type")),
+        })
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn cmd(&mut self, args: &[&[u8]]) -> Reply {
+        self.send_raw(&encode(args));
+        self.read_reply()
+    }
+
+    /// [`Client::cmd`] with string arguments.
+    pub fn cmds(&mut self, args: &[&str]) -> Reply {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.cmd(&args)
+    }
+
+    /// Sends many commands in one write, then reads every reply.
+    pub fn pipeline(&mut self, commands: &[Vec<Vec<u8>>]) -> Vec<Reply> {
+        let mut out = Vec::new();
+        for c in commands {
+            let args: Vec<&[u8]> = c.iter().map(Vec::as_slice).collect();
+            out.extend_from_slice(&encode(&args));
+        }
+        self.send_raw(&out);
+        commands.iter().map(|_| self.read_reply()).collect()
+    }
+
+    /// Whether the server closed the connection (reads EOF within a few seconds).
+    pub fn is_closed(&mut self) -> bool {
+        self.stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut byte = [0u8; 1];
+        loop {
+            match self.reader.read(&mut byte) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// A deterministic value of `len` bytes derived from `seed` (recognisable if misplaced).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 26) as u8
+        })
+        .collect()
+}
+
+/// An integer field of an INFO reply.
+pub fn info_field(info: &Reply, field: &str) -> u64 {
+    let text = String::from_utf8(info.bytes().expect("INFO text")).expect("utf-8");
+    let prefix = format!("{field}:");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {field} in INFO:\n{text}"))
+        .trim()
+        .parse()
+        .expect("an integer field")
+}
