@@ -7,7 +7,7 @@ use std::rc::Rc;
 use super::arena::{Arena, FrameMut, FrameRef};
 use super::config::{CacheConfig, Sizing};
 use super::stats::CacheStats;
-use super::table::{flag, Lookup, Table, SEQ_NONE};
+use super::table::{flag, FrameMeta, Lookup, Table, SEQ_NONE};
 use crate::error::{Error, Result};
 use crate::io::{Device, IoQueue};
 use crate::wait::{FifoGate, WaitList};
@@ -496,23 +496,9 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     async fn write_all_dirty_before(self: &Rc<Self>, barrier: u64, failures_at_start: u64) {
         let mut cursor = 0;
         loop {
-            let next = {
-                let mut table = self.table.borrow_mut();
-                let start = cursor.min(table.dirty_list.len());
-                let found = table.dirty_list[start..].iter().position(|&f| {
-                    let m = &table.meta[f as usize];
-                    m.has(flag::DIRTY)
-                        && !m.has(flag::WRITING)
-                        && m.oldest_dirty_seq < barrier
-                        && !failed_since(&table, m.block, failures_at_start)
-                });
-                found.map(|at| {
-                    let frame = table.dirty_list[start + at];
-                    table.begin_write(frame);
-                    cursor = start + at + 1;
-                    frame
-                })
-            };
+            let next = schedule_next_write(&mut self.table.borrow_mut(), &mut cursor, |t, m| {
+                m.oldest_dirty_seq < barrier && !failed_since(t, m.block, failures_at_start)
+            });
             match next {
                 Some(frame) => self.write_frame(frame).await,
                 None if cursor == 0 => return,
@@ -558,18 +544,8 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
                     if unscheduled <= inner.sizing.dirty_low {
                         None
                     } else {
-                        let start = cursor.min(table.dirty_list.len());
-                        let found = table.dirty_list[start..].iter().position(|&f| {
-                            let m = &table.meta[f as usize];
-                            m.has(flag::DIRTY)
-                                && !m.has(flag::WRITING)
-                                && !table.write_errors.contains_key(&m.block)
-                        });
-                        found.map(|at| {
-                            let frame = table.dirty_list[start + at];
-                            table.begin_write(frame);
-                            cursor = start + at + 1;
-                            frame
+                        schedule_next_write(&mut table, &mut cursor, |t, m| {
+                            !t.write_errors.contains_key(&m.block)
                         })
                     }
                 };
@@ -583,6 +559,25 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         })
         .detach();
     }
+}
+
+/// Finds the next frame at or after `cursor` in the dirty list that is dirty, has no write
+/// scheduled and passes `wanted`; schedules its write (`begin_write`) and moves the cursor past
+/// it. `None` when the rest of the list has none.
+fn schedule_next_write(
+    table: &mut Table,
+    cursor: &mut usize,
+    wanted: impl Fn(&Table, &FrameMeta) -> bool,
+) -> Option<u32> {
+    let start = (*cursor).min(table.dirty_list.len());
+    let at = table.dirty_list[start..].iter().position(|&f| {
+        let m = &table.meta[f as usize];
+        m.has(flag::DIRTY) && !m.has(flag::WRITING) && wanted(table, m)
+    })?;
+    let frame = table.dirty_list[start + at];
+    table.begin_write(frame);
+    *cursor = start + at + 1;
+    Some(frame)
 }
 
 fn failed_since(table: &Table, block: u64, failures_at_start: u64) -> bool {
