@@ -217,6 +217,9 @@ pub struct Args {
     /// Consecutive blocks that share an owner shard.
     #[arg(long, default_value_t = 64)]
     pub range_blocks: u64,
+    /// Microseconds an idle shard spins before parking (the engine's spin_before_park).
+    #[arg(long, default_value_t = 0)]
+    pub spin_us: u64,
 }
 
 /// What the host offers, read once (tests pass their own).
@@ -283,6 +286,8 @@ pub struct Settings {
     pub seed: u64,
     /// Blocks per routing range.
     pub range_blocks: u64,
+    /// Microseconds an idle shard spins before parking.
+    pub spin_us: u64,
 }
 
 /// A trace to replay.
@@ -444,6 +449,7 @@ pub fn settings_from(args: &Args, host: &Host) -> Result<Settings> {
         verify: args.verify,
         seed: args.seed,
         range_blocks: args.range_blocks.max(1),
+        spin_us: args.spin_us,
     };
     Ok(settings)
 }

@@ -33,6 +33,7 @@ pub struct EngineBuilder {
     pub(crate) handlers_in_flight_max: usize,
     pub(crate) pin_threads: bool,
     pub(crate) io_memory_bytes: usize,
+    pub(crate) spin_before_park: std::time::Duration,
 }
 
 impl Default for EngineBuilder {
@@ -50,6 +51,7 @@ impl Default for EngineBuilder {
             handlers_in_flight_max: 1024,
             pin_threads: true,
             io_memory_bytes: 4 << 20,
+            spin_before_park: std::time::Duration::ZERO,
         }
     }
 }
@@ -120,6 +122,15 @@ impl EngineBuilder {
     /// Locked memory glommio registers per shard for DMA reads. Default 4 MiB.
     pub fn io_memory_bytes(mut self, bytes: usize) -> Self {
         self.io_memory_bytes = bytes;
+        self
+    }
+
+    /// How long an idle shard spins before it parks its thread. Default zero (park at once).
+    /// A short spin (50 µs measured) cuts a cross-shard round trip from ~60 µs to ~17 µs at
+    /// p50 on a VM, where waking a parked thread is slow, at the price of that much CPU each
+    /// time a shard runs out of work.
+    pub fn spin_before_park(mut self, spin: std::time::Duration) -> Self {
+        self.spin_before_park = spin;
         self
     }
 

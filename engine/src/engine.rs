@@ -49,6 +49,7 @@ impl Engine {
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("corebuf-shard-{id}"))
                 .io_memory(builder.io_memory_bytes)
+                .spin_before_park(builder.spin_before_park)
                 .spawn(move || async move {
                     let opened = Shard::open(id, &shard_builder, &shard_path, shard_inboxes).await;
                     let shard = match opened {

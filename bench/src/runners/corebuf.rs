@@ -32,6 +32,7 @@ pub fn run(
         .cache_size_bytes(settings.cache_bytes)
         .shards(settings.shards)
         .range_blocks(settings.range_blocks)
+        .spin_before_park(std::time::Duration::from_micros(settings.spin_us))
         .io_depth_max(settings.inflight.max(128))
         .build()?;
     let client = engine.client();
