@@ -163,6 +163,10 @@ fn crc32c_soft(crc: u32, data: &[u8]) -> u32 {
     !c
 }
 
+/// CRC32C with the SSE4.2 `crc32` instruction.
+///
+/// # Safety
+/// The CPU must support SSE4.2; the only caller checks `is_x86_feature_detected!("sse4.2")`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 #[allow(unused_unsafe)]
