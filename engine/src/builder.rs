@@ -112,6 +112,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Work messages (reads, writes, jobs) a shard handles at once; further ones wait in its
+    /// inbox. Barrier parts, prefetch and stats have their own lane and are not counted.
+    /// Default 1024.
+    pub fn handlers_in_flight_max(mut self, max: usize) -> Self {
+        self.handlers_in_flight_max = max;
+        self
+    }
+
     /// Whether each shard's thread is pinned to a core (shard `i` on the `i`-th allowed CPU,
     /// wrapping). Default true.
     pub fn pin_threads(mut self, pin: bool) -> Self {

@@ -50,7 +50,7 @@ impl Client {
         msg: Msg,
         answer: async_channel::Receiver<T>,
     ) -> Result<T> {
-        self.inboxes[shard].send(msg).await.map_err(|_| Error::ShutDown)?;
+        self.inboxes[shard].send(msg).await?;
         answer.recv().await.map_err(|_| Error::ShardFailed { shard })
     }
 
@@ -78,7 +78,7 @@ impl Client {
         check_span(block, count, self.device_blocks)?;
         for (owner, first, n) in self.router.split(block, count) {
             let msg = Msg::Prefetch { block: first, count: n };
-            self.inboxes[owner].send(msg).await.map_err(|_| Error::ShutDown)?;
+            self.inboxes[owner].send(msg).await?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use glommio::{CpuSet, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::builder::EngineBuilder;
 use crate::client::Client;
 use crate::router::Router;
-use crate::shard::{Inboxes, Msg, Shard};
+use crate::shard::{Inbox, Inboxes, Shard};
 use crate::stats::EngineStats;
 use crate::{Error, Result};
 
@@ -34,7 +34,7 @@ impl Engine {
         let path = builder.validate()?;
         let shards = builder.shard_count();
         let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..shards).map(|_| async_channel::bounded::<Msg>(builder.inbox_capacity)).unzip();
+            (0..shards).map(|_| Inbox::bounded(builder.inbox_capacity)).unzip();
         let inboxes: Inboxes = senders.into();
         let cpus = allowed_cpus();
         let (started_tx, started_rx) = mpsc::channel::<(usize, Result<u64>)>();

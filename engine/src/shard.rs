@@ -56,8 +56,68 @@ pub(crate) enum Msg {
     Run(Job),
 }
 
+impl Msg {
+    /// Control messages (a barrier's parts, prefetch, stats) never wait on anything but the
+    /// device, so they travel in their own lane that handler back-pressure does not stop:
+    /// otherwise a shard whose handler slots are all taken by jobs waiting for a barrier could
+    /// never serve that barrier's write-back request.
+    fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Msg::Prefetch { .. } | Msg::WriteBack { .. } | Msg::Barrier { .. } | Msg::Stats { .. }
+        )
+    }
+}
+
+/// One shard's two inboxes: work (reads, writes, jobs; served by at most
+/// `handlers_in_flight_max` handlers) and control.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    work: async_channel::Sender<Msg>,
+    control: async_channel::Sender<Msg>,
+}
+
+/// The receiving ends of an [`Inbox`], for the shard that owns it.
+pub(crate) struct InboxReceiver {
+    work: async_channel::Receiver<Msg>,
+    control: async_channel::Receiver<Msg>,
+}
+
+impl Inbox {
+    /// A shard's inbox, each lane bounded at `capacity`.
+    pub(crate) fn bounded(capacity: usize) -> (Inbox, InboxReceiver) {
+        let (work, work_rx) = async_channel::bounded(capacity);
+        let (control, control_rx) = async_channel::bounded(capacity);
+        (Inbox { work, control }, InboxReceiver { work: work_rx, control: control_rx })
+    }
+
+    fn lane(&self, msg: &Msg) -> &async_channel::Sender<Msg> {
+        if msg.is_control() {
+            &self.control
+        } else {
+            &self.work
+        }
+    }
+
+    /// Sends `msg`, waiting while its lane is full; `ShutDown` once the engine stopped.
+    pub(crate) async fn send(&self, msg: Msg) -> Result<()> {
+        self.lane(&msg).send(msg).await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Sends `msg` if its lane has room now.
+    pub(crate) fn try_send(&self, msg: Msg) -> bool {
+        self.lane(&msg).try_send(msg).is_ok()
+    }
+
+    /// Closes both lanes: later sends fail, queued messages are still served.
+    pub(crate) fn close(&self) {
+        self.work.close();
+        self.control.close();
+    }
+}
+
 /// The inboxes of every shard, shared by shards and clients.
-pub(crate) type Inboxes = Arc<[async_channel::Sender<Msg>]>;
+pub(crate) type Inboxes = Arc<[Inbox]>;
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
@@ -71,6 +131,7 @@ pub struct Shard {
     router: Router,
     inboxes: Inboxes,
     handlers_in_flight: Cell<usize>,
+    control_in_flight: Cell<usize>,
     handlers_in_flight_max: usize,
     handler_done: WaitList,
     messages_sent: Cell<u64>,
@@ -102,6 +163,7 @@ impl Shard {
             router: Router::new(inboxes.len(), builder.range_blocks),
             inboxes,
             handlers_in_flight: Cell::new(0),
+            control_in_flight: Cell::new(0),
             handlers_in_flight_max: builder.handlers_in_flight_max,
             handler_done: WaitList::with_capacity(4),
             messages_sent: Cell::new(0),
@@ -157,7 +219,7 @@ impl Shard {
 
     async fn send(&self, shard: usize, msg: Msg) -> Result<()> {
         self.messages_sent.set(self.messages_sent.get() + 1);
-        self.inboxes[shard].send(msg).await.map_err(|_| Error::ShutDown)
+        self.inboxes[shard].send(msg).await
     }
 
     /// A copy of `block`'s data, from its owner (locally when this shard owns it).
@@ -193,7 +255,7 @@ impl Shard {
                 self.partition.prefetch(first, n)?;
             } else {
                 self.messages_sent.set(self.messages_sent.get() + 1);
-                let _ = self.inboxes[owner].try_send(Msg::Prefetch { block: first, count: n });
+                self.inboxes[owner].try_send(Msg::Prefetch { block: first, count: n });
             }
         }
         Ok(())
@@ -266,8 +328,33 @@ impl Shard {
         }
     }
 
-    /// Serves the inbox until it is closed and drained, then waits for the handlers in flight.
-    pub(crate) async fn serve(self: Rc<Self>, inbox: async_channel::Receiver<Msg>) {
+    /// Serves both lanes of the inbox until they are closed and drained, then waits for the
+    /// handlers in flight.
+    pub(crate) async fn serve(self: Rc<Self>, inbox: InboxReceiver) {
+        let control = Rc::clone(&self).serve_control(inbox.control);
+        futures_lite::future::zip(self.serve_work(inbox.work), control).await;
+    }
+
+    /// The control lane: every message gets its handler at once (they only wait on I/O).
+    async fn serve_control(self: Rc<Self>, inbox: async_channel::Receiver<Msg>) {
+        while let Ok(msg) = inbox.recv().await {
+            self.messages_received.set(self.messages_received.get() + 1);
+            self.control_in_flight.set(self.control_in_flight.get() + 1);
+            let shard = Rc::clone(&self);
+            glommio::spawn_local(async move {
+                Rc::clone(&shard).handle(msg).await;
+                shard.control_in_flight.set(shard.control_in_flight.get() - 1);
+                shard.handler_done.notify_all();
+            })
+            .detach();
+        }
+        if self.control_in_flight.get() > 0 {
+            self.handler_done.wait_for(|| (self.control_in_flight.get() == 0).then_some(())).await;
+        }
+    }
+
+    /// The work lane: at most `handlers_in_flight_max` handlers at once (back-pressure).
+    async fn serve_work(self: &Rc<Self>, inbox: async_channel::Receiver<Msg>) {
         while let Ok(msg) = inbox.recv().await {
             self.messages_received.set(self.messages_received.get() + 1);
             let max = self.handlers_in_flight_max;
@@ -277,7 +364,7 @@ impl Shard {
                     .await;
             }
             self.handlers_in_flight.set(self.handlers_in_flight.get() + 1);
-            let shard = Rc::clone(&self);
+            let shard = Rc::clone(self);
             glommio::spawn_local(async move {
                 Rc::clone(&shard).handle(msg).await;
                 shard.handlers_in_flight.set(shard.handlers_in_flight.get() - 1);
