@@ -5,9 +5,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::router::Router;
-use crate::shard::{check_block_data, check_span, job_box, oneshot, Inboxes, Msg, Shard};
+use crate::shard::{ask, check_block_data, check_span, oneshot, run_message, Inboxes, Msg, Shard};
 use crate::stats::{EngineStats, ShardStats};
-use crate::{Error, Result};
+use crate::Result;
 
 /// A handle to the engine for code outside its executors: `Send + Sync + Clone`, and every
 /// operation is a runtime-agnostic future (glommio wakes its tasks correctly from any thread,
@@ -50,8 +50,7 @@ impl Client {
         msg: Msg,
         answer: async_channel::Receiver<T>,
     ) -> Result<T> {
-        self.inboxes[shard].send(msg).await?;
-        answer.recv().await.map_err(|_| Error::ShardFailed { shard })
+        ask(&self.inboxes, shard, msg, answer).await
     }
 
     /// A copy of `block`'s data.
@@ -106,11 +105,8 @@ impl Client {
         F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
-        if shard >= self.shard_count() {
-            return Err(Error::config("shard", format!("no shard {shard}")));
-        }
-        let (reply, answer) = oneshot();
-        self.ask(shard, Msg::Run(job_box(job, reply)), answer).await
+        let (msg, answer) = run_message(self.shard_count(), shard, job)?;
+        self.ask(shard, msg, answer).await
     }
 
     /// Every shard's statistics.

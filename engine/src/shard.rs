@@ -222,6 +222,17 @@ impl Shard {
         self.inboxes[shard].send(msg).await
     }
 
+    /// [`ask`], counted as a message this shard sent.
+    async fn ask<T>(
+        &self,
+        shard: usize,
+        msg: Msg,
+        answer: async_channel::Receiver<T>,
+    ) -> Result<T> {
+        self.messages_sent.set(self.messages_sent.get() + 1);
+        ask(&self.inboxes, shard, msg, answer).await
+    }
+
     /// A copy of `block`'s data, from its owner (locally when this shard owns it).
     pub async fn read(&self, block: u64) -> Result<Vec<u8>> {
         let owner = self.owner_of(block);
@@ -229,8 +240,7 @@ impl Shard {
             return read_local(&self.partition, block).await;
         }
         let (reply, answer) = oneshot();
-        self.send(owner, Msg::Read { block, reply }).await?;
-        answer.recv().await.map_err(|_| Error::ShardFailed { shard: owner })?
+        self.ask(owner, Msg::Read { block, reply }, answer).await?
     }
 
     /// Writes a whole block (`data.len()` must be the block size) through its owner. The write
@@ -242,8 +252,7 @@ impl Shard {
             return write_local(&self.partition, block, data).await;
         }
         let (reply, answer) = oneshot();
-        self.send(owner, Msg::Write { block, data: data.to_vec(), reply }).await?;
-        answer.recv().await.map_err(|_| Error::ShardFailed { shard: owner })?
+        self.ask(owner, Msg::Write { block, data: data.to_vec(), reply }, answer).await?
     }
 
     /// Starts reads of `block..block + count`, split by owner; never waits. A part whose
@@ -307,12 +316,8 @@ impl Shard {
         F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
-        if shard >= self.shard_count() {
-            return Err(Error::config("shard", format!("no shard {shard}")));
-        }
-        let (reply, answer) = oneshot();
-        self.send(shard, Msg::Run(job_box(job, reply))).await?;
-        answer.recv().await.map_err(|_| Error::ShardFailed { shard })
+        let (msg, answer) = run_message(self.shard_count(), shard, job)?;
+        self.ask(shard, msg, answer).await
     }
 
     /// This shard's statistics.
@@ -414,8 +419,39 @@ impl Shard {
     }
 }
 
+/// Sends `msg` to `shard` and waits for its answer: `ShutDown` if the engine stopped taking
+/// messages, `ShardFailed` if the shard went away before answering.
+pub(crate) async fn ask<T>(
+    inboxes: &Inboxes,
+    shard: usize,
+    msg: Msg,
+    answer: async_channel::Receiver<T>,
+) -> Result<T> {
+    inboxes[shard].send(msg).await?;
+    answer.recv().await.map_err(|_| Error::ShardFailed { shard })
+}
+
+/// A `Run` message for `job` on shard `shard` of `shard_count`, and the channel its result
+/// comes back on.
+pub(crate) fn run_message<T, F, Fut>(
+    shard_count: usize,
+    shard: usize,
+    job: F,
+) -> Result<(Msg, async_channel::Receiver<T>)>
+where
+    T: Send + 'static,
+    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
+    if shard >= shard_count {
+        return Err(Error::config("shard", format!("no shard {shard}")));
+    }
+    let (reply, answer) = oneshot();
+    Ok((Msg::Run(job_box(job, reply)), answer))
+}
+
 /// Boxes a closure and its reply channel into a [`Job`].
-pub(crate) fn job_box<T, F, Fut>(job: F, reply: Reply<T>) -> Job
+fn job_box<T, F, Fut>(job: F, reply: Reply<T>) -> Job
 where
     T: Send + 'static,
     F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
