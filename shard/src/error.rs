@@ -26,6 +26,8 @@ pub enum IoOp {
     Flush,
     /// Discarding a block range (punch hole / `BLKDISCARD`).
     Discard,
+    /// Closing the file or device.
+    Close,
 }
 
 impl fmt::Display for IoOp {
@@ -36,6 +38,7 @@ impl fmt::Display for IoOp {
             IoOp::Write => "write",
             IoOp::Flush => "flush",
             IoOp::Discard => "discard",
+            IoOp::Close => "close",
         })
     }
 }

@@ -123,7 +123,7 @@ impl DmaDevice {
     /// a `DmaFile` dropped after its executor is gone leaks its descriptor.
     pub async fn close(&self) -> Result<()> {
         let Some(file) = self.file.borrow_mut().take() else { return Ok(()) };
-        file.close_rc().await.map(|_| ()).map_err(|e| self.err(IoOp::Open, 0, os_error(e)))
+        file.close_rc().await.map(|_| ()).map_err(|e| self.err(IoOp::Close, 0, os_error(e)))
     }
 
     fn file(&self) -> Result<Rc<DmaFile>> {
