@@ -167,6 +167,12 @@ impl EngineBuilder {
         let Some(path) = self.path.clone() else {
             return Err(Error::config("path", "no path given"));
         };
+        self.validate_settings()?;
+        Ok(path)
+    }
+
+    /// [`EngineBuilder::validate`] less the path.
+    pub(crate) fn validate_settings(&self) -> Result<()> {
         let shards = self.shard_count();
         if shards == 0 {
             return Err(Error::config("shards", "must be at least 1"));
@@ -189,7 +195,7 @@ impl EngineBuilder {
                 ),
             ));
         }
-        Ok(path)
+        Ok(())
     }
 
     /// Validates the settings, opens the device once per shard and starts the shards.

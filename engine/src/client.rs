@@ -4,6 +4,8 @@ use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use corebuf_shard::io::{Device, DmaDevice};
+
 use crate::router::Router;
 use crate::shard::{ask, check_block_data, check_span, oneshot, run_message, Inboxes, Msg, Shard};
 use crate::stats::{EngineStats, ShardStats};
@@ -15,15 +17,31 @@ use crate::Result;
 /// threads.
 ///
 /// Each call is a message to the owning shard and a reply: a copy in each direction.
-#[derive(Clone, Debug)]
-pub struct Client {
-    pub(crate) inboxes: Inboxes,
+pub struct Client<D: Device + 'static = DmaDevice> {
+    pub(crate) inboxes: Inboxes<D>,
     pub(crate) router: Arc<Router>,
     pub(crate) block_size: usize,
     pub(crate) device_blocks: u64,
 }
 
-impl Client {
+impl<D: Device + 'static> Clone for Client<D> {
+    fn clone(&self) -> Self {
+        Client {
+            inboxes: Arc::clone(&self.inboxes),
+            router: Arc::clone(&self.router),
+            block_size: self.block_size,
+            device_blocks: self.device_blocks,
+        }
+    }
+}
+
+impl<D: Device + 'static> std::fmt::Debug for Client<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("shards", &self.router.shards()).finish_non_exhaustive()
+    }
+}
+
+impl<D: Device + 'static> Client<D> {
     /// The block size in bytes.
     pub fn block_size(&self) -> usize {
         self.block_size
@@ -47,7 +65,7 @@ impl Client {
     async fn ask<T>(
         &self,
         shard: usize,
-        msg: Msg,
+        msg: Msg<D>,
         answer: async_channel::Receiver<T>,
     ) -> Result<T> {
         ask(&self.inboxes, shard, msg, answer).await
@@ -92,7 +110,7 @@ impl Client {
     pub async fn run_on_owner<T, F, Fut>(&self, block: u64, job: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
         self.run_on(self.owner_of(block), job).await
@@ -102,7 +120,7 @@ impl Client {
     pub async fn run_on<T, F, Fut>(&self, shard: usize, job: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
         let (msg, answer) = run_message(self.shard_count(), shard, job)?;

@@ -9,7 +9,9 @@ use glommio::{CpuSet, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::builder::EngineBuilder;
 use crate::client::Client;
 use crate::router::Router;
-use crate::shard::{Inbox, Inboxes, Shard};
+use corebuf_shard::io::DmaDevice;
+
+use crate::shard::{Inbox, Inboxes, Shard, CURRENT};
 use crate::stats::EngineStats;
 use crate::{Error, Result};
 
@@ -35,7 +37,7 @@ impl Engine {
         let shards = builder.shard_count();
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..shards).map(|_| Inbox::bounded(builder.inbox_capacity)).unzip();
-        let inboxes: Inboxes = senders.into();
+        let inboxes: Inboxes<DmaDevice> = senders.into();
         let cpus = allowed_cpus();
         let (started_tx, started_rx) = mpsc::channel::<(usize, Result<u64>)>();
         let mut executors = Vec::with_capacity(shards);
@@ -51,7 +53,10 @@ impl Engine {
                 .io_memory(builder.io_memory_bytes)
                 .spin_before_park(builder.spin_before_park)
                 .spawn(move || async move {
-                    let opened = Shard::open(id, &shard_builder, &shard_path, shard_inboxes).await;
+                    let opened = match DmaDevice::open(&shard_path).await {
+                        Ok(device) => Shard::open(id, &shard_builder, device, shard_inboxes),
+                        Err(e) => Err(e),
+                    };
                     let shard = match opened {
                         Ok(shard) => shard,
                         Err(e) => {
@@ -59,10 +64,15 @@ impl Engine {
                             return Ok(());
                         }
                     };
+                    CURRENT.with(|current| *current.borrow_mut() = Some(Rc::clone(&shard)));
                     let _ = started.send((id, Ok(shard.device_blocks())));
                     drop(started);
                     Rc::clone(&shard).serve(inbox).await;
-                    shard.stop().await
+                    let stopped = shard.stop().await;
+                    // Close while the executor can still run the close; forget `current()`.
+                    let closed = shard.partition().queue().device().close().await;
+                    CURRENT.with(|current| current.borrow_mut().take());
+                    stopped.and(closed)
                 });
             match spawned {
                 Ok(handle) => executors.push(handle),
@@ -155,7 +165,7 @@ impl Drop for Engine {
     }
 }
 
-fn close_all(inboxes: &Inboxes) {
+fn close_all<D: corebuf_shard::io::Device + 'static>(inboxes: &Inboxes<D>) {
     for inbox in inboxes.iter() {
         inbox.close();
     }

@@ -26,6 +26,7 @@
 mod builder;
 mod client;
 mod engine;
+mod local;
 mod router;
 mod shard;
 mod stats;
@@ -34,6 +35,7 @@ pub use builder::EngineBuilder;
 pub use client::Client;
 pub use corebuf_shard::{cache, io, Error, IoOp, Result};
 pub use engine::Engine;
+pub use local::LocalEngine;
 pub use router::Router;
 pub use shard::Shard;
 pub use stats::{EngineStats, ShardStats};

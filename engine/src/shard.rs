@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use corebuf_shard::cache::{Hooks, Partition};
-use corebuf_shard::io::{DmaDevice, IoQueue};
+use corebuf_shard::io::{Device, DmaDevice, IoQueue};
 use corebuf_shard::WaitList;
 
 use crate::builder::EngineBuilder;
@@ -18,7 +18,7 @@ use crate::stats::{new_histogram, ShardStats};
 use crate::{Error, Result};
 
 /// A job sent to a shard: a closure that builds a future on the shard's executor.
-pub(crate) type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+pub(crate) type Job<D> = Box<dyn FnOnce(Rc<Shard<D>>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 /// A one-shot reply channel.
 pub(crate) type Reply<T> = async_channel::Sender<T>;
@@ -28,7 +28,7 @@ pub(crate) fn oneshot<T>() -> (Reply<T>, async_channel::Receiver<T>) {
 }
 
 /// What one shard can be asked to do by another shard or a [`Client`](crate::Client).
-pub(crate) enum Msg {
+pub(crate) enum Msg<D: Device + 'static> {
     Read {
         block: u64,
         reply: Reply<Result<Vec<u8>>>,
@@ -53,10 +53,10 @@ pub(crate) enum Msg {
     Stats {
         reply: Reply<ShardStats>,
     },
-    Run(Job),
+    Run(Job<D>),
 }
 
-impl Msg {
+impl<D: Device + 'static> Msg<D> {
     /// Control messages (a barrier's parts, prefetch, stats) never wait on anything but the
     /// device, so they travel in their own lane that handler back-pressure does not stop:
     /// otherwise a shard whose handler slots are all taken by jobs waiting for a barrier could
@@ -71,27 +71,32 @@ impl Msg {
 
 /// One shard's two inboxes: work (reads, writes, jobs; served by at most
 /// `handlers_in_flight_max` handlers) and control.
-#[derive(Debug)]
-pub(crate) struct Inbox {
-    work: async_channel::Sender<Msg>,
-    control: async_channel::Sender<Msg>,
+pub(crate) struct Inbox<D: Device + 'static> {
+    work: async_channel::Sender<Msg<D>>,
+    control: async_channel::Sender<Msg<D>>,
+}
+
+impl<D: Device + 'static> std::fmt::Debug for Inbox<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").field("work_len", &self.work.len()).finish_non_exhaustive()
+    }
 }
 
 /// The receiving ends of an [`Inbox`], for the shard that owns it.
-pub(crate) struct InboxReceiver {
-    work: async_channel::Receiver<Msg>,
-    control: async_channel::Receiver<Msg>,
+pub(crate) struct InboxReceiver<D: Device + 'static> {
+    work: async_channel::Receiver<Msg<D>>,
+    control: async_channel::Receiver<Msg<D>>,
 }
 
-impl Inbox {
+impl<D: Device + 'static> Inbox<D> {
     /// A shard's inbox, each lane bounded at `capacity`.
-    pub(crate) fn bounded(capacity: usize) -> (Inbox, InboxReceiver) {
+    pub(crate) fn bounded(capacity: usize) -> (Inbox<D>, InboxReceiver<D>) {
         let (work, work_rx) = async_channel::bounded(capacity);
         let (control, control_rx) = async_channel::bounded(capacity);
         (Inbox { work, control }, InboxReceiver { work: work_rx, control: control_rx })
     }
 
-    fn lane(&self, msg: &Msg) -> &async_channel::Sender<Msg> {
+    fn lane(&self, msg: &Msg<D>) -> &async_channel::Sender<Msg<D>> {
         if msg.is_control() {
             &self.control
         } else {
@@ -100,12 +105,12 @@ impl Inbox {
     }
 
     /// Sends `msg`, waiting while its lane is full; `ShutDown` once the engine stopped.
-    pub(crate) async fn send(&self, msg: Msg) -> Result<()> {
+    pub(crate) async fn send(&self, msg: Msg<D>) -> Result<()> {
         self.lane(&msg).send(msg).await.map_err(|_| Error::ShutDown)
     }
 
     /// Sends `msg` if its lane has room now.
-    pub(crate) fn try_send(&self, msg: Msg) -> bool {
+    pub(crate) fn try_send(&self, msg: Msg<D>) -> bool {
         self.lane(&msg).try_send(msg).is_ok()
     }
 
@@ -117,19 +122,24 @@ impl Inbox {
 }
 
 /// The inboxes of every shard, shared by shards and clients.
-pub(crate) type Inboxes = Arc<[Inbox]>;
+pub(crate) type Inboxes<D> = Arc<[Inbox<D>]>;
 
 thread_local! {
-    static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+    /// The shard of this thread's executor, in the threaded engine (a simulated engine hosts
+    /// several shards on one thread and sets none).
+    pub(crate) static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
 }
 
 /// One shard, as seen by code running on its executor: the local partition (zero-copy) and
 /// routed operations that reach any block through its owner.
-pub struct Shard {
+///
+/// The device type is the production [`DmaDevice`] unless the engine was started over another
+/// [`Device`] (a simulated one: see [`LocalEngine`](crate::LocalEngine)).
+pub struct Shard<D: Device + 'static = DmaDevice> {
     id: usize,
-    partition: Partition<DmaDevice>,
+    partition: Partition<D>,
     router: Router,
-    inboxes: Inboxes,
+    inboxes: Inboxes<D>,
     handlers_in_flight: Cell<usize>,
     control_in_flight: Cell<usize>,
     handlers_in_flight_max: usize,
@@ -140,21 +150,27 @@ pub struct Shard {
     barrier_latency_us: RefCell<corebuf_shard::io::LatencyHistogram>,
 }
 
-impl std::fmt::Debug for Shard {
+impl<D: Device + 'static> std::fmt::Debug for Shard<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard").field("id", &self.id).finish_non_exhaustive()
     }
 }
 
 impl Shard {
-    /// Opens this shard's device handle, queue and partition.
-    pub(crate) async fn open(
+    /// The shard running on this thread, if this thread is a shard's executor.
+    pub fn current() -> Option<Rc<Shard>> {
+        CURRENT.with(|current| current.borrow().clone())
+    }
+}
+
+impl<D: Device + 'static> Shard<D> {
+    /// Opens this shard's queue and partition over its handle of the device.
+    pub(crate) fn open(
         id: usize,
         builder: &EngineBuilder,
-        path: &std::path::Path,
-        inboxes: Inboxes,
-    ) -> Result<Rc<Shard>> {
-        let device = DmaDevice::open(path).await?;
+        device: D,
+        inboxes: Inboxes<D>,
+    ) -> Result<Rc<Shard<D>>> {
         let queue = IoQueue::new(device, builder.queue_config())?;
         let partition = Partition::new(queue, builder.cache_config(), Hooks::default())?;
         let shard = Rc::new(Shard {
@@ -171,13 +187,7 @@ impl Shard {
             barriers: Cell::new(0),
             barrier_latency_us: RefCell::new(new_histogram()),
         });
-        CURRENT.with(|current| *current.borrow_mut() = Some(Rc::clone(&shard)));
         Ok(shard)
-    }
-
-    /// The shard running on this thread, if this thread is a shard's executor.
-    pub fn current() -> Option<Rc<Shard>> {
-        CURRENT.with(|current| current.borrow().clone())
     }
 
     /// This shard's index.
@@ -203,7 +213,7 @@ impl Shard {
     /// This shard's cache partition, for zero-copy access to the blocks it owns. Touching a
     /// block another shard owns through it would cache the block twice: use the routed
     /// operations for those.
-    pub fn partition(&self) -> &Partition<DmaDevice> {
+    pub fn partition(&self) -> &Partition<D> {
         &self.partition
     }
 
@@ -217,7 +227,7 @@ impl Shard {
         self.partition.block_size()
     }
 
-    async fn send(&self, shard: usize, msg: Msg) -> Result<()> {
+    async fn send(&self, shard: usize, msg: Msg<D>) -> Result<()> {
         self.messages_sent.set(self.messages_sent.get() + 1);
         self.inboxes[shard].send(msg).await
     }
@@ -226,7 +236,7 @@ impl Shard {
     async fn ask<T>(
         &self,
         shard: usize,
-        msg: Msg,
+        msg: Msg<D>,
         answer: async_channel::Receiver<T>,
     ) -> Result<T> {
         self.messages_sent.set(self.messages_sent.get() + 1);
@@ -303,7 +313,7 @@ impl Shard {
     pub async fn run_on_owner<T, F, Fut>(&self, block: u64, job: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
         self.run_on(self.owner_of(block), job).await
@@ -313,7 +323,7 @@ impl Shard {
     pub async fn run_on<T, F, Fut>(&self, shard: usize, job: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
         let (msg, answer) = run_message(self.shard_count(), shard, job)?;
@@ -335,13 +345,13 @@ impl Shard {
 
     /// Serves both lanes of the inbox until they are closed and drained, then waits for the
     /// handlers in flight.
-    pub(crate) async fn serve(self: Rc<Self>, inbox: InboxReceiver) {
+    pub(crate) async fn serve(self: Rc<Self>, inbox: InboxReceiver<D>) {
         let control = Rc::clone(&self).serve_control(inbox.control);
         futures_lite::future::zip(self.serve_work(inbox.work), control).await;
     }
 
     /// The control lane: every message gets its handler at once (they only wait on I/O).
-    async fn serve_control(self: Rc<Self>, inbox: async_channel::Receiver<Msg>) {
+    async fn serve_control(self: Rc<Self>, inbox: async_channel::Receiver<Msg<D>>) {
         while let Ok(msg) = inbox.recv().await {
             self.messages_received.set(self.messages_received.get() + 1);
             self.control_in_flight.set(self.control_in_flight.get() + 1);
@@ -359,7 +369,7 @@ impl Shard {
     }
 
     /// The work lane: at most `handlers_in_flight_max` handlers at once (back-pressure).
-    async fn serve_work(self: &Rc<Self>, inbox: async_channel::Receiver<Msg>) {
+    async fn serve_work(self: &Rc<Self>, inbox: async_channel::Receiver<Msg<D>>) {
         while let Ok(msg) = inbox.recv().await {
             self.messages_received.set(self.messages_received.get() + 1);
             let max = self.handlers_in_flight_max;
@@ -382,18 +392,15 @@ impl Shard {
         }
     }
 
-    /// The end of a shard: writes back and flushes, waits for the I/O still in flight
-    /// (prefetches), closes the device while the executor can still run the close, and
-    /// forgets this thread's `Shard::current()`.
+    /// The end of a shard: writes back and flushes, then waits for the I/O still in flight
+    /// (prefetches). The caller closes the device.
     pub(crate) async fn stop(&self) -> Result<()> {
         let flushed = self.partition.write_dirty().await;
         let synced = self.partition.queue().sync().await;
-        let closed = self.partition.queue().device().close().await;
-        CURRENT.with(|current| current.borrow_mut().take());
-        flushed.and(synced).and(closed)
+        flushed.and(synced)
     }
 
-    async fn handle(self: Rc<Self>, msg: Msg) {
+    async fn handle(self: Rc<Self>, msg: Msg<D>) {
         // A dropped reply receiver means the asker went away; nothing to do about it.
         match msg {
             Msg::Read { block, reply } => {
@@ -421,10 +428,10 @@ impl Shard {
 
 /// Sends `msg` to `shard` and waits for its answer: `ShutDown` if the engine stopped taking
 /// messages, `ShardFailed` if the shard went away before answering.
-pub(crate) async fn ask<T>(
-    inboxes: &Inboxes,
+pub(crate) async fn ask<T, D: Device + 'static>(
+    inboxes: &Inboxes<D>,
     shard: usize,
-    msg: Msg,
+    msg: Msg<D>,
     answer: async_channel::Receiver<T>,
 ) -> Result<T> {
     inboxes[shard].send(msg).await?;
@@ -433,14 +440,14 @@ pub(crate) async fn ask<T>(
 
 /// A `Run` message for `job` on shard `shard` of `shard_count`, and the channel its result
 /// comes back on.
-pub(crate) fn run_message<T, F, Fut>(
+pub(crate) fn run_message<T, F, Fut, D: Device + 'static>(
     shard_count: usize,
     shard: usize,
     job: F,
-) -> Result<(Msg, async_channel::Receiver<T>)>
+) -> Result<(Msg<D>, async_channel::Receiver<T>)>
 where
     T: Send + 'static,
-    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
 {
     if shard >= shard_count {
@@ -451,10 +458,10 @@ where
 }
 
 /// Boxes a closure and its reply channel into a [`Job`].
-fn job_box<T, F, Fut>(job: F, reply: Reply<T>) -> Job
+fn job_box<T, F, Fut, D: Device + 'static>(job: F, reply: Reply<T>) -> Job<D>
 where
     T: Send + 'static,
-    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
 {
     Box::new(move |shard| {
@@ -483,14 +490,18 @@ pub(crate) fn check_span(block: u64, count: u64, device_blocks: u64) -> Result<(
     Ok(())
 }
 
-async fn read_local(partition: &Partition<DmaDevice>, block: u64) -> Result<Vec<u8>> {
+async fn read_local<D: Device + 'static>(partition: &Partition<D>, block: u64) -> Result<Vec<u8>> {
     let session = partition.session().await;
     let buf = session.read(block).await?;
     let copy = buf.data().to_vec();
     Ok(copy)
 }
 
-async fn write_local(partition: &Partition<DmaDevice>, block: u64, data: &[u8]) -> Result<()> {
+async fn write_local<D: Device + 'static>(
+    partition: &Partition<D>,
+    block: u64,
+    data: &[u8],
+) -> Result<()> {
     let session = partition.session().await;
     let buf = session.new_block(block).await?;
     buf.data_mut().copy_from_slice(data);
