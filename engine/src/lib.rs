@@ -27,11 +27,14 @@ mod builder;
 mod client;
 mod engine;
 mod local;
+mod mesh;
+mod ring;
 mod router;
+mod routing;
 mod shard;
 mod stats;
 
-pub use builder::EngineBuilder;
+pub use builder::{EngineBuilder, DEFAULT_POLL_BEFORE_SLEEP};
 pub use client::Client;
 pub use corebuf_shard::{cache, io, Error, IoOp, Result};
 pub use engine::Engine;

@@ -12,8 +12,9 @@ use glommio::task::JoinHandle;
 
 use crate::builder::EngineBuilder;
 use crate::client::Client;
+use crate::mesh::Mesh;
 use crate::router::Router;
-use crate::shard::{Inbox, Inboxes, Shard};
+use crate::shard::Shard;
 use crate::{Error, Result};
 
 /// Every shard of an engine, hosted as tasks on the executor that started it.
@@ -56,12 +57,10 @@ impl<D: Device + 'static> LocalEngine<D> {
         let builder = builder.shards(devices.len());
         builder.validate_settings()?;
         let shard_count = devices.len();
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..shard_count).map(|_| Inbox::bounded(builder.inbox_capacity)).unzip();
-        let inboxes: Inboxes<D> = senders.into();
+        let mesh = Mesh::new(shard_count, builder.mesh_config());
         let mut shards = Vec::with_capacity(shard_count);
         for (id, device) in devices.into_iter().enumerate() {
-            shards.push(Shard::open(id, &builder, device, Arc::clone(&inboxes))?);
+            shards.push(Shard::open(id, &builder, device, Arc::clone(&mesh))?);
         }
         let device_blocks = shards[0].device_blocks();
         if shards.iter().any(|s| s.device_blocks() != device_blocks) {
@@ -69,12 +68,10 @@ impl<D: Device + 'static> LocalEngine<D> {
         }
         let serving = shards
             .iter()
-            .zip(receivers)
-            .map(|(shard, inbox)| glommio::spawn_local(Rc::clone(shard).serve(inbox)).detach())
+            .map(|shard| glommio::spawn_local(Rc::clone(shard).serve()).detach())
             .collect();
         let router = Arc::new(Router::new(shard_count, builder.range_blocks));
-        let client =
-            Client { inboxes, router, block_size: builder.block_size_bytes, device_blocks };
+        let client = Client { mesh, router, block_size: builder.block_size_bytes, device_blocks };
         Ok(LocalEngine { shards, client, serving })
     }
 
@@ -99,9 +96,7 @@ impl<D: Device + 'static> LocalEngine<D> {
     /// Stops taking messages, lets every shard finish what it has, then writes back and
     /// flushes each shard; returns the first error.
     pub async fn shutdown(self) -> Result<()> {
-        for inbox in self.client.inboxes.iter() {
-            inbox.close();
-        }
+        self.client.mesh.close();
         for serving in self.serving {
             serving.await;
         }
