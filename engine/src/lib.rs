@@ -28,7 +28,6 @@ mod client;
 mod engine;
 mod local;
 mod mesh;
-mod ring;
 mod router;
 mod routing;
 mod shard;
