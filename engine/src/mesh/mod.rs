@@ -22,11 +22,12 @@
 //!    for work once more; a producer pushes, fences, and wakes the poller only if `sleeping`
 //!    was set. One of the two always sees the other (Dekker), so no wake-up is lost, and a
 //!    busy peer is never woken.
-//! 4. Shutdown: a sender raises its per-pair `sending` count, then checks `closing`, then
-//!    pushes and lowers the count; a poller exits only when `closing` is set, no peer is
-//!    sending to it, its rings and ingress are empty, no handler task of its is running and
-//!    none of its own requests waits for a reply. Every request is therefore either served or
-//!    refused with `ShutDown`; none hangs.
+//! 4. Shutdown: a sender checks `closing` before it pushes (on its shard's thread); a poller
+//!    that sees `closing` publishes `closing_seen` for its shard, after which no task of that
+//!    shard pushes a request (the same thread saw the flag). A poller exits only when every
+//!    shard's `closing_seen` is published, its rings and ingress are empty, no handler task of
+//!    its is running and none of its own requests waits for a reply. Every request is
+//!    therefore either served or refused with `ShutDown`; none hangs.
 
 use std::any::Any;
 use std::future::Future;
@@ -165,8 +166,8 @@ pub(crate) struct Mesh<D: Device + 'static> {
     requests: Box<[Ring<Request<D>>]>,
     /// `owner * shards + requester`.
     replies: Box<[Ring<Reply>]>,
-    /// `from * shards + to`: senders between raising their count and pushing (invariant 4).
-    sending: Box<[CachePadded<AtomicUsize>]>,
+    /// Per shard: its poller has seen `closing`, so it sends no more requests (invariant 4).
+    closing_seen: Box<[AtomicBool]>,
     ingress: Box<[ConcurrentQueue<ClientRequest<D>>]>,
     /// Notified when a shard drained its ingress (clients waiting for room listen).
     ingress_room: Box<[event_listener::Event]>,
@@ -196,7 +197,7 @@ impl<D: Device + 'static> Mesh<D> {
             config,
             requests: (0..pairs).map(|_| Ring::new(request_capacity)).collect(),
             replies: (0..pairs).map(|_| Ring::new(config.credits)).collect(),
-            sending: (0..pairs).map(|_| CachePadded::new(AtomicUsize::new(0))).collect(),
+            closing_seen: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             ingress: (0..shards)
                 .map(|_| ConcurrentQueue::bounded(config.ingress_capacity))
                 .collect(),
@@ -242,7 +243,7 @@ impl<D: Device + 'static> Mesh<D> {
         }
     }
 
-    fn is_dead(&self, id: usize) -> bool {
+    pub(super) fn is_dead(&self, id: usize) -> bool {
         self.dead[id].load(Ordering::SeqCst)
     }
 

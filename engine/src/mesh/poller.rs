@@ -33,10 +33,20 @@ impl<D: Device + 'static> Port<D> {
         if !self.mesh.closing.load(Ordering::SeqCst) {
             return false;
         }
-        // Order matters: the `sending` counts first, then the rings (see invariant 4).
-        let nobody_sending =
-            (0..n).all(|peer| self.mesh.sending[peer * n + me].load(Ordering::SeqCst) == 0);
-        nobody_sending
+        if !self.mesh.closing_seen[me].load(Ordering::Relaxed) {
+            // From here on no task of this shard pushes a request (invariant 4); every
+            // poller must recheck whether it may exit now.
+            self.mesh.closing_seen[me].store(true, Ordering::Release);
+            for bell in self.mesh.doorbells.iter() {
+                bell.ring();
+            }
+        }
+        // Order matters: every shard's flag first (Acquire), then the rings (invariant 4).
+        // A dead shard sends nothing either.
+        let nobody_sends = (0..n).all(|peer| {
+            self.mesh.closing_seen[peer].load(Ordering::Acquire) || self.mesh.is_dead(peer)
+        });
+        nobody_sends
             && !self.has_work()
             && self.mesh.ingress[me].is_empty()
             && self.handlers.get() == 0
@@ -76,6 +86,7 @@ impl<D: Device + 'static> Port<D> {
                 bell.sleeping.store(false, Ordering::SeqCst);
                 return Poll::Ready(());
             }
+            self.ring_deferred();
             *bell.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
             bell.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
@@ -158,6 +169,9 @@ impl<D: Device + 'static> Shard<D> {
             if !spin.is_zero() && !port.mesh.is_closing() {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < spin {
+                    // Nothing to do: let another thread on this core run first (a client, or
+                    // a shard sharing the core); on an idle core this returns at once.
+                    std::thread::yield_now();
                     self.yield_turn().await;
                     continue;
                 }
@@ -184,6 +198,7 @@ impl<D: Device + 'static> Shard<D> {
         let port = self.port();
         let n = port.mesh.shards;
         let batch = port.mesh.config.batch_max;
+        port.ring_deferred();
         let mut served = port.drain_replies();
         let start = port.pick(n as u64) as usize;
         for k in 0..n {
@@ -193,11 +208,16 @@ impl<D: Device + 'static> Shard<D> {
             }
             let limit = if port.delivery.is_some() { 1 + port.pick(3) as usize } else { batch };
             let ring = &port.mesh.requests[peer * n + self.id()];
+            let mut replied = false;
             for _ in 0..limit {
                 let Some(request) = ring.pop() else { break };
                 served += 1;
                 port.counters.received.set(port.counters.received.get() + 1);
-                self.handle_request(peer, request);
+                replied |= self.handle_request(peer, request);
+            }
+            // One doorbell for the batch's inline replies to this peer.
+            if replied {
+                self.ring_peer(peer);
             }
         }
         served + self.drain_ingress(batch)
@@ -223,39 +243,46 @@ impl<D: Device + 'static> Shard<D> {
         served
     }
 
-    /// Replies to shard `to`'s request in slot `slot`.
-    fn reply(&self, to: usize, slot: u32, result: Result<Payload>) {
+    /// Replies to shard `to`'s request in slot `slot`; true if a reply was pushed (the caller
+    /// then rings `to`'s doorbell, once for a batch).
+    fn reply(&self, to: usize, slot: u32, result: Result<Payload>) -> bool {
         if slot == NO_SLOT {
-            return;
+            return false;
         }
         let port = self.port();
         let n = port.mesh.shards;
         let pushed = port.mesh.replies[self.id() * n + to].push(Reply { slot, result });
         assert!(pushed.is_ok(), "credits bound the replies in flight (invariant 1)");
-        if port.mesh.doorbells[to].ring() {
-            port.counters.wakeups_sent.set(port.counters.wakeups_sent.get() + 1);
-        }
+        true
     }
 
-    fn handle_request(self: &Rc<Self>, from: usize, request: Request<D>) {
+    fn ring_peer(&self, to: usize) {
+        self.port().ring(to);
+    }
+
+    /// Serves one request from shard `from`; true if it was answered inline (its reply is
+    /// pushed, the doorbell not yet rung).
+    fn handle_request(self: &Rc<Self>, from: usize, request: Request<D>) -> bool {
         let Request { slot, op, buf } = request;
         if let Some(result) = self.try_inline(&op, || bytes_of(buf, self.block_size())) {
             let port = self.port();
             port.counters.inline.set(port.counters.inline.get() + 1);
-            self.reply(from, slot, result);
-            return;
+            return self.reply(from, slot, result);
         }
         let port = self.port();
         port.handlers.set(port.handlers.get() + 1);
         let shard = Rc::clone(self);
         glommio::spawn_local(async move {
             let result = shard.serve_op(op, bytes_of(buf, shard.block_size())).await;
-            shard.reply(from, slot, result);
+            if shard.reply(from, slot, result) {
+                shard.ring_peer(from);
+            }
             let port = shard.port();
             port.handlers.set(port.handlers.get() - 1);
             port.nudge();
         })
         .detach();
+        false
     }
 
     fn handle_client(self: &Rc<Self>, request: ClientRequest<D>) {

@@ -54,6 +54,9 @@ pub(crate) struct Port<D: Device + 'static> {
     pub(super) slots_busy: Cell<usize>,
     /// Credited requests in flight, per peer (invariant 1).
     pub(super) in_flight: Box<[Cell<usize>]>,
+    /// Peers sent a request whose doorbell this shard's poller rings at its next turn.
+    pub(super) ring_later: Box<[Cell<bool>]>,
+    pub(super) ring_pending: Cell<bool>,
     pub(super) credit_freed: WaitList,
     /// Handler tasks running for shard requests and for client requests.
     pub(super) handlers: Cell<usize>,
@@ -151,6 +154,8 @@ impl<D: Device + 'static> Port<D> {
             free_slots: RefCell::new(Vec::new()),
             slots_busy: Cell::new(0),
             in_flight: (0..shards).map(|_| Cell::new(0)).collect(),
+            ring_later: (0..shards).map(|_| Cell::new(false)).collect(),
+            ring_pending: Cell::new(false),
             credit_freed: WaitList::with_capacity(4),
             handlers: Cell::new(0),
             client_handlers: Cell::new(0),
@@ -204,22 +209,44 @@ impl<D: Device + 'static> Port<D> {
     /// if the ring was full (impossible for a credited request, by invariant 1).
     pub(super) fn push(&self, to: usize, request: Request<D>) -> Result<bool> {
         let pair = self.id * self.mesh.shards + to;
-        let sending = &self.mesh.sending[pair];
-        sending.fetch_add(1, Ordering::SeqCst);
-        if self.mesh.closing.load(Ordering::SeqCst) {
-            sending.fetch_sub(1, Ordering::SeqCst);
+        // Relaxed suffices: once this shard's poller saw `closing` on this thread, this later
+        // load on the same thread sees it too (invariant 4).
+        if self.mesh.closing.load(Ordering::Relaxed) {
             return Err(Error::ShutDown);
         }
-        let pushed = self.mesh.requests[pair].push(request);
-        sending.fetch_sub(1, Ordering::SeqCst);
-        if pushed.is_err() {
+        if self.mesh.requests[pair].push(request).is_err() {
             return Ok(false);
         }
         self.counters.sent.set(self.counters.sent.get() + 1);
+        // The doorbell (a fence) matters only if `to` sleeps. While this shard's own poller is
+        // awake it rings once per turn for every peer sent to since (`ring_deferred`); when it
+        // sleeps, nobody would, so ring now.
+        if self.mesh.doorbells[self.id].sleeping.load(Ordering::Relaxed) {
+            self.ring(to);
+        } else {
+            self.ring_later[to].set(true);
+            self.ring_pending.set(true);
+        }
+        Ok(true)
+    }
+
+    /// Rings `to`'s doorbell now.
+    pub(super) fn ring(&self, to: usize) {
         if self.mesh.doorbells[to].ring() {
             self.counters.wakeups_sent.set(self.counters.wakeups_sent.get() + 1);
         }
-        Ok(true)
+    }
+
+    /// Rings the doorbells of the peers sent to since the last turn.
+    pub(super) fn ring_deferred(&self) {
+        if !self.ring_pending.replace(false) {
+            return;
+        }
+        for (to, later) in self.ring_later.iter().enumerate() {
+            if later.replace(false) {
+                self.ring(to);
+            }
+        }
     }
 
     /// Sends `op` to shard `to` and waits for its reply. `fill` writes the request's buffer
