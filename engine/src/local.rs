@@ -50,11 +50,14 @@ impl<D: Device + 'static> std::fmt::Debug for LocalEngine<D> {
 
 impl<D: Device + 'static> LocalEngine<D> {
     /// Starts one shard per device handle (all handles of the same device) on the current
-    /// executor. The builder's path, shard count, thread pinning and I/O memory are not used.
+    /// executor. The builder's path, shard count, thread pinning, I/O memory and
+    /// `poll_before_sleep` are not used (idle shards sleep at once).
     ///
     /// Must be called inside a glommio executor.
     pub fn start(builder: EngineBuilder, devices: Vec<D>) -> Result<LocalEngine<D>> {
-        let builder = builder.shards(devices.len());
+        // Shards sharing one thread never poll while idle: a spinning poller would only
+        // delay the others (and make a simulated run depend on wall-clock time).
+        let builder = builder.shards(devices.len()).poll_before_sleep(std::time::Duration::ZERO);
         builder.validate_settings()?;
         let shard_count = devices.len();
         let mesh = Mesh::new(shard_count, builder.mesh_config());

@@ -137,8 +137,16 @@ impl<D: Device + 'static> Shard<D> {
         if owner == self.id {
             let session = self.partition.session().await;
             let buf = session.read(block).await?;
-            let data = buf.try_data()?;
-            return Ok(f(&data));
+            loop {
+                match buf.try_data() {
+                    Ok(data) => return Ok(f(&data)),
+                    // Borrowed mutably across an await on this shard: wait for it.
+                    Err(crate::Error::BufferBusy { .. }) => {
+                        glommio::executor().yield_task_queue_now().await
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         let answer = self.port.call(owner, Op::Read { block }, |_| {}).await?;
         Ok(answer.with_buf(f))
@@ -277,15 +285,40 @@ impl<D: Device + 'static> Shard<D> {
     pub(crate) async fn read_local_into(&self, block: u64, out: &mut [u8]) -> Result<()> {
         let session = self.partition.session().await;
         let buf = session.read(block).await?;
-        out.copy_from_slice(&buf.try_data()?);
-        Ok(())
+        loop {
+            match buf.try_data() {
+                Ok(data) => {
+                    out.copy_from_slice(&data);
+                    return Ok(());
+                }
+                // Code on this shard holds the bytes mutably across an await (zero-copy
+                // access): wait for it to let go.
+                Err(crate::Error::BufferBusy { .. }) => {
+                    glommio::executor().yield_task_queue_now().await
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    /// Writes the local `block` from `data`.
+    /// Writes the local `block` from `data`. If code on this shard holds the block's bytes
+    /// borrowed across an await (zero-copy access through the partition), the write waits for
+    /// the borrow to end rather than fail or change bytes under the borrower.
     pub(crate) async fn write_local(&self, block: u64, data: &[u8]) -> Result<()> {
         let session = self.partition.session().await;
         let buf = session.new_block(block).await?;
-        buf.try_data_mut()?.copy_from_slice(data);
+        loop {
+            match buf.try_data_mut() {
+                Ok(mut bytes) => {
+                    bytes.copy_from_slice(data);
+                    break;
+                }
+                Err(crate::Error::BufferBusy { .. }) => {
+                    glommio::executor().yield_task_queue_now().await
+                }
+                Err(e) => return Err(e),
+            }
+        }
         buf.mark_dirty();
         Ok(())
     }
