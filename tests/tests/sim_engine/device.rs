@@ -2,7 +2,7 @@
 //! injects and to crash the machine at a chosen device call.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -57,7 +57,10 @@ impl Place {
 #[derive(Debug, Default)]
 pub struct Ledger {
     pub read_faults: u64,
+    /// Every failed write, the bad blocks' included.
     pub write_faults: u64,
+    /// Writes that failed because their block is bad (the `SimDevice` does not count them).
+    pub bad_block_faults: u64,
     pub flush_faults: u64,
     pub failed_since: BTreeMap<u64, u64>,
     pub resolved_at: HashMap<u64, u64>,
@@ -129,6 +132,9 @@ pub struct Probe {
     pub barriers_in_flight: Cell<u32>,
     pub local_flushes_in_flight: Cell<u32>,
     pub shutting_down: Cell<bool>,
+    /// Blocks every write of which fails until the device heals: a persistent error (a bad
+    /// region, a full file system), which a barrier must keep reporting, never retry forever.
+    pub bad_blocks: RefCell<BTreeSet<u64>>,
     claims: RefCell<HashMap<u64, Claim>>,
 }
 
@@ -148,6 +154,7 @@ impl Probe {
             barriers_in_flight: Cell::new(0),
             local_flushes_in_flight: Cell::new(0),
             shutting_down: Cell::new(false),
+            bad_blocks: RefCell::default(),
             claims: RefCell::default(),
         })
     }
@@ -164,6 +171,12 @@ impl Probe {
             let image = self.sim.crash(self.crash_seed);
             *self.crashed.borrow_mut() = Some((place, image));
         }
+    }
+
+    /// No more faults from now on.
+    pub fn heal(&self) {
+        self.sim.set_faults(0.0, 0.0, 0.0);
+        self.bad_blocks.borrow_mut().clear();
     }
 
     /// Device writes and flushes called so far (the crash triggers count these).
@@ -299,10 +312,18 @@ impl Device for LedgerDevice {
 
     async fn write_at(&self, offset: u64, buf: &SimBuf) -> Result<()> {
         self.probe.before_write();
-        let result = self.probe.sim.write_at(offset, buf).await;
-        let now = self.probe.tick();
         let block = offset / BS as u64;
+        let bad = self.probe.bad_blocks.borrow().contains(&block);
+        let result = if bad {
+            futures_lite::future::yield_now().await;
+            let source = std::io::Error::other("injected write fault: a bad block");
+            Err(Error::io(IoOp::Write, self.path(), offset, source))
+        } else {
+            self.probe.sim.write_at(offset, buf).await
+        };
+        let now = self.probe.tick();
         let mut ledger = self.probe.ledger.borrow_mut();
+        ledger.bad_block_faults += bad as u64;
         match &result {
             Ok(()) => ledger.resolve(block, now),
             Err(e) => {

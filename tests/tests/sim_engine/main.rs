@@ -23,8 +23,9 @@
 //! generations end instead by `shutdown()` while operations are in flight. The last one heals
 //! the device, stops the workers and shuts down; that must succeed, and the durable image must
 //! then equal the model. Every decision — parameters, operations, the order jobs are handled
-//! in, device latency (in executor yields), faults, crash points and which unflushed writes
-//! survive — comes from the seed.
+//! in, device latency (in executor yields), faults (random per call, and in some generations
+//! bad blocks every write of which fails until the device heals), crash points and which
+//! unflushed writes survive — comes from the seed.
 //!
 //! Every 512-byte sector carries its block, its index, a version and a checksum. The model
 //! (`model.rs`) knows each block's sequence of live states and, per sector, the durable floor
@@ -44,7 +45,9 @@
 //!    write that fails with a write error names a block of the same owner whose write failed
 //!    meanwhile (the cache is full of data it could not write);
 //! 4. progress: no operation completing for a long stretch of executor yields is a deadlock
-//!    and fails the seed; a seed that takes too long in wall time fails too;
+//!    or a livelock and fails the seed (device I/O alone is not progress: a barrier retrying
+//!    a bad block forever keeps the device busy); a seed that takes too long in wall time
+//!    fails too;
 //! 5. after the last generation the shutdown succeeds and the durable image equals the model.
 //!
 //! Replay: `SEED=<n> cargo test -p corebuf-tests --test sim_engine` runs exactly seed `n` (and
@@ -464,6 +467,10 @@ fn new_generation(world: &World, number: u32, image: Vec<u8>, rng: &mut SimRng) 
     let shards = engine.shards().to_vec();
     let client = engine.client();
     let crash_after_barrier_probability = if rng.chance(0.3) && !last { 0.1 } else { 0.0 };
+    if rng.chance(0.25) {
+        let bad = (0..1 + rng.below(2)).map(|_| world.pick_block(rng)).collect();
+        *probe.bad_blocks.borrow_mut() = bad;
+    }
     Rc::new(Gen {
         number,
         probe,
@@ -502,11 +509,31 @@ fn arm(gen: &Gen, rng: &mut SimRng) -> Ending {
     }
 }
 
+/// What counts as progress for the stall watchdog.
+#[derive(Clone, Copy, Debug)]
+enum Progress {
+    /// Operations completed. Device I/O alone is not progress: a barrier retrying a write
+    /// forever keeps the device busy while its caller never returns.
+    Ops,
+    /// Operations completed or device calls (draining the I/O).
+    OpsOrIo,
+}
+
 /// Yields until `done()`, failing the seed if nothing moves for [`STALL_YIELDS_MAX`] yields.
-async fn wait_until(world: &World, gen: &Gen, what: &str, mut done: impl FnMut() -> bool) {
+async fn wait_until(
+    world: &World,
+    gen: &Gen,
+    what: &str,
+    kind: Progress,
+    mut done: impl FnMut() -> bool,
+) {
     let progress = || {
         let c = gen.probe.sim.counters();
-        world.ops_done.get() + c.reads + c.writes + c.flushes
+        let io = match kind {
+            Progress::Ops => 0,
+            Progress::OpsOrIo => c.reads + c.writes + c.flushes,
+        };
+        world.ops_done.get() + io
     };
     let (mut last, mut still) = (progress(), 0);
     while !done() {
@@ -538,9 +565,10 @@ async fn wait_until(world: &World, gen: &Gen, what: &str, mut done: impl FnMut()
 /// Stops the generation's workers and waits until its I/O is over.
 async fn drain(world: &World, gen: &Gen) {
     gen.stop.set(true);
-    wait_until(world, gen, "draining the workers", || gen.workers_running.get() == 0).await;
+    let workers_done = || gen.workers_running.get() == 0;
+    wait_until(world, gen, "draining the workers", Progress::Ops, workers_done).await;
     let mut quiet = 0;
-    wait_until(world, gen, "draining the I/O", || {
+    wait_until(world, gen, "draining the I/O", Progress::OpsOrIo, || {
         let idle = gen.shards.iter().all(|s| s.partition().queue().stats().in_flight == 0);
         quiet = if idle { quiet + 1 } else { 0 };
         quiet > 64
@@ -557,10 +585,10 @@ fn account_faults(world: &World, gen: &Gen) {
     let read_errors: u64 = stats.iter().map(|s| s.read_errors).sum();
     let counters = gen.probe.sim.counters();
     let number = gen.number;
-    if counters.faults_injected != ledger.read_faults + ledger.write_faults + ledger.flush_faults {
+    let injected = counters.faults_injected + ledger.bad_block_faults;
+    if injected != ledger.read_faults + ledger.write_faults + ledger.flush_faults {
         world.fail(format!(
-            "generation {number}: the device injected {} faults, the ledger saw {ledger:?}",
-            counters.faults_injected
+            "generation {number}: the device injected {injected} faults, the ledger saw {ledger:?}"
         ));
     }
     if write_errors != ledger.write_faults {
@@ -630,8 +658,8 @@ async fn generation(world: &Rc<World>, number: u32, image: Vec<u8>, rng: &mut Si
     start_workers(world, &gen, rng);
     let target = world.ops_done.get() + 1 + rng.below(world.params.ops_per_generation);
     let probe = Rc::clone(&gen.probe);
-    wait_until(world, &gen, "running", || world.ops_done.get() >= target || !probe.alive.get())
-        .await;
+    let end = || world.ops_done.get() >= target || !probe.alive.get();
+    wait_until(world, &gen, "running", Progress::Ops, end).await;
     let image = match ending {
         Ending::Final => final_shutdown(world, &gen, rng).await,
         Ending::Shutdown if probe.alive.get() => {
@@ -659,7 +687,7 @@ async fn generation(world: &Rc<World>, number: u32, image: Vec<u8>, rng: &mut Si
             drain(world, &gen).await;
             account_faults(world, &gen);
             // The old engine ends on the dead device, healed: every shard must stop cleanly.
-            probe.sim.set_faults(0.0, 0.0, 0.0);
+            probe.heal();
             let engine = gen.engine.borrow_mut().take();
             if let Some(engine) = engine {
                 if let Err(e) = engine.shutdown().await {
@@ -685,7 +713,7 @@ fn crashed_image(world: &World, gen: &Gen) -> Vec<u8> {
 
 /// The last generation: heal, stop, shut down; that must succeed and make the model durable.
 async fn final_shutdown(world: &World, gen: &Gen, rng: &mut SimRng) -> Vec<u8> {
-    gen.probe.sim.set_faults(0.0, 0.0, 0.0);
+    gen.probe.heal();
     drain(world, gen).await;
     if let Err(e) = shut_down(world, gen).await {
         world.fail(format!("the final shutdown on a healed device failed: {e:?}"));
