@@ -61,6 +61,7 @@ mod model;
 mod ops;
 
 use std::cell::{Cell, RefCell, RefMut};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -88,6 +89,9 @@ const BS: usize = 4096;
 const SECTORS: usize = BS / STAMP_SECTOR_BYTES;
 
 type Sh = Shard<LedgerDevice>;
+
+/// What each running seed's controller is doing (for the report of a hang).
+static PHASES: Mutex<BTreeMap<u64, String>> = Mutex::new(BTreeMap::new());
 
 // ---------------------------------------------------------------------------------------------
 // Parameters.
@@ -281,6 +285,12 @@ impl World {
             self.generation.get(),
             self.params
         )
+    }
+
+    /// Notes what the controller is doing, for the report of a seed that hangs.
+    fn phase(&self, what: &str) {
+        let phase = format!("generation {}: {what}", self.generation.get());
+        PHASES.lock().unwrap().insert(self.seed, phase);
     }
 
     fn record(&self, op: u64, outcome: u64) {
@@ -527,6 +537,7 @@ async fn wait_until(
     kind: Progress,
     mut done: impl FnMut() -> bool,
 ) {
+    world.phase(what);
     let progress = || {
         let c = gen.probe.sim.counters();
         let io = match kind {
@@ -560,6 +571,23 @@ async fn wait_until(
             (last, still) = (now, 0);
         }
     }
+}
+
+/// Awaits `future` (which does not yield to the controller otherwise) under the stall
+/// watchdog: a shutdown that waits forever fails the seed with `what` instead of parking the
+/// executor until the wall-clock limit.
+async fn watched<T: 'static>(
+    world: &World,
+    gen: &Gen,
+    what: &str,
+    future: impl std::future::Future<Output = T> + 'static,
+) -> T {
+    let slot: Rc<RefCell<Option<T>>> = Rc::default();
+    let filled = Rc::clone(&slot);
+    glommio::spawn_local(async move { *filled.borrow_mut() = Some(future.await) }).detach();
+    wait_until(world, gen, what, Progress::OpsOrIo, || slot.borrow().is_some()).await;
+    let value = slot.borrow_mut().take().expect("filled");
+    value
 }
 
 /// Stops the generation's workers and waits until its I/O is over.
@@ -632,7 +660,7 @@ async fn shut_down(world: &World, gen: &Gen) -> corebuf::Result<()> {
     let snapshot = world.model(gen).map(|model| model.snapshot(|_| true));
     let start = probe.tick();
     let engine = gen.engine.borrow_mut().take().expect("the engine runs until shut down");
-    let result = engine.shutdown().await;
+    let result = watched(world, gen, "shutting down", engine.shutdown()).await;
     match &result {
         Ok(()) => {
             world.check_no_error_lost(gen, start, "LocalEngine::shutdown", |_| true);
@@ -652,6 +680,7 @@ async fn shut_down(world: &World, gen: &Gen) -> corebuf::Result<()> {
 /// Runs generation `number` to its end; returns the image the next one starts from.
 async fn generation(world: &Rc<World>, number: u32, image: Vec<u8>, rng: &mut SimRng) -> Vec<u8> {
     world.generation.set(number);
+    world.phase("starting an engine");
     let last = number == world.params.generations;
     let gen = new_generation(world, number, image, rng);
     let ending = if last { Ending::Final } else { arm(&gen, rng) };
@@ -690,7 +719,8 @@ async fn generation(world: &Rc<World>, number: u32, image: Vec<u8>, rng: &mut Si
             probe.heal();
             let engine = gen.engine.borrow_mut().take();
             if let Some(engine) = engine {
-                if let Err(e) = engine.shutdown().await {
+                let what = "shutting down after the crash";
+                if let Err(e) = watched(world, &gen, what, engine.shutdown()).await {
                     world.fail(format!("shutting down after the crash, on a healed device: {e:?}"));
                 }
             }
@@ -762,6 +792,7 @@ async fn simulate(seed: u64) -> (Totals, u64) {
     for number in 0..=world.params.generations {
         image = generation(&world, number, image, &mut rng).await;
     }
+    world.phase("finished (the executor is ending)");
     let mut totals = world.totals().clone();
     totals.ops = world.ops_done.get();
     (totals, world.digest.get())
@@ -824,6 +855,7 @@ fn the_engine_survives_faults_and_crashes_for_many_seeds() {
             running.lock().unwrap().push((seed, Instant::now()));
             let result = run_seed(seed);
             running.lock().unwrap().retain(|&(s, _)| s != seed);
+            PHASES.lock().unwrap().remove(&seed);
             if done.send((seed, result)).is_err() {
                 return;
             }
@@ -842,9 +874,11 @@ fn the_engine_survives_faults_and_crashes_for_many_seeds() {
                     if let Some(&(seed, since)) =
                         running.iter().find(|(_, since)| since.elapsed() > SEED_TIMEOUT)
                     {
+                        let phase = PHASES.lock().unwrap().get(&seed).cloned();
                         panic!(
-                            "seed {seed} still running after {:?}: a hang.\n{}",
+                            "seed {seed} still running after {:?}: a hang (last phase: {}).\n{}",
                             since.elapsed(),
+                            phase.as_deref().unwrap_or("not started"),
                             replay_hint(seed)
                         );
                     }
