@@ -701,6 +701,9 @@ async fn generation(world: &Rc<World>, number: u32, image: Vec<u8>, rng: &mut Si
             }
             // The workers keep going while the engine shuts down.
             let _ = shut_down(world, &gen).await;
+            // A crash from here on would not be inside the shutdown.
+            probe.crash_at_write.set(None);
+            probe.crash_at_flush.set(None);
             drain(world, &gen).await;
             account_faults(world, &gen);
             if probe.alive.get() {
