@@ -15,7 +15,7 @@ use crate::mesh::{job_answer, job_box, stats_answer, Mesh, Op, Port};
 use crate::router::Router;
 use crate::routing::{check_block_data, check_shard, check_span};
 use crate::stats::{new_histogram, ShardStats};
-use crate::Result;
+use crate::{Error, Result};
 
 thread_local! {
     /// The shard of this thread's executor, in the threaded engine (a simulated engine hosts
@@ -195,8 +195,14 @@ impl<D: Device + 'static> Shard<D> {
         let (answers, local) = others.await;
         let mut first_error = local.err();
         for answer in answers {
-            if let Err(e) = answer {
-                first_error.get_or_insert(e);
+            match answer {
+                // The engine is shutting down and refused a part: this barrier cannot cover
+                // every shard, and shutdown writes back and flushes each shard itself.
+                Err(Error::ShutDown) => return Err(Error::ShutDown),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+                Ok(_) => {}
             }
         }
         let flushed = self.partition.issue_flush().await;

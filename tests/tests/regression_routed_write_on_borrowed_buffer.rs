@@ -6,20 +6,17 @@
 //! panics on a borrowed buffer, instead of waiting for the borrow to end or failing with
 //! `BufferBusy`. In the threaded engine the owner's executor thread dies.
 //!
-//! Not fixed yet (the fix belongs to the engine's message layer): ignored so the gate stays
-//! green; run it with `cargo test -p corebuf-tests --test
-//! regression_routed_write_on_borrowed_buffer -- --ignored`. `sim_engine` keeps routed writes
-//! away from borrowed blocks until then (`ClaimKind::Borrow`).
+//! Fixed in the message layer: a routed write (and a local read) waits for the borrow to end,
+//! so the borrower sees its bytes unchanged and the write lands after it.
 
 use corebuf::io::{SimDevice, SimOptions};
-use corebuf::{Engine, Error, LocalEngine};
+use corebuf::{Engine, LocalEngine};
 use futures_lite::future::yield_now;
 
 const BS: usize = 4096;
 
 #[test]
-#[ignore = "engine bug: the routed write handler panics on a borrowed buffer (not fixed yet)"]
-fn a_routed_write_to_a_borrowed_buffer_panics_the_owner() {
+fn a_routed_write_to_a_borrowed_buffer_waits_for_the_borrow() {
     let executor = glommio::LocalExecutorBuilder::default().make().expect("an executor");
     executor.run(async {
         let sim = SimDevice::new(SimOptions::new(64 * BS as u64));
@@ -44,7 +41,6 @@ fn a_routed_write_to_a_borrowed_buffer_panics_the_owner() {
         assert!(stable.expect("the job ran"), "the bytes changed while borrowed");
         match written {
             Ok(()) => assert_eq!(engine.shard(0).read(block).await.expect("a read")[0], 7),
-            Err(Error::BufferBusy { .. }) => {}
             Err(e) => panic!("the write failed with {e:?}"),
         }
         engine.shutdown().await.expect("a clean shutdown");

@@ -471,7 +471,9 @@ fn new_generation(world: &World, number: u32, image: Vec<u8>, rng: &mut SimRng) 
         .io_depth_max(params.io_depth_max)
         .pins_per_session_max(params.pins)
         .inbox_capacity(params.inbox_capacity)
-        .handlers_in_flight_max(params.handlers_max);
+        .handlers_in_flight_max(params.handlers_max)
+        .ring_capacity([1, 2, 4, 128][rng.below(4) as usize])
+        .delivery_seed(rng.next_u64());
     let devices = vec![LedgerDevice { probe: Rc::clone(&probe) }; params.shards];
     let engine = LocalEngine::start(builder, devices).expect("a valid simulated engine");
     let shards = engine.shards().to_vec();
