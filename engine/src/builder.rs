@@ -34,6 +34,8 @@ pub struct EngineBuilder {
     pub(crate) pin_threads: bool,
     pub(crate) io_memory_bytes: usize,
     pub(crate) spin_before_park: std::time::Duration,
+    pub(crate) log_size_bytes: u64,
+    pub(crate) log_path: Option<PathBuf>,
 }
 
 impl Default for EngineBuilder {
@@ -52,6 +54,8 @@ impl Default for EngineBuilder {
             pin_threads: true,
             io_memory_bytes: 4 << 20,
             spin_before_park: std::time::Duration::ZERO,
+            log_size_bytes: 0,
+            log_path: None,
         }
     }
 }
@@ -139,6 +143,19 @@ impl EngineBuilder {
     /// time a shard runs out of work.
     pub fn spin_before_park(mut self, spin: std::time::Duration) -> Self {
         self.spin_before_park = spin;
+        self
+    }
+
+    /// Bytes of each shard's write-ahead log region (see [`crate::ShardLog`]): a multiple of
+    /// the block size, at least 16 blocks. Default 0: no log.
+    pub fn log_size_bytes(mut self, bytes: u64) -> Self {
+        self.log_size_bytes = bytes;
+        self
+    }
+
+    /// The log file (created if missing). Default: the data path with `.log` appended.
+    pub fn log_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log_path = Some(path.into());
         self
     }
 

@@ -33,6 +33,7 @@ impl Engine {
     pub(crate) fn start(builder: EngineBuilder) -> Result<Engine> {
         let path = builder.validate()?;
         let shards = builder.shard_count();
+        crate::log::prepare_file(&builder, &path, shards)?;
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..shards).map(|_| Inbox::bounded(builder.inbox_capacity)).unzip();
         let inboxes: Inboxes = senders.into();

@@ -26,14 +26,17 @@
 mod builder;
 mod client;
 mod engine;
+mod log;
 mod router;
 mod shard;
 mod stats;
 
 pub use builder::EngineBuilder;
 pub use client::Client;
+pub use corebuf_shard::log::{LogError, LogRecord, Replay};
 pub use corebuf_shard::{cache, io, Error, IoOp, Result};
 pub use engine::Engine;
+pub use log::{ShardLog, ShardLogStats};
 pub use router::Router;
 pub use shard::Shard;
 pub use stats::{EngineStats, ShardStats};

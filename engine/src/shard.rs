@@ -138,6 +138,7 @@ pub struct Shard {
     messages_received: Cell<u64>,
     barriers: Cell<u64>,
     barrier_latency_us: RefCell<corebuf_shard::io::LatencyHistogram>,
+    log: Option<crate::log::ShardLog>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -157,6 +158,7 @@ impl Shard {
         let device = DmaDevice::open(path).await?;
         let queue = IoQueue::new(device, builder.queue_config())?;
         let partition = Partition::new(queue, builder.cache_config(), Hooks::default())?;
+        let log = crate::log::ShardLog::open(id, builder, path).await?;
         let shard = Rc::new(Shard {
             id,
             partition,
@@ -170,6 +172,7 @@ impl Shard {
             messages_received: Cell::new(0),
             barriers: Cell::new(0),
             barrier_latency_us: RefCell::new(new_histogram()),
+            log,
         });
         CURRENT.with(|current| *current.borrow_mut() = Some(Rc::clone(&shard)));
         Ok(shard)
@@ -205,6 +208,12 @@ impl Shard {
     /// operations for those.
     pub fn partition(&self) -> &Partition<DmaDevice> {
         &self.partition
+    }
+
+    /// This shard's write-ahead log, when the engine was built with
+    /// [`EngineBuilder::log_size_bytes`](crate::EngineBuilder::log_size_bytes).
+    pub fn log(&self) -> Option<&crate::log::ShardLog> {
+        self.log.as_ref()
     }
 
     /// The device size in blocks.
@@ -387,10 +396,15 @@ impl Shard {
     /// forgets this thread's `Shard::current()`.
     pub(crate) async fn stop(&self) -> Result<()> {
         let flushed = self.partition.write_dirty().await;
+        let logged = match &self.log {
+            // Marked empty only if this shard's blocks are durable.
+            Some(log) => log.close(flushed.is_ok()).await,
+            None => Ok(()),
+        };
         let synced = self.partition.queue().sync().await;
         let closed = self.partition.queue().device().close().await;
         CURRENT.with(|current| current.borrow_mut().take());
-        flushed.and(synced).and(closed)
+        flushed.and(logged).and(synced).and(closed)
     }
 
     async fn handle(self: Rc<Self>, msg: Msg) {
