@@ -4,8 +4,9 @@
 //! connections over the shards. A connection parses every complete command in its buffer,
 //! turns key commands into operations, groups them by owner shard (keeping each owner's order)
 //! and runs the groups at once: the local group in place, each remote group as one message.
-//! Replies are rendered in request order. Under `--fsync always` the replies of a batch that
-//! wrote anything are held until a barrier covering those writes has completed (group commit).
+//! Replies are rendered in request order. Under `--fsync always` each owner commits its log
+//! once for the group's writes before it answers (group commit: one log write and one flush
+//! cover every group waiting on that shard).
 
 use std::io;
 use std::net::SocketAddr;
@@ -55,7 +56,9 @@ pub enum OpOut {
 /// Runs operations in order on this shard (their owner).
 pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
     let mut out = Vec::with_capacity(ops.len());
+    let mut wrote = false;
     for op in ops {
+        wrote |= matches!(op, Op::Set(..) | Op::Del(..));
         let result = match op {
             Op::Get(k) => kv.get(&k).await.map(OpOut::Value),
             Op::Set(k, v, c) => kv.set(&k, &v, c).await.map(OpOut::Done),
@@ -63,6 +66,20 @@ pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
             Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
         };
         out.push(result.unwrap_or_else(|e| OpOut::Err(e.to_string())));
+    }
+    // fsync always: the group's writes are answered once the log has them durable; one
+    // commit for the group, shared with every other group waiting on this shard.
+    if wrote && kv.geo.fsync == Fsync::Always {
+        if let Err(e) = kv.log_commit().await {
+            // Never acknowledge what may not be durable.
+            eprintln!("corebuf-kv: shard {}: {e}", kv.shard.id());
+            let failed = format!("ERR {e}");
+            for o in out.iter_mut() {
+                if matches!(o, OpOut::Done(_)) {
+                    *o = OpOut::Err(failed.clone());
+                }
+            }
+        }
     }
     out
 }
@@ -99,8 +116,6 @@ struct Conn {
     wbuf: Vec<u8>,
     ops: Vec<Op>,
     items: Vec<Item>,
-    /// Writes whose replies wait in `wbuf` for a barrier (fsync always).
-    uncommitted: bool,
 }
 
 /// Binds this shard's listener on `addr` (SO_REUSEPORT: every shard binds the same port) and
@@ -152,7 +167,6 @@ async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
                 wbuf: Vec::new(),
                 ops: Vec::new(),
                 items: Vec::new(),
-                uncommitted: false,
             };
             conn.serve().await;
             drop(conn);
@@ -241,17 +255,9 @@ impl Conn {
         flow
     }
 
-    /// Writes the buffered replies, after the barrier their writes need.
+    /// Writes the buffered replies (under `--fsync always` their writes were committed to the
+    /// log by their owners before the results came back).
     async fn flush(&mut self) -> Result<(), ()> {
-        if self.uncommitted && self.kv.geo.fsync == Fsync::Always {
-            if let Err(e) = self.kv.commit().await {
-                // The writes may not be durable: never acknowledge them. The client sees the
-                // connection drop, as it would if the server died.
-                eprintln!("corebuf-kv: closing a connection, its writes failed to commit: {e}");
-                return Err(());
-            }
-        }
-        self.uncommitted = false;
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -289,8 +295,6 @@ impl Conn {
             let shards = kv.shard.shard_count();
             let mut groups: Vec<(Vec<usize>, Vec<Op>)> =
                 (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
-            let writes: Vec<bool> =
-                ops.iter().map(|op| matches!(op, Op::Set(..) | Op::Del(..))).collect();
             for (i, op) in ops.into_iter().enumerate() {
                 let owner = kv.owner_of_key(op.key());
                 groups[owner].0.push(i);
@@ -333,12 +337,6 @@ impl Conn {
                         }
                     }
                 }
-            }
-            // Replies to writes that took effect wait for a barrier (fsync always). A failed
-            // write may have changed something too (a cleanup, a rebuild): count it as well.
-            let changed = |r: &Option<OpOut>| !matches!(r, Some(OpOut::Done(false)));
-            if writes.iter().zip(&results).any(|(&w, r)| w && changed(r)) {
-                self.uncommitted = true;
             }
         }
         let out = &mut self.wbuf;
@@ -684,11 +682,16 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
         let _ = write!(
             s,
             "# Persistence\r\naof_enabled:1\r\nappendfsync:{}\r\nbarriers:{}\r\nbarrier_mean_us:{}\r\n\
-             commit_waits:{}\r\ndeferred_jobs_pending:{}\r\ndeferred_jobs_run:{}\r\nepoch:{}\r\n\r\n",
+             commit_waits:{}\r\nlog_appends:{}\r\nlog_commits:{}\r\nlog_checkpoints:{}\r\n\
+             log_used_bytes:{}\r\ndeferred_jobs_pending:{}\r\ndeferred_jobs_run:{}\r\nepoch:{}\r\n\r\n",
             geo.fsync,
             barriers,
             mean,
             sum(|p| p.commit_waiters),
+            sum(|p| p.log_appends),
+            sum(|p| p.log_commits),
+            sum(|p| p.log_checkpoints),
+            sum(|p| p.log_used_bytes),
             sum(|p| p.jobs.0),
             sum(|p| p.jobs.1),
             geo.epoch

@@ -30,6 +30,7 @@ use hashbrown::HashMap;
 use crate::format::{self, Body, Check, Corrupt, ExtentCheck, RecordRef};
 use crate::format::{BUCKETS_PER_RANGE, POOL_START, RANGE_BLOCKS, RECORD_AREA};
 use crate::lock::BucketLocks;
+use crate::logrec;
 use crate::stop::StopSignal;
 
 /// A session of this shard's cache partition.
@@ -271,6 +272,21 @@ pub struct Counters {
     pub protocol_errors: Cell<u64>,
 }
 
+/// What replaying one shard's log took.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    /// Records applied.
+    pub records: u64,
+    /// Bytes of log they took.
+    pub bytes: u64,
+    /// Reading and checking the log region.
+    pub scan: Duration,
+    /// Applying the records.
+    pub apply: Duration,
+    /// The checkpoint after them.
+    pub checkpoint: Duration,
+}
+
 /// One shard's store.
 pub struct KvShard {
     /// The engine shard this runs on.
@@ -296,6 +312,10 @@ pub struct KvShard {
     writers_idle: WaitList,
     /// Tells the main thread to stop the server (SHUTDOWN).
     pub stop_tx: mpsc::Sender<String>,
+    /// Set while the log is replayed: replayed changes are not logged again.
+    replaying: Cell<bool>,
+    /// The record being encoded (kept to reuse its capacity).
+    log_buf: RefCell<Vec<u8>>,
 }
 
 impl fmt::Debug for KvShard {
@@ -404,6 +424,14 @@ pub struct InfoPart {
     pub out_of_space: u64,
     /// Protocol errors.
     pub protocol_errors: u64,
+    /// Records appended to this shard's log.
+    pub log_appends: u64,
+    /// Group commits of the log (one flush each).
+    pub log_commits: u64,
+    /// Log checkpoints (barrier, then the log's start moves).
+    pub log_checkpoints: u64,
+    /// Log bytes awaiting the next checkpoint.
+    pub log_used_bytes: u64,
 }
 
 impl KvShard {
@@ -427,6 +455,8 @@ impl KvShard {
             writers_active: Cell::new(0),
             writers_idle: WaitList::default(),
             stop_tx,
+            replaying: Cell::new(false),
+            log_buf: RefCell::new(Vec::new()),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&kv)));
         glommio::spawn_local(Rc::clone(&kv).committer_loop()).detach();
@@ -507,7 +537,13 @@ impl KvShard {
                 let _token = self.begin_write()?;
                 self.ensure_loaded(loc.range).await?;
                 let _lock = self.locks.write(loc.bucket_id).await;
-                self.set_locked(&loc, key, value, cond).await
+                let set = self.set_locked(&loc, key, value, cond).await;
+                if let Ok(true) = set {
+                    // After the change is in the cache, under the bucket lock: the log's
+                    // order is the order of the changes (see corebuf::ShardLog's contract).
+                    self.log_record(logrec::Op::Set, key, value).await?;
+                }
+                set
             };
             match result {
                 Err(KvError::OutOfSpace(_)) if !retried && self.jobs_pending() => {
@@ -614,12 +650,13 @@ impl KvShard {
             }
         };
         if newest.is_some() {
-            self.commit().await.map_err(KvError::Engine)?;
+            self.barrier().await.map_err(KvError::Engine)?;
             let sess = self.shard.partition().session().await;
             self.remove_where(&sess, &loc, |k, _| k == key, true).await?;
         }
         self.add_keys(loc.range, -1);
         self.note_write();
+        self.log_record(logrec::Op::Del, key, &[]).await?;
         Ok(true)
     }
 
@@ -1190,6 +1227,77 @@ impl KvShard {
     }
 
     // -----------------------------------------------------------------------------------------
+    // The write-ahead log.
+
+    /// Appends the record of a change just made in the cache (nothing while replaying).
+    async fn log_record(&self, op: logrec::Op, key: &[u8], value: &[u8]) -> KvResult<()> {
+        if self.replaying.get() {
+            return Ok(());
+        }
+        let Some(log) = self.shard.log() else { return Ok(()) };
+        // Taken out of the cell for the await: another task may log meanwhile.
+        let mut buf = std::mem::take(&mut *self.log_buf.borrow_mut());
+        logrec::encode(&mut buf, op, key, value);
+        let appended = log.append(&buf).await;
+        *self.log_buf.borrow_mut() = buf;
+        appended.map(|_| ()).map_err(|e| KvError::Engine(format!("log append: {e}")))
+    }
+
+    /// Waits until every record appended on this shard so far is durable (group commit: the
+    /// callers waiting together share one write and one flush of the log).
+    pub async fn log_commit(&self) -> Result<(), String> {
+        let Some(log) = self.shard.log() else { return Ok(()) };
+        self.committer.waiters_served.set(self.committer.waiters_served.get() + 1);
+        log.commit_all().await.map_err(|e| format!("log commit failed: {e}"))
+    }
+
+    /// Applies this shard's log records (what was acknowledged after the last checkpoint),
+    /// then checkpoints, so the log starts empty. Runs before the server accepts connections.
+    pub async fn replay_log(&self) -> Result<ReplayReport, String> {
+        let Some(log) = self.shard.log() else { return Ok(ReplayReport::default()) };
+        let Some(replay) = log.take_replay() else { return Ok(ReplayReport::default()) };
+        let mut report = ReplayReport {
+            records: replay.records.len() as u64,
+            bytes: replay.end_lsn - replay.start_lsn,
+            scan: replay.scan_time,
+            ..ReplayReport::default()
+        };
+        let started = Instant::now();
+        self.replaying.set(true);
+        let applied = self.apply_records(&replay.records).await;
+        self.replaying.set(false);
+        applied?;
+        report.apply = started.elapsed();
+        if report.records > 0 {
+            let started = Instant::now();
+            log.checkpoint().await.map_err(|e| format!("checkpoint after replay: {e}"))?;
+            report.checkpoint = started.elapsed();
+        }
+        Ok(report)
+    }
+
+    async fn apply_records(&self, records: &[corebuf::LogRecord]) -> Result<(), String> {
+        for record in records {
+            let (op, key, value) = logrec::decode(&record.payload)
+                .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
+            let owner = self.owner_of_key(key);
+            if owner != self.shard.id() {
+                return Err(format!(
+                    "log record at position {} is for a key of shard {owner}, not {}",
+                    record.lsn,
+                    self.shard.id()
+                ));
+            }
+            let applied = match op {
+                logrec::Op::Set => self.set(key, value, Cond::Always).await.map(|_| ()),
+                logrec::Op::Del => self.del(key).await.map(|_| ()),
+            };
+            applied.map_err(|e| format!("replaying the log record at {}: {e}", record.lsn))?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Deferred jobs and group commit.
 
     fn note_write(&self) {
@@ -1209,7 +1317,7 @@ impl KvShard {
     /// after one more barrier, so this takes up to three rounds.
     async fn settle(&self) -> KvResult<()> {
         for _ in 0..3 {
-            self.commit().await.map_err(KvError::Engine)?;
+            self.barrier().await.map_err(KvError::Engine)?;
             self.jobs_idle
                 .wait_for(|| {
                     (self.due.borrow().is_empty() && !self.runner_busy.get()).then_some(())
@@ -1222,9 +1330,11 @@ impl KvShard {
         Ok(())
     }
 
-    /// Waits until a barrier that started after this call has completed (group commit: every
-    /// writer waiting at the same time shares that barrier). Errors carry the barrier's error.
-    pub async fn commit(&self) -> Result<(), String> {
+    /// Waits until a barrier that started after this call has completed (every caller waiting
+    /// at the same time shares that barrier). Errors carry the barrier's error. Used by work
+    /// that needs the data file itself durable (deferred cleanups, DEL of a key with an older
+    /// record); acknowledgements wait for the log instead ([`KvShard::log_commit`]).
+    pub async fn barrier(&self) -> Result<(), String> {
         let c = &self.committer;
         let need = c.started.get() + 1;
         if c.wanted.get() < need {
@@ -1240,6 +1350,8 @@ impl KvShard {
         }
     }
 
+    /// Runs the barriers waiters ask for; every period, commits the log (`everysec`) and runs
+    /// a barrier when deferred jobs wait for one.
     async fn committer_loop(self: Rc<Self>) {
         let c = &self.committer;
         let period = match self.geo.fsync {
@@ -1248,24 +1360,27 @@ impl KvShard {
         };
         let mut last = Instant::now();
         loop {
-            if c.wanted.get() <= c.completed.get() {
-                let now = Instant::now();
-                let deadline = last + period;
-                if now < deadline {
-                    let wait =
-                        c.wake.wait_for(|| (c.wanted.get() > c.completed.get()).then_some(()));
-                    futures_lite::future::or(wait, glommio::timer::sleep(deadline - now)).await;
-                    continue;
-                }
-                let periodic = (self.geo.fsync == Fsync::Everysec && c.writes.get() > 0)
-                    || !self.jobs.borrow().is_empty();
-                if !periodic {
-                    last = now;
-                    continue;
+            if c.wanted.get() > c.completed.get() {
+                self.run_barrier().await;
+                continue;
+            }
+            let now = Instant::now();
+            let deadline = last + period;
+            if now < deadline {
+                let wait = c.wake.wait_for(|| (c.wanted.get() > c.completed.get()).then_some(()));
+                futures_lite::future::or(wait, glommio::timer::sleep(deadline - now)).await;
+                continue;
+            }
+            last = now;
+            if self.geo.fsync == Fsync::Everysec && c.writes.get() > 0 {
+                c.writes.set(0);
+                if let Err(e) = self.log_commit().await {
+                    eprintln!("corebuf-kv: shard {}: {e}", self.shard.id());
                 }
             }
-            self.run_barrier().await;
-            last = Instant::now();
+            if !self.jobs.borrow().is_empty() {
+                self.run_barrier().await;
+            }
         }
     }
 
@@ -1273,7 +1388,6 @@ impl KvShard {
         let c = &self.committer;
         let n = c.started.get() + 1;
         c.started.set(n);
-        c.writes.set(0);
         let t0 = Instant::now();
         let result = self.shard.flush().await;
         c.latency_sum_us.set(c.latency_sum_us.get() + t0.elapsed().as_micros() as u64);
@@ -1410,6 +1524,7 @@ impl KvShard {
         }
         let _ = loaded;
         let barriers = self.committer.started.get();
+        let log = self.shard.log().map(|l| l.stats()).unwrap_or_default();
         InfoPart {
             shard: self.shard.id(),
             cache_hits: s.cache.hits,
@@ -1443,6 +1558,10 @@ impl KvShard {
             jobs: ((self.jobs.borrow().len() + self.due.borrow().len()) as u64, c.jobs_run.get()),
             out_of_space: c.out_of_space.get(),
             protocol_errors: c.protocol_errors.get(),
+            log_appends: log.log.appends,
+            log_commits: log.log.commits,
+            log_checkpoints: log.checkpoints,
+            log_used_bytes: log.used_bytes,
         }
     }
 }
