@@ -85,6 +85,11 @@ pub struct LogStats {
     pub staging_waits: u64,
     /// Times the start moved (checkpoints).
     pub start_moves: u64,
+    /// Microseconds the commit rounds took in all, from their first write to the end of their
+    /// flush (divide by `commits` for the mean).
+    pub commit_us_total: u64,
+    /// Microseconds the flushes of the commit rounds took in all.
+    pub flush_us_total: u64,
 }
 
 /// The mutable state; borrowed briefly, never across an await.
@@ -100,6 +105,12 @@ struct State {
     durable: u64,
     /// The highest position a commit waits for.
     wanted: u64,
+    /// Everything before this was handed to the queue for a commit (written, or being written).
+    written: u64,
+    /// Block writes handed to the queue and not completed.
+    writes_in_flight: usize,
+    /// A commit's flush is in flight.
+    flushing: bool,
     /// The first write or flush error: the log is failed from then on.
     failed: Option<crate::Error>,
     closing: bool,
@@ -130,8 +141,9 @@ struct Inner<D: Device> {
 ///    zero, so a commit can write the partial tail block as it is.
 /// 3. Only the writer task writes data blocks, in stream order; the queue's per-block order
 ///    keeps rewrites of the tail block in order.
-/// 4. A commit resolves only after a device flush that followed the writes of every byte
-///    before its target.
+/// 4. A commit resolves only after a device flush issued after the writes of every byte
+///    before its target completed. Flushes run one at a time; the next commit's writes may
+///    overlap a flush.
 /// 5. After the first write or flush error the log is failed: appends and commits return
 ///    [`LogError::Failed`]; nothing already durable is affected.
 ///
@@ -210,6 +222,9 @@ impl<D: Device + 'static> Log<D> {
                 submitted: head - head % block_bytes,
                 durable: head,
                 wanted: head,
+                written: head,
+                writes_in_flight: 0,
+                flushing: false,
                 failed: None,
                 closing: false,
                 writer_running: true,
@@ -504,7 +519,7 @@ impl<D: Device + 'static> Inner<D> {
                     let s = self.state.borrow();
                     if s.failed.is_some() {
                         Some(false)
-                    } else if s.submitted + self.block_bytes <= s.head || s.wanted > s.durable {
+                    } else if s.submitted + self.block_bytes <= s.head || s.wanted > s.written {
                         Some(true)
                     } else if s.closing {
                         Some(false)
@@ -517,29 +532,42 @@ impl<D: Device + 'static> Inner<D> {
                 break;
             }
             if let Err(e) = self.write_round().await {
-                self.state.borrow_mut().failed = Some(e);
-                self.changed.notify_all();
+                self.fail(e);
                 break;
             }
         }
+        // A flush still in flight settles its commit before the writer is gone.
+        self.changed.wait_for(|| (!self.state.borrow().flushing).then_some(())).await;
         self.state.borrow_mut().writer_running = false;
         self.changed.notify_all();
     }
 
+    /// Latches the first error: the log is failed from now on (invariant 5).
+    fn fail(&self, e: crate::Error) {
+        self.state.borrow_mut().failed.get_or_insert(e);
+        self.changed.notify_all();
+    }
+
     /// Hands every full block to the queue (write-behind); if a commit is wanted, also the
-    /// partial tail block, then waits for the writes and flushes once.
-    async fn write_round(&self) -> Result<(), crate::Error> {
+    /// partial tail block; waits for those writes, then starts the flush that completes the
+    /// commit and returns without waiting for it. So the next round's writes overlap this
+    /// round's flush, and rounds follow each other at the pace of the slower of the two; each
+    /// flush still follows the completion of every write its commit covers (invariant 4), and
+    /// flushes run one at a time, in order.
+    async fn write_round(self: &Rc<Self>) -> Result<(), crate::Error> {
         let bs = self.block_bytes;
         let mut target = None;
+        let started = Instant::now();
         loop {
             let mut request = self.queue.request().await;
             // Look at the state only after the await: appends may have run meanwhile.
             let (at, full) = {
-                let s = self.state.borrow();
+                let mut s = self.state.borrow_mut();
                 if s.submitted + bs <= s.head {
                     (s.submitted, true)
-                } else if target.is_none() && s.wanted > s.durable {
+                } else if target.is_none() && s.wanted > s.written {
                     target = Some(s.head);
+                    s.written = s.head;
                     if s.head == s.submitted {
                         continue; // the tail block is empty: the full blocks cover the commit
                     }
@@ -557,22 +585,58 @@ impl<D: Device + 'static> Inner<D> {
                     staging[slot..slot + bs as usize].fill(0);
                 }
             }
-            if full {
-                self.state.borrow_mut().submitted += bs;
-                self.changed.notify_all(); // staging room for waiting appends
+            {
+                let mut s = self.state.borrow_mut();
+                s.writes_in_flight += 1;
+                if full {
+                    s.submitted += bs;
+                }
             }
+            self.changed.notify_all(); // staging room for waiting appends
             self.stats.borrow_mut().block_writes += 1;
-            self.queue.write_back(request, self.device_block(at)).await?;
+            let me = Rc::clone(self);
+            let done = move |result: crate::Result<()>| {
+                me.state.borrow_mut().writes_in_flight -= 1;
+                if let Err(e) = result {
+                    me.fail(e);
+                }
+                me.changed.notify_all();
+            };
+            self.queue.write_back_then(request, self.device_block(at), Some(done)).await?;
         }
         let Some(target) = target else { return Ok(()) };
-        self.queue.sync().await?;
-        self.queue.flush().await?;
-        {
-            let mut s = self.state.borrow_mut();
-            s.durable = s.durable.max(target);
+        let ready = || {
+            let s = self.state.borrow();
+            (s.failed.is_some() || (s.writes_in_flight == 0 && !s.flushing)).then_some(())
+        };
+        self.changed.wait_for(ready).await;
+        if let Some(e) = self.state.borrow().failed.clone() {
+            return Err(e);
         }
-        self.stats.borrow_mut().commits += 1;
-        self.changed.notify_all();
+        self.state.borrow_mut().flushing = true;
+        let me = Rc::clone(self);
+        glommio::spawn_local(async move {
+            let flush_started = Instant::now();
+            let flushed = me.queue.flush().await;
+            {
+                let mut s = me.state.borrow_mut();
+                s.flushing = false;
+                if flushed.is_ok() {
+                    s.durable = s.durable.max(target);
+                }
+            }
+            match flushed {
+                Ok(()) => {
+                    let mut stats = me.stats.borrow_mut();
+                    stats.commits += 1;
+                    stats.commit_us_total += started.elapsed().as_micros() as u64;
+                    stats.flush_us_total += flush_started.elapsed().as_micros() as u64;
+                }
+                Err(e) => me.fail(e),
+            }
+            me.changed.notify_all();
+        })
+        .detach();
         Ok(())
     }
 
