@@ -157,7 +157,8 @@ impl Shard {
     ) -> Result<Rc<Shard>> {
         let device = DmaDevice::open(path).await?;
         let queue = IoQueue::new(device, builder.queue_config())?;
-        let partition = Partition::new(queue, builder.cache_config(), Hooks::default())?;
+        let hooks = Hooks { on_read: builder.read_hook(path), ..Hooks::default() };
+        let partition = Partition::new(queue, builder.cache_config(), hooks)?;
         let log = crate::log::ShardLog::open(id, builder, path).await?;
         let shard = Rc::new(Shard {
             id,

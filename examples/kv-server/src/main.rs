@@ -257,6 +257,10 @@ fn run(args: Args) -> Result<(), String> {
         .cache_size_bytes(args.cache_bytes)
         .shards(shards)
         .log_size_bytes(args.log_size)
+        // Checksums are verified when a block comes from the device, not on every cache hit.
+        .check_on_read(|block, data| {
+            format::check_block(block, data).map(|_| ()).map_err(|e| e.to_string())
+        })
         .build()
         .map_err(|e| format!("start the engine: {e}"))?;
     let client = engine.client();

@@ -683,7 +683,8 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
             s,
             "# Persistence\r\naof_enabled:1\r\nappendfsync:{}\r\nbarriers:{}\r\nbarrier_mean_us:{}\r\n\
              commit_waits:{}\r\nlog_appends:{}\r\nlog_commits:{}\r\nlog_checkpoints:{}\r\n\
-             log_used_bytes:{}\r\ndeferred_jobs_pending:{}\r\ndeferred_jobs_run:{}\r\nepoch:{}\r\n\r\n",
+             log_used_bytes:{}\r\nlog_commit_mean_us:{}\r\nlog_flush_mean_us:{}\r\n\
+             deferred_jobs_pending:{}\r\ndeferred_jobs_run:{}\r\nepoch:{}\r\n\r\n",
             geo.fsync,
             barriers,
             mean,
@@ -692,6 +693,8 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
             sum(|p| p.log_commits),
             sum(|p| p.log_checkpoints),
             sum(|p| p.log_used_bytes),
+            sum(|p| p.log_commit_us.0) / sum(|p| p.log_commits).max(1),
+            sum(|p| p.log_commit_us.1) / sum(|p| p.log_commits).max(1),
             sum(|p| p.jobs.0),
             sum(|p| p.jobs.1),
             geo.epoch

@@ -432,6 +432,8 @@ pub struct InfoPart {
     pub log_checkpoints: u64,
     /// Log bytes awaiting the next checkpoint.
     pub log_used_bytes: u64,
+    /// Microseconds of all log commit rounds / of their flushes.
+    pub log_commit_us: (u64, u64),
 }
 
 impl KvShard {
@@ -698,7 +700,7 @@ impl KvShard {
         expect_tag: Option<u64>,
     ) -> KvResult<Option<(format::RecordBlock, bool)>> {
         match expect_tag {
-            None => match format::check_block(block, data)? {
+            None => match format::check_block_cached(block, data)? {
                 Check::Zero => {
                     Ok(Some((format::RecordBlock { next: (0, 0), count: 0, used: 0 }, true)))
                 }
@@ -715,7 +717,7 @@ impl KvShard {
                 if data[..4] != format::MAGIC {
                     return Ok(None);
                 }
-                match format::check_block(block, data)? {
+                match format::check_block_cached(block, data)? {
                     Check::Valid(h) if h.kind == format::kind::OVERFLOW && h.tag == tag => {
                         Ok(Some((format::parse_record_block(block, data, loc.bucket_id)?, false)))
                     }
@@ -1053,7 +1055,7 @@ impl KvShard {
             let sess = self.shard.partition().session().await;
             let buf = sess.read(header).await?;
             let data = buf.data();
-            match format::check_block(header, &data) {
+            match format::check_block_cached(header, &data) {
                 Ok(Check::Valid(h)) if h.kind == format::kind::RANGE => {
                     if let Some(rh) = format::RangeHeader::decode(range, &data) {
                         let mut alloc = RangeAlloc { bitmap: rh.bitmap, keys: rh.keys };
@@ -1562,6 +1564,7 @@ impl KvShard {
             log_commits: log.log.commits,
             log_checkpoints: log.checkpoints,
             log_used_bytes: log.used_bytes,
+            log_commit_us: (log.log.commit_us_total, log.log.flush_us_total),
         }
     }
 }
