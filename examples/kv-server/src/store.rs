@@ -272,6 +272,9 @@ pub struct Counters {
     pub protocol_errors: Cell<u64>,
 }
 
+/// Records whose blocks replay starts reading ahead of the one it applies.
+const REPLAY_PREFETCH_RECORDS: usize = 256;
+
 /// What replaying one shard's log took.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayReport {
@@ -1279,7 +1282,24 @@ impl KvShard {
     }
 
     async fn apply_records(&self, records: &[corebuf::LogRecord]) -> Result<(), String> {
-        for record in records {
+        // Records are applied one after the other (a key's order matters), so each cache miss
+        // would be a device read at queue depth one. Reads of what the next records need start
+        // ahead instead: each range's header and bucket heads (a crash makes the first write
+        // rebuild the range from its chains) and each record's bucket head.
+        let mut ranges_prefetched = hashbrown::HashSet::new();
+        let mut prefetched = 0;
+        for (i, record) in records.iter().enumerate() {
+            while prefetched < records.len() && prefetched < i + REPLAY_PREFETCH_RECORDS {
+                if let Ok((_, key, _)) = logrec::decode(&records[prefetched].payload) {
+                    let loc = self.geo.locate(key);
+                    if ranges_prefetched.insert(loc.range) {
+                        let _ =
+                            self.shard.partition().prefetch(loc.range * RANGE_BLOCKS, POOL_START);
+                    }
+                    let _ = self.shard.partition().prefetch(loc.head, 1);
+                }
+                prefetched += 1;
+            }
             let (op, key, value) = logrec::decode(&record.payload)
                 .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
             let owner = self.owner_of_key(key);
