@@ -69,6 +69,10 @@ struct Args {
     /// engine's barrier) starts when a shard's log is half full; a full log makes writes wait.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     log_size: u64,
+    /// The write-ahead log file (created full of zeroes). Default: `<path>.log`; give one for a
+    /// block device, or to put the log on another device.
+    #[arg(long)]
+    log_path: Option<PathBuf>,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -234,6 +238,10 @@ fn open_superblock(file: &File, file_blocks: u64) -> Result<Superblock, String> 
 
 fn run(args: Args) -> Result<(), String> {
     let started = Instant::now();
+    if args.log_size < 64 << 10 {
+        // Without a log, acknowledged writes would not be durable.
+        return Err(format!("--log-size {}: at least 64K", args.log_size));
+    }
     // Every shard binds the port with SO_REUSEPORT, which would also let a second server
     // share it silently: first make sure nobody listens there.
     probe_port(&args.bind, args.port)?;
@@ -257,6 +265,11 @@ fn run(args: Args) -> Result<(), String> {
         .cache_size_bytes(args.cache_bytes)
         .shards(shards)
         .log_size_bytes(args.log_size)
+        .log_path(args.log_path.clone().unwrap_or_else(|| {
+            let mut name = args.path.as_os_str().to_owned();
+            name.push(".log");
+            PathBuf::from(name)
+        }))
         // Checksums are verified when a block comes from the device, not on every cache hit.
         .check_on_read(|block, data| {
             format::check_block(block, data).map(|_| ()).map_err(|e| e.to_string())
