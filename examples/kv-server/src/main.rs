@@ -73,6 +73,10 @@ struct Args {
     /// block device, or to put the log on another device.
     #[arg(long)]
     log_path: Option<PathBuf>,
+    /// Microseconds an idle shard spins before it parks its thread (the engine's
+    /// `spin_before_park`): cross-shard messages to a parked shard wait for a thread wake-up.
+    #[arg(long, default_value_t = 0)]
+    spin_us: u64,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -265,6 +269,7 @@ fn run(args: Args) -> Result<(), String> {
         .cache_size_bytes(args.cache_bytes)
         .shards(shards)
         .log_size_bytes(args.log_size)
+        .spin_before_park(Duration::from_micros(args.spin_us))
         .log_path(args.log_path.clone().unwrap_or_else(|| {
             let mut name = args.path.as_os_str().to_owned();
             name.push(".log");
