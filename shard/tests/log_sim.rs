@@ -508,7 +508,15 @@ fn a_clean_close_leaves_nothing_to_replay() {
         for i in 0..10 {
             log.append(&payload(i)).await.expect("append");
         }
-        log.close(true).await.expect("clean close");
+        let log = Rc::new(log);
+        let closing = {
+            let log = Rc::clone(&log);
+            glommio::spawn_local(async move { log.close(true).await })
+        };
+        // While the close commits, appends are refused: nothing may follow the end that the
+        // clean header will declare.
+        assert!(matches!(log.append(b"during close").await, Err(LogError::Closed)));
+        closing.await.expect("clean close");
         assert!(matches!(log.append(b"late").await, Err(LogError::Closed)));
         drop(log);
         let dev = reopen_device(dev.durable_image());

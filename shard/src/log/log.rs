@@ -342,12 +342,15 @@ impl<D: Device + 'static> Log<D> {
     /// fail with [`LogError::Closed`].
     pub async fn close(&self, clean: bool) -> Result<(), LogError> {
         let inner = &self.inner;
+        // Appends are refused from here on, so that nothing lands after the head a clean
+        // header declares to be the end. The writer still finishes the commit below: it stops
+        // only once it has no work left.
+        inner.state.borrow_mut().closing = true;
         let head = self.head();
         let mut result = self.commit(head).await;
         if clean && result.is_ok() {
             result = inner.move_start(head, true).await;
         }
-        inner.state.borrow_mut().closing = true;
         inner.changed.notify_all();
         inner.changed.wait_for(|| (!inner.state.borrow().writer_running).then_some(())).await;
         let synced = inner.queue.sync().await;
