@@ -1,6 +1,7 @@
 //! The engine's settings and their validation.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use corebuf_shard::cache::CacheConfig;
 use corebuf_shard::io::QueueConfig;
@@ -42,6 +43,22 @@ pub struct EngineBuilder {
     pub(crate) ring_credits: usize,
     pub(crate) poll_before_sleep: std::time::Duration,
     pub(crate) delivery_seed: Option<u64>,
+    pub(crate) log_size_bytes: u64,
+    pub(crate) log_path: Option<PathBuf>,
+    pub(crate) read_check: Option<ReadCheck>,
+}
+
+/// The function of [`EngineBuilder::check_on_read`].
+type ReadCheckFn = dyn Fn(u64, &[u8]) -> std::result::Result<(), String> + Send + Sync;
+
+/// A check of every block read from the device (see [`EngineBuilder::check_on_read`]).
+#[derive(Clone)]
+pub(crate) struct ReadCheck(pub(crate) Arc<ReadCheckFn>);
+
+impl std::fmt::Debug for ReadCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadCheck")
+    }
 }
 
 impl Default for EngineBuilder {
@@ -63,6 +80,9 @@ impl Default for EngineBuilder {
             ring_credits: 128,
             poll_before_sleep: DEFAULT_POLL_BEFORE_SLEEP,
             delivery_seed: None,
+            log_size_bytes: 0,
+            log_path: None,
+            read_check: None,
         }
     }
 }
@@ -180,8 +200,48 @@ impl EngineBuilder {
         self
     }
 
+    /// Bytes of each shard's write-ahead log region (see [`crate::ShardLog`]): a multiple of
+    /// the block size, at least 16 blocks. Default 0: no log.
+    pub fn log_size_bytes(mut self, bytes: u64) -> Self {
+        self.log_size_bytes = bytes;
+        self
+    }
+
+    /// The log file (created if missing). Default: the data path with `.log` appended.
+    pub fn log_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log_path = Some(path.into());
+        self
+    }
+
+    /// Checks every block as it is read from the device, before it is cached (a checksum,
+    /// say): an `Err(reason)` fails the read with an [`Error::Io`] of kind `InvalidData` that
+    /// names the block, and the block is not cached. Cache hits are not checked again. Default:
+    /// none.
+    pub fn check_on_read(
+        mut self,
+        check: impl Fn(u64, &[u8]) -> std::result::Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.read_check = Some(ReadCheck(Arc::new(check)));
+        self
+    }
+
     pub(crate) fn shard_count(&self) -> usize {
         self.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The partition's `on_read` hook for [`EngineBuilder::check_on_read`].
+    pub(crate) fn read_hook(
+        &self,
+        path: &std::path::Path,
+    ) -> Option<corebuf_shard::cache::ReadHook> {
+        let check = self.read_check.clone()?;
+        let (path, block_bytes) = (path.to_path_buf(), self.block_size_bytes as u64);
+        Some(Box::new(move |block, data| {
+            (check.0)(block, data).map_err(|reason| {
+                let source = std::io::Error::new(std::io::ErrorKind::InvalidData, reason);
+                Error::io(crate::IoOp::Read, &path, block * block_bytes, source).with_block(block)
+            })
+        }))
     }
 
     pub(crate) fn queue_config(&self) -> QueueConfig {

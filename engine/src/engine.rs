@@ -36,6 +36,7 @@ impl Engine {
     pub(crate) fn start(builder: EngineBuilder) -> Result<Engine> {
         let path = builder.validate()?;
         let shards = builder.shard_count();
+        crate::log::prepare_file(&builder, &path, shards)?;
         let mesh: Arc<Mesh<DmaDevice>> = Mesh::new(shards, builder.mesh_config());
         let cpus = allowed_cpus();
         let (started_tx, started_rx) = mpsc::channel::<(usize, Result<u64>)>();
@@ -56,6 +57,20 @@ impl Engine {
                     let _death = DeathWatch { mesh: Arc::clone(&shard_mesh), shard: id };
                     let opened = match DmaDevice::open(&shard_path).await {
                         Ok(device) => Shard::open(id, &shard_builder, device, shard_mesh),
+                        Err(e) => Err(e),
+                    };
+                    let opened = match opened {
+                        Ok(shard) => {
+                            match crate::log::ShardLog::open(id, &shard_builder, &shard_path).await
+                            {
+                                Ok(Some(log)) => {
+                                    shard.set_log(log);
+                                    Ok(shard)
+                                }
+                                Ok(None) => Ok(shard),
+                                Err(e) => Err(e),
+                            }
+                        }
                         Err(e) => Err(e),
                     };
                     let shard = match opened {

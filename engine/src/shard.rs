@@ -37,6 +37,8 @@ pub struct Shard<D: Device + 'static = DmaDevice> {
     port: Port<D>,
     barriers: Cell<u64>,
     barrier_latency_us: RefCell<corebuf_shard::io::LatencyHistogram>,
+    /// The shard's log, when the engine has one (set once, after the shard opens).
+    log: std::cell::OnceCell<crate::log::ShardLog>,
 }
 
 impl<D: Device + 'static> std::fmt::Debug for Shard<D> {
@@ -60,8 +62,10 @@ impl<D: Device + 'static> Shard<D> {
         device: D,
         mesh: Arc<Mesh<D>>,
     ) -> Result<Rc<Shard<D>>> {
+        let path = device.path().to_path_buf();
         let queue = IoQueue::new(device, builder.queue_config())?;
-        let partition = Partition::new(queue, builder.cache_config(), Hooks::default())?;
+        let hooks = Hooks { on_read: builder.read_hook(&path), ..Hooks::default() };
+        let partition = Partition::new(queue, builder.cache_config(), hooks)?;
         let router = Router::new(mesh.shards(), builder.range_blocks);
         Ok(Rc::new_cyclic(|me| Shard {
             id,
@@ -71,7 +75,13 @@ impl<D: Device + 'static> Shard<D> {
             router,
             barriers: Cell::new(0),
             barrier_latency_us: RefCell::new(new_histogram()),
+            log: std::cell::OnceCell::new(),
         }))
+    }
+
+    /// Gives the shard its log (once, right after it opens).
+    pub(crate) fn set_log(&self, log: crate::log::ShardLog) {
+        assert!(self.log.set(log).is_ok(), "a shard's log is set once");
     }
 
     pub(crate) fn port(&self) -> &Port<D> {
@@ -103,6 +113,12 @@ impl<D: Device + 'static> Shard<D> {
     /// operations for those.
     pub fn partition(&self) -> &Partition<D> {
         &self.partition
+    }
+
+    /// This shard's write-ahead log, when the engine was built with
+    /// [`EngineBuilder::log_size_bytes`](crate::EngineBuilder::log_size_bytes).
+    pub fn log(&self) -> Option<&crate::log::ShardLog> {
+        self.log.get()
     }
 
     /// The device size in blocks.
@@ -283,8 +299,13 @@ impl<D: Device + 'static> Shard<D> {
     /// (prefetches). The caller closes the device.
     pub(crate) async fn stop(&self) -> Result<()> {
         let flushed = self.partition.write_dirty().await;
+        let logged = match self.log.get() {
+            // Marked empty only if this shard's blocks are durable.
+            Some(log) => log.close(flushed.is_ok()).await,
+            None => Ok(()),
+        };
         let synced = self.partition.queue().sync().await;
-        flushed.and(synced)
+        flushed.and(logged).and(synced)
     }
 
     /// Copies the local `block` into `out`.

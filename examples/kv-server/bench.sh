@@ -60,7 +60,7 @@ wait_port() { # port
 }
 
 start_core() { # fsync cache-bytes size
-  rm -f "$BENCH_DIR/core.data"
+  rm -f "$BENCH_DIR/core.data" "$BENCH_DIR/core.data.log"
   "$BIN" --path "$BENCH_DIR/core.data" --size "$3" --port "$CORE_PORT" --shards "$SHARDS" \
     --cache-bytes "$2" --fsync "$1" >"$BENCH_DIR/core.out" 2>"$BENCH_DIR/core.err" &
   CORE_PID=$!

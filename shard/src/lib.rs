@@ -3,6 +3,7 @@
 //! - [`io`]: the device seam ([`io::Device`], with [`io::DmaDevice`] for production and
 //!   [`io::SimDevice`] for tests) and the per-shard asynchronous I/O queue ([`io::IoQueue`]),
 //!   libucw asio's contract on glommio.
+//! - [`log`]: the per-shard append-only log with group commit and checkpoints.
 //! - [`cache`]: the buffered block cache partition, dm-bufio's contract.
 //!
 //! Everything here runs inside one glommio executor; futures are not `Send`.
@@ -11,6 +12,7 @@
 pub mod cache;
 mod error;
 pub mod io;
+pub mod log;
 pub mod rng;
 mod wait;
 

@@ -853,6 +853,7 @@ fn on_alloc_runs_on_read_fill_and_new_and_on_write_checksums_each_write() {
         let writes = Rc::new(Cell::new(0u32));
         let (a, w) = (Rc::clone(&allocs), Rc::clone(&writes));
         let hooks: Hooks<u64> = Hooks {
+            on_read: None,
             on_alloc: Some(Box::new(move |block, data, aux: &mut u64| {
                 a.set(a.get() + 1);
                 *aux = block + 1000;

@@ -214,6 +214,7 @@ fn on_write_hook_panics_when_aux_is_borrowed_as_a_write_starts() {
     run(async {
         let dev = device(64, 0, 1);
         let hooks: Hooks<u64> = Hooks {
+            on_read: None,
             on_alloc: None,
             on_write: Some(Box::new(|_block, data, aux: &mut u64| {
                 *aux += 1;

@@ -245,6 +245,18 @@ pub enum Check {
 /// Checks the common header of `data` (read as block `block`): magic, version, checksum.
 /// A block that is all zeroes is [`Check::Zero`]; anything else that fails is corrupt.
 pub fn check_block(block: u64, data: &[u8]) -> Result<Check, Corrupt> {
+    check_block_with(block, data, true)
+}
+
+/// [`check_block`] without the checksum, for a block already in the cache: its checksum was
+/// verified when it was read from the device (the engine's `check_on_read` runs
+/// [`check_block`]), and the server seals every block it changes. Computing the CRC of a whole
+/// block on every cache hit cost 13 % of a GET.
+pub fn check_block_cached(block: u64, data: &[u8]) -> Result<Check, Corrupt> {
+    check_block_with(block, data, false)
+}
+
+fn check_block_with(block: u64, data: &[u8], verify_crc: bool) -> Result<Check, Corrupt> {
     if data[..4] != MAGIC {
         if is_zero(data) {
             return Ok(Check::Zero);
@@ -255,13 +267,15 @@ pub fn check_block(block: u64, data: &[u8]) -> Result<Check, Corrupt> {
     if version != FORMAT_VERSION {
         return Err(corrupt(block, format!("format version {version}, expected {FORMAT_VERSION}")));
     }
-    let stored = get_u32(data, CRC_AT);
-    let computed = block_crc(data);
-    if stored != computed {
-        return Err(corrupt(
-            block,
-            format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"),
-        ));
+    if verify_crc {
+        let stored = get_u32(data, CRC_AT);
+        let computed = block_crc(data);
+        if stored != computed {
+            return Err(corrupt(
+                block,
+                format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"),
+            ));
+        }
     }
     let header = Header { kind: data[6], block: get_u64(data, 8), tag: get_u64(data, 16) };
     if header.block != block {
@@ -757,7 +771,7 @@ pub fn check_extent<'a>(
     index: u32,
     expect_len: usize,
 ) -> Result<ExtentCheck<'a>, Corrupt> {
-    let header = match check_block(block, data)? {
+    let header = match check_block_cached(block, data)? {
         Check::Zero => return Ok(ExtentCheck::Missing),
         Check::Valid(h) => h,
     };
@@ -877,7 +891,13 @@ mod tests {
             check_extent(900, &vec![0; BLOCK_SIZE], 77, 5, 2, 7).unwrap(),
             ExtentCheck::Missing
         );
+        // A damaged payload is caught by the checksum when the block comes from the device
+        // (check_block, the engine's check_on_read); check_extent sees cached blocks only.
         data[EXTENT_HEADER] ^= 1;
+        assert!(check_block(900, &data).is_err());
+        assert!(check_extent(900, &data, 77, 5, 2, 7).is_ok());
+        // A wrong length with the right tag is corruption even in the cache.
+        put_u32(&mut data, 44, 9000);
         assert!(check_extent(900, &data, 77, 5, 2, 7).is_err());
     }
 }

@@ -19,10 +19,14 @@ struct Entry {
     changed: WaitList,
 }
 
+/// Idle entries kept for reuse, so that taking a lock allocates nothing once warm.
+const SPARE_ENTRIES_MAX: usize = 1024;
+
 /// The locks of one shard's buckets, by bucket id.
 #[derive(Debug, Default)]
 pub struct BucketLocks {
     map: RefCell<HashMap<u64, Rc<Entry>>>,
+    spare: RefCell<Vec<Rc<Entry>>>,
 }
 
 /// A held lock; dropping it releases the lock.
@@ -46,7 +50,14 @@ impl Drop for Waiting<'_> {
 
 impl BucketLocks {
     fn entry(&self, id: u64) -> Rc<Entry> {
-        Rc::clone(self.map.borrow_mut().entry(id).or_default())
+        let mut map = self.map.borrow_mut();
+        if let Some(entry) = map.get(&id) {
+            return Rc::clone(entry);
+        }
+        // An idle entry's counters are all zero and nobody waits on it: as good as new.
+        let entry = self.spare.borrow_mut().pop().unwrap_or_default();
+        map.insert(id, Rc::clone(&entry));
+        entry
     }
 
     /// Takes bucket `id`'s lock shared.
@@ -96,7 +107,11 @@ impl Drop for Guard<'_> {
             && self.entry.writers_waiting.get() == 0;
         // The map and this guard hold the only references: nobody waits for this bucket.
         if idle && Rc::strong_count(&self.entry) == 2 {
-            self.locks.map.borrow_mut().remove(&self.id);
+            let removed = self.locks.map.borrow_mut().remove(&self.id);
+            let mut spare = self.locks.spare.borrow_mut();
+            if let Some(entry) = removed.filter(|_| spare.len() < SPARE_ENTRIES_MAX) {
+                spare.push(entry);
+            }
         }
     }
 }

@@ -59,16 +59,29 @@ fn parse_count(line: &[u8]) -> Option<i64> {
 }
 
 /// Parses one command from the front of `buf`.
+#[cfg(test)]
 pub fn parse(buf: &[u8]) -> Parsed {
+    let mut args = Vec::new();
+    match parse_into(buf, &mut args) {
+        Parsed::Command { consumed, .. } => Parsed::Command { args, consumed },
+        other => other,
+    }
+}
+
+/// Parses one command from the front of `buf`, its argument ranges into `args` (cleared
+/// first, its capacity reused: no allocation per command). A `Command` it returns has an
+/// empty `args` of its own.
+pub fn parse_into(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
+    args.clear();
     let Some(&first) = buf.first() else { return Parsed::Incomplete };
     match first {
-        b'*' => parse_multibulk(buf),
+        b'*' => parse_multibulk(buf, args),
         b'\r' | b'\n' => {
             // Blank lines between commands are ignored, as Redis does.
             let n = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
             Parsed::Command { args: Vec::new(), consumed: n }
         }
-        b if b.is_ascii_alphabetic() => parse_inline(buf),
+        b if b.is_ascii_alphabetic() => parse_inline(buf, args),
         other => Parsed::Error(format!(
             "unexpected byte {} at the start of a request (expected '*' or a command name)",
             printable(other)
@@ -84,7 +97,7 @@ fn printable(b: u8) -> String {
     }
 }
 
-fn parse_multibulk(buf: &[u8]) -> Parsed {
+fn parse_multibulk(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
     let line_end = match find_crlf(buf, 1, MAX_COUNT_LINE) {
         Err(()) => return Parsed::Error("invalid multibulk length".into()),
         Ok(None) => return Parsed::Incomplete,
@@ -98,7 +111,6 @@ fn parse_multibulk(buf: &[u8]) -> Parsed {
     if count <= 0 {
         return Parsed::Command { args: Vec::new(), consumed: at };
     }
-    let mut args = Vec::with_capacity((count as usize).min(64));
     for _ in 0..count {
         let Some(&ty) = buf.get(at) else { return Parsed::Incomplete };
         if ty != b'$' {
@@ -126,10 +138,10 @@ fn parse_multibulk(buf: &[u8]) -> Parsed {
         args.push(start..start + len);
         at = start + len + 2;
     }
-    Parsed::Command { args, consumed: at }
+    Parsed::Command { args: Vec::new(), consumed: at }
 }
 
-fn parse_inline(buf: &[u8]) -> Parsed {
+fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Parsed {
     let limit = buf.len().min(MAX_INLINE + 1);
     let Some(nl) = buf[..limit].iter().position(|&b| b == b'\n') else {
         return if buf.len() > MAX_INLINE {
@@ -139,7 +151,6 @@ fn parse_inline(buf: &[u8]) -> Parsed {
         };
     };
     let line_end = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
-    let mut args = Vec::new();
     let mut i = 0;
     while i < line_end {
         while i < line_end && (buf[i] == b' ' || buf[i] == b'\t') {
@@ -153,7 +164,7 @@ fn parse_inline(buf: &[u8]) -> Parsed {
             args.push(start..i);
         }
     }
-    Parsed::Command { args, consumed: nl + 1 }
+    Parsed::Command { args: Vec::new(), consumed: nl + 1 }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,17 +184,36 @@ pub fn error(out: &mut Vec<u8>, message: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends the decimal digits of `n` (no allocation: replies are written per request).
+fn decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// `:n\r\n`.
 pub fn integer(out: &mut Vec<u8>, n: i64) {
     out.push(b':');
-    out.extend_from_slice(n.to_string().as_bytes());
+    if n < 0 {
+        out.push(b'-');
+    }
+    decimal(out, n.unsigned_abs());
     out.extend_from_slice(b"\r\n");
 }
 
 /// `$len\r\nbytes\r\n`.
 pub fn bulk(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'$');
-    out.extend_from_slice(bytes.len().to_string().as_bytes());
+    decimal(out, bytes.len() as u64);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(bytes);
     out.extend_from_slice(b"\r\n");
@@ -197,13 +227,27 @@ pub fn null(out: &mut Vec<u8>) {
 /// `*n\r\n`.
 pub fn array(out: &mut Vec<u8>, n: usize) {
     out.push(b'*');
-    out.extend_from_slice(n.to_string().as_bytes());
+    decimal(out, n as u64);
     out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_render_numbers_without_allocating_and_exactly() {
+        let mut out = Vec::new();
+        integer(&mut out, 0);
+        integer(&mut out, -42);
+        integer(&mut out, i64::MIN);
+        bulk(&mut out, b"hello");
+        array(&mut out, 1234567);
+        assert_eq!(
+            out,
+            b":0\r\n:-42\r\n:-9223372036854775808\r\n$5\r\nhello\r\n*1234567\r\n".to_vec()
+        );
+    }
 
     fn args(buf: &[u8]) -> Vec<&[u8]> {
         match parse(buf) {

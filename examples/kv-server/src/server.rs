@@ -4,8 +4,9 @@
 //! connections over the shards. A connection parses every complete command in its buffer,
 //! turns key commands into operations, groups them by owner shard (keeping each owner's order)
 //! and runs the groups at once: the local group in place, each remote group as one message.
-//! Replies are rendered in request order. Under `--fsync always` the replies of a batch that
-//! wrote anything are held until a barrier covering those writes has completed (group commit).
+//! Replies are rendered in request order. Under `--fsync always` each owner commits its log
+//! once for the group's writes before it answers (group commit: one log write and one flush
+//! cover every group waiting on that shard).
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use crate::store::{Cond, Fsync, InfoPart, KvShard};
 #[derive(Debug)]
 pub enum Op {
     /// GET / MGET element.
-    Get(Vec<u8>),
+    Get(Key),
     /// SET / MSET pair.
     Set(Vec<u8>, Vec<u8>, Cond),
     /// DEL of one key.
@@ -36,7 +37,42 @@ pub enum Op {
 impl Op {
     fn key(&self) -> &[u8] {
         match self {
-            Op::Get(k) | Op::Set(k, _, _) | Op::Del(k) | Op::Exists(k) => k,
+            Op::Get(k) => k.as_bytes(),
+            Op::Set(k, _, _) | Op::Del(k) | Op::Exists(k) => k,
+        }
+    }
+}
+
+/// Bytes of a key kept inside a [`Key`] without a heap allocation.
+const KEY_INLINE_BYTES: usize = 46;
+
+/// A key of a GET: short keys (the common case) live inline, so queuing a GET allocates
+/// nothing; longer ones go to the heap.
+#[derive(Debug)]
+pub enum Key {
+    /// Up to [`KEY_INLINE_BYTES`] bytes.
+    Inline(u8, [u8; KEY_INLINE_BYTES]),
+    /// A longer key.
+    Heap(Vec<u8>),
+}
+
+impl Key {
+    /// A copy of `key`.
+    pub fn new(key: &[u8]) -> Key {
+        if key.len() <= KEY_INLINE_BYTES {
+            let mut bytes = [0u8; KEY_INLINE_BYTES];
+            bytes[..key.len()].copy_from_slice(key);
+            Key::Inline(key.len() as u8, bytes)
+        } else {
+            Key::Heap(key.to_vec())
+        }
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline(len, bytes) => &bytes[..*len as usize],
+            Key::Heap(v) => v,
         }
     }
 }
@@ -46,6 +82,8 @@ impl Op {
 pub enum OpOut {
     /// A value or nil.
     Value(Option<Vec<u8>>),
+    /// A value found by a local GET, at this range of the connection's value buffer.
+    Local(Range<usize>),
     /// Whether it took effect (set, deleted, exists).
     Done(bool),
     /// An error message (with its `ERR` prefix).
@@ -55,16 +93,66 @@ pub enum OpOut {
 /// Runs operations in order on this shard (their owner).
 pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
     let mut out = Vec::with_capacity(ops.len());
+    let mut wrote = false;
     for op in ops {
+        wrote |= matches!(op, Op::Set(..) | Op::Del(..));
         let result = match op {
-            Op::Get(k) => kv.get(&k).await.map(OpOut::Value),
+            Op::Get(k) => kv.get(k.as_bytes()).await.map(OpOut::Value),
             Op::Set(k, v, c) => kv.set(&k, &v, c).await.map(OpOut::Done),
             Op::Del(k) => kv.del(&k).await.map(OpOut::Done),
             Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
         };
         out.push(result.unwrap_or_else(|e| OpOut::Err(e.to_string())));
     }
+    // fsync always: the group's writes are answered once the log has them durable; one
+    // commit for the group, shared with every other group waiting on this shard.
+    if wrote && kv.geo.fsync == Fsync::Always {
+        if let Err(e) = kv.log_commit().await {
+            // Never acknowledge what may not be durable.
+            eprintln!("corebuf-kv: shard {}: {e}", kv.shard.id());
+            let failed = format!("ERR {e}");
+            for o in out.iter_mut() {
+                if matches!(o, OpOut::Done(_)) {
+                    *o = OpOut::Err(failed.clone());
+                }
+            }
+        }
+    }
     out
+}
+
+/// Runs this shard's own operations of a batch (it owns their keys), draining `ops` into `out`
+/// in order. GET values go to `values` (the connection's buffer, reused from batch to batch):
+/// a GET of an inline value whose blocks are cached allocates nothing.
+async fn exec_local(kv: &KvShard, ops: &mut Vec<Op>, out: &mut Vec<OpOut>, values: &mut Vec<u8>) {
+    let mut wrote = false;
+    for op in ops.drain(..) {
+        wrote |= matches!(op, Op::Set(..) | Op::Del(..));
+        let result = match op {
+            Op::Get(k) => {
+                let start = values.len();
+                kv.get_into(k.as_bytes(), values).await.map(|found| match found {
+                    true => OpOut::Local(start..values.len()),
+                    false => OpOut::Value(None),
+                })
+            }
+            Op::Set(k, v, c) => kv.set(&k, &v, c).await.map(OpOut::Done),
+            Op::Del(k) => kv.del(&k).await.map(OpOut::Done),
+            Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
+        };
+        out.push(result.unwrap_or_else(|e| OpOut::Err(e.to_string())));
+    }
+    if wrote && kv.geo.fsync == Fsync::Always {
+        if let Err(e) = kv.log_commit().await {
+            eprintln!("corebuf-kv: shard {}: {e}", kv.shard.id());
+            let failed = format!("ERR {e}");
+            for o in out.iter_mut() {
+                if matches!(o, OpOut::Done(_)) {
+                    *o = OpOut::Err(failed.clone());
+                }
+            }
+        }
+    }
 }
 
 /// How to render a reply from operation results.
@@ -77,6 +165,10 @@ enum Item {
     AllOk(Range<usize>),
 }
 
+/// Capacity of the local GET value buffer a connection keeps between batches at most.
+const VALUES_KEEP: usize = 1 << 20;
+/// Arguments of a command that are sliced on the stack rather than in a `Vec`.
+const ARGV_INLINE: usize = 8;
 /// Operations per batch before it runs (bounds the memory of gathered values).
 const BATCH_OPS: usize = 256;
 /// Reply bytes buffered before they are written out mid-batch.
@@ -99,8 +191,15 @@ struct Conn {
     wbuf: Vec<u8>,
     ops: Vec<Op>,
     items: Vec<Item>,
-    /// Writes whose replies wait in `wbuf` for a barrier (fsync always).
-    uncommitted: bool,
+    /// Buffers kept from batch to batch (cleared, capacity reused): a batch of local GETs
+    /// allocates nothing once they have grown.
+    args: Vec<Range<usize>>,
+    results: Vec<Option<OpOut>>,
+    local_idx: Vec<usize>,
+    local_ops: Vec<Op>,
+    local_out: Vec<OpOut>,
+    /// Values of the local GETs of the current batch.
+    values: Vec<u8>,
 }
 
 /// Binds this shard's listener on `addr` (SO_REUSEPORT: every shard binds the same port) and
@@ -152,7 +251,12 @@ async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
                 wbuf: Vec::new(),
                 ops: Vec::new(),
                 items: Vec::new(),
-                uncommitted: false,
+                args: Vec::new(),
+                results: Vec::new(),
+                local_idx: Vec::new(),
+                local_ops: Vec::new(),
+                local_out: Vec::new(),
+                values: Vec::new(),
             };
             conn.serve().await;
             drop(conn);
@@ -196,10 +300,11 @@ impl Conn {
     /// Parses and executes every complete command in the read buffer.
     async fn process(&mut self) -> Flow {
         let rbuf = std::mem::take(&mut self.rbuf);
+        let mut args = std::mem::take(&mut self.args);
         let mut pos = 0;
         let mut flow = Flow::Continue;
         while pos < rbuf.len() {
-            match resp::parse(&rbuf[pos..]) {
+            match resp::parse_into(&rbuf[pos..], &mut args) {
                 Parsed::Incomplete => break,
                 Parsed::Error(msg) => {
                     let c = &self.kv.counters;
@@ -208,7 +313,7 @@ impl Conn {
                     flow = Flow::Close;
                     break;
                 }
-                Parsed::Command { args, consumed } => {
+                Parsed::Command { consumed, .. } => {
                     let base = pos;
                     pos += consumed;
                     if args.is_empty() {
@@ -216,9 +321,20 @@ impl Conn {
                     }
                     let c = &self.kv.counters;
                     c.commands.set(c.commands.get() + 1);
-                    let argv: Vec<&[u8]> =
-                        args.iter().map(|r| &rbuf[base + r.start..base + r.end]).collect();
-                    if self.command(&argv).await == Flow::Close {
+                    // Short commands (GET, SET) take their argument slices on the stack.
+                    let mut small: [&[u8]; ARGV_INLINE] = [&[]; ARGV_INLINE];
+                    let large: Vec<&[u8]>;
+                    let slice = |r: &Range<usize>| &rbuf[base + r.start..base + r.end];
+                    let argv: &[&[u8]] = if args.len() <= ARGV_INLINE {
+                        for (slot, r) in small.iter_mut().zip(&args) {
+                            *slot = slice(r);
+                        }
+                        &small[..args.len()]
+                    } else {
+                        large = args.iter().map(slice).collect();
+                        &large
+                    };
+                    if self.command(argv).await == Flow::Close {
                         flow = Flow::Close;
                         break;
                     }
@@ -233,6 +349,7 @@ impl Conn {
             }
         }
         self.run_batch().await;
+        self.args = args;
         self.rbuf = rbuf;
         self.rbuf.drain(..pos.min(self.rbuf.len()));
         if self.rbuf.capacity() > 4 * READ_CHUNK && self.rbuf.len() < READ_CHUNK {
@@ -241,17 +358,9 @@ impl Conn {
         flow
     }
 
-    /// Writes the buffered replies, after the barrier their writes need.
+    /// Writes the buffered replies (under `--fsync always` their writes were committed to the
+    /// log by their owners before the results came back).
     async fn flush(&mut self) -> Result<(), ()> {
-        if self.uncommitted && self.kv.geo.fsync == Fsync::Always {
-            if let Err(e) = self.kv.commit().await {
-                // The writes may not be durable: never acknowledge them. The client sees the
-                // connection drop, as it would if the server died.
-                eprintln!("corebuf-kv: closing a connection, its writes failed to commit: {e}");
-                return Err(());
-            }
-        }
-        self.uncommitted = false;
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -279,30 +388,34 @@ impl Conn {
     }
 
     /// Runs the pending operations (grouped by owner, groups concurrently) and renders every
-    /// pending reply in order.
+    /// pending reply in order. The local group runs in place on buffers the connection keeps
+    /// (no allocation per batch); each remote group is one message.
     async fn run_batch(&mut self) {
-        let ops = std::mem::take(&mut self.ops);
-        let mut results: Vec<Option<OpOut>> = Vec::new();
-        if !ops.is_empty() {
-            results = (0..ops.len()).map(|_| None).collect();
-            let kv = &self.kv;
-            let shards = kv.shard.shard_count();
-            let mut groups: Vec<(Vec<usize>, Vec<Op>)> =
-                (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
-            let writes: Vec<bool> =
-                ops.iter().map(|op| matches!(op, Op::Set(..) | Op::Del(..))).collect();
-            for (i, op) in ops.into_iter().enumerate() {
-                let owner = kv.owner_of_key(op.key());
-                groups[owner].0.push(i);
-                groups[owner].1.push(op);
-            }
+        let mut results = std::mem::take(&mut self.results);
+        results.clear();
+        self.values.clear();
+        if !self.ops.is_empty() {
+            results.resize_with(self.ops.len(), || None);
+            let kv = Rc::clone(&self.kv);
             let me = kv.shard.id();
-            let local = std::mem::take(&mut groups[me]);
-            let mut remote = Vec::new();
-            for (owner, (idx, ops)) in groups.into_iter().enumerate() {
-                if ops.is_empty() || owner == me {
+            let mut remote_groups: Vec<(usize, Vec<usize>, Vec<Op>)> = Vec::new();
+            for (i, op) in self.ops.drain(..).enumerate() {
+                let owner = kv.owner_of_key(op.key());
+                if owner == me {
+                    self.local_idx.push(i);
+                    self.local_ops.push(op);
                     continue;
                 }
+                match remote_groups.iter_mut().find(|g| g.0 == owner) {
+                    Some(group) => {
+                        group.1.push(i);
+                        group.2.push(op);
+                    }
+                    None => remote_groups.push((owner, vec![i], vec![op])),
+                }
+            }
+            let mut remote = Vec::new();
+            for (owner, idx, ops) in remote_groups {
                 kv.counters.remote_batches.set(kv.counters.remote_batches.get() + 1);
                 let shard = Rc::clone(&kv.shard);
                 let task = glommio::spawn_local(async move {
@@ -315,8 +428,9 @@ impl Conn {
                 });
                 remote.push((idx, task));
             }
-            if !local.1.is_empty() {
-                for (i, out) in local.0.into_iter().zip(exec_ops(Rc::clone(kv), local.1).await) {
+            if !self.local_ops.is_empty() {
+                exec_local(&kv, &mut self.local_ops, &mut self.local_out, &mut self.values).await;
+                for (i, out) in self.local_idx.drain(..).zip(self.local_out.drain(..)) {
                     results[i] = Some(out);
                 }
             }
@@ -334,19 +448,15 @@ impl Conn {
                     }
                 }
             }
-            // Replies to writes that took effect wait for a barrier (fsync always). A failed
-            // write may have changed something too (a cleanup, a rebuild): count it as well.
-            let changed = |r: &Option<OpOut>| !matches!(r, Some(OpOut::Done(false)));
-            if writes.iter().zip(&results).any(|(&w, r)| w && changed(r)) {
-                self.uncommitted = true;
-            }
         }
         let out = &mut self.wbuf;
+        let values = &self.values;
         let get = |i: usize| results[i].as_ref().unwrap_or(&OpOut::Done(false));
         for item in self.items.drain(..) {
             match item {
                 Item::Raw(bytes) => out.extend_from_slice(&bytes),
                 Item::Bulk(i) => match get(i) {
+                    OpOut::Local(range) => resp::bulk(out, &values[range.clone()]),
                     OpOut::Value(Some(v)) => resp::bulk(out, v),
                     OpOut::Value(None) => resp::null(out),
                     OpOut::Err(e) => resp::error(out, e),
@@ -356,7 +466,9 @@ impl Conn {
                     OpOut::Done(true) => resp::simple(out, "OK"),
                     OpOut::Done(false) => resp::null(out),
                     OpOut::Err(e) => resp::error(out, e),
-                    OpOut::Value(_) => resp::error(out, "ERR internal: unexpected result"),
+                    OpOut::Value(_) | OpOut::Local(_) => {
+                        resp::error(out, "ERR internal: unexpected result")
+                    }
                 },
                 Item::Count(range) | Item::AllOk(range)
                     if range.clone().any(|i| matches!(get(i), OpOut::Err(_))) =>
@@ -373,6 +485,11 @@ impl Conn {
                 }
                 Item::AllOk(_) => resp::simple(out, "OK"),
             }
+        }
+        results.clear();
+        self.results = results;
+        if self.values.capacity() > VALUES_KEEP {
+            self.values = Vec::new(); // a batch of large values: do not keep 16 MiB per idle connection
         }
     }
 
@@ -404,7 +521,7 @@ impl Conn {
                     self.push_raw(|out| resp::error(out, &e));
                     return Flow::Continue;
                 }
-                let i = self.push_op(Op::Get(args[0].to_vec()));
+                let i = self.push_op(Op::Get(Key::new(args[0])));
                 self.items.push(Item::Bulk(i));
             }
             b"set" => {
@@ -482,7 +599,7 @@ impl Conn {
                             return Flow::Close;
                         }
                     }
-                    let i = self.push_op(Op::Get(k.to_vec()));
+                    let i = self.push_op(Op::Get(Key::new(k)));
                     self.items.push(Item::Bulk(i));
                 }
             }
@@ -684,11 +801,19 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
         let _ = write!(
             s,
             "# Persistence\r\naof_enabled:1\r\nappendfsync:{}\r\nbarriers:{}\r\nbarrier_mean_us:{}\r\n\
-             commit_waits:{}\r\ndeferred_jobs_pending:{}\r\ndeferred_jobs_run:{}\r\nepoch:{}\r\n\r\n",
+             commit_waits:{}\r\nlog_appends:{}\r\nlog_commits:{}\r\nlog_checkpoints:{}\r\n\
+             log_used_bytes:{}\r\nlog_commit_mean_us:{}\r\nlog_flush_mean_us:{}\r\n\
+             deferred_jobs_pending:{}\r\ndeferred_jobs_run:{}\r\nepoch:{}\r\n\r\n",
             geo.fsync,
             barriers,
             mean,
             sum(|p| p.commit_waiters),
+            sum(|p| p.log_appends),
+            sum(|p| p.log_commits),
+            sum(|p| p.log_checkpoints),
+            sum(|p| p.log_used_bytes),
+            sum(|p| p.log_commit_us.0) / sum(|p| p.log_commits).max(1),
+            sum(|p| p.log_commit_us.1) / sum(|p| p.log_commits).max(1),
             sum(|p| p.jobs.0),
             sum(|p| p.jobs.1),
             geo.epoch

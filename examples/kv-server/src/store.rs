@@ -30,6 +30,7 @@ use hashbrown::HashMap;
 use crate::format::{self, Body, Check, Corrupt, ExtentCheck, RecordRef};
 use crate::format::{BUCKETS_PER_RANGE, POOL_START, RANGE_BLOCKS, RECORD_AREA};
 use crate::lock::BucketLocks;
+use crate::logrec;
 use crate::stop::StopSignal;
 
 /// A session of this shard's cache partition.
@@ -271,6 +272,24 @@ pub struct Counters {
     pub protocol_errors: Cell<u64>,
 }
 
+/// Records whose blocks replay starts reading ahead of the one it applies.
+const REPLAY_PREFETCH_RECORDS: usize = 256;
+
+/// What replaying one shard's log took.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    /// Records applied.
+    pub records: u64,
+    /// Bytes of log they took.
+    pub bytes: u64,
+    /// Reading and checking the log region.
+    pub scan: Duration,
+    /// Applying the records.
+    pub apply: Duration,
+    /// The checkpoint after them.
+    pub checkpoint: Duration,
+}
+
 /// One shard's store.
 pub struct KvShard {
     /// The engine shard this runs on.
@@ -296,6 +315,10 @@ pub struct KvShard {
     writers_idle: WaitList,
     /// Tells the main thread to stop the server (SHUTDOWN).
     pub stop_tx: mpsc::Sender<String>,
+    /// Set while the log is replayed: replayed changes are not logged again.
+    replaying: Cell<bool>,
+    /// The record being encoded (kept to reuse its capacity).
+    log_buf: RefCell<Vec<u8>>,
 }
 
 impl fmt::Debug for KvShard {
@@ -404,6 +427,16 @@ pub struct InfoPart {
     pub out_of_space: u64,
     /// Protocol errors.
     pub protocol_errors: u64,
+    /// Records appended to this shard's log.
+    pub log_appends: u64,
+    /// Group commits of the log (one flush each).
+    pub log_commits: u64,
+    /// Log checkpoints (barrier, then the log's start moves).
+    pub log_checkpoints: u64,
+    /// Log bytes awaiting the next checkpoint.
+    pub log_used_bytes: u64,
+    /// Microseconds of all log commit rounds / of their flushes.
+    pub log_commit_us: (u64, u64),
 }
 
 impl KvShard {
@@ -427,6 +460,8 @@ impl KvShard {
             writers_active: Cell::new(0),
             writers_idle: WaitList::default(),
             stop_tx,
+            replaying: Cell::new(false),
+            log_buf: RefCell::new(Vec::new()),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&kv)));
         glommio::spawn_local(Rc::clone(&kv).committer_loop()).detach();
@@ -468,6 +503,99 @@ impl KvShard {
     // -----------------------------------------------------------------------------------------
     // Operations (run on the key's owner).
 
+    /// GET appending the value to `out`; `Ok(true)` if the key was found. The hot path of a
+    /// local GET: nothing is allocated when the value is inline and its blocks are cached (lock
+    /// entries are pooled, records are parsed in place). A value in extent blocks is read by
+    /// [`KvShard::get`].
+    pub async fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> KvResult<bool> {
+        let loc = self.geo.locate(key);
+        let start = out.len();
+        let newest = {
+            let _lock = self.locks.read(loc.bucket_id).await;
+            let sess = self.shard.partition().session().await;
+            self.newest_inline_into(&sess, &loc, key, out).await?
+        };
+        let c = &self.counters;
+        match newest {
+            None => {
+                c.ops.set(c.ops.get() + 1);
+                c.misses.set(c.misses.get() + 1);
+                Ok(false)
+            }
+            Some(false) => {
+                c.ops.set(c.ops.get() + 1);
+                c.hits.set(c.hits.get() + 1);
+                Ok(true)
+            }
+            Some(true) => {
+                // The newest record keeps its value in extent blocks (and if that value is
+                // incomplete, an older record is the value): the general path.
+                out.truncate(start);
+                let value = self.get(key).await?;
+                if let Some(v) = &value {
+                    out.extend_from_slice(v);
+                }
+                Ok(value.is_some())
+            }
+        }
+    }
+
+    /// Walks `loc`'s chain for the newest record of `key`: `None` if there is none, else
+    /// whether it is an extent record (`true`) or inline, its value then appended to `out`.
+    async fn newest_inline_into(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        key: &[u8],
+        out: &mut Vec<u8>,
+    ) -> KvResult<Option<bool>> {
+        let start = out.len();
+        let mut best: Option<(u64, bool)> = None;
+        let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
+        loop {
+            let buf = sess.read(block).await?;
+            let next = {
+                let data = buf.data();
+                let Some((rbk, _)) = self.check_chain_block(loc, block, &data, expect_tag)? else {
+                    break;
+                };
+                let end = format::RECORD_BLOCK_HEADER + rbk.used;
+                let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
+                while at < end {
+                    let rec = format::parse_record(block, &data, at, end)?;
+                    at += rec.len;
+                    count += 1;
+                    let newer = best.is_none_or(|(version, _)| rec.version > version);
+                    if !newer || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
+                        continue;
+                    }
+                    out.truncate(start);
+                    best = Some((rec.version, matches!(rec.body, Body::Extents(..))));
+                    if let Body::Inline(at) = rec.body {
+                        out.extend_from_slice(&data[at..at + rec.value_len]);
+                    }
+                }
+                if count != rbk.count {
+                    let why = format!("{count} records, header says {}", rbk.count);
+                    return Err(format::corrupt(block, why).into());
+                }
+                rbk.next
+            };
+            drop(buf);
+            blocks += 1;
+            if next.0 == 0 {
+                break;
+            }
+            self.check_link(loc, block, next.0)?;
+            if blocks > RANGE_BLOCKS {
+                return Err(format::corrupt(loc.head, "bucket chain loops").into());
+            }
+            block = next.0;
+            expect_tag = Some(next.1);
+        }
+        Ok(best.map(|(_, extent)| extent))
+    }
+
     /// The value of `key`.
     pub async fn get(&self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
         self.counters.ops.set(self.counters.ops.get() + 1);
@@ -507,7 +635,13 @@ impl KvShard {
                 let _token = self.begin_write()?;
                 self.ensure_loaded(loc.range).await?;
                 let _lock = self.locks.write(loc.bucket_id).await;
-                self.set_locked(&loc, key, value, cond).await
+                let set = self.set_locked(&loc, key, value, cond).await;
+                if let Ok(true) = set {
+                    // After the change is in the cache, under the bucket lock: the log's
+                    // order is the order of the changes (see corebuf::ShardLog's contract).
+                    self.log_record(logrec::Op::Set, key, value).await?;
+                }
+                set
             };
             match result {
                 Err(KvError::OutOfSpace(_)) if !retried && self.jobs_pending() => {
@@ -614,12 +748,13 @@ impl KvShard {
             }
         };
         if newest.is_some() {
-            self.commit().await.map_err(KvError::Engine)?;
+            self.barrier().await.map_err(KvError::Engine)?;
             let sess = self.shard.partition().session().await;
             self.remove_where(&sess, &loc, |k, _| k == key, true).await?;
         }
         self.add_keys(loc.range, -1);
         self.note_write();
+        self.log_record(logrec::Op::Del, key, &[]).await?;
         Ok(true)
     }
 
@@ -661,7 +796,7 @@ impl KvShard {
         expect_tag: Option<u64>,
     ) -> KvResult<Option<(format::RecordBlock, bool)>> {
         match expect_tag {
-            None => match format::check_block(block, data)? {
+            None => match format::check_block_cached(block, data)? {
                 Check::Zero => {
                     Ok(Some((format::RecordBlock { next: (0, 0), count: 0, used: 0 }, true)))
                 }
@@ -678,7 +813,7 @@ impl KvShard {
                 if data[..4] != format::MAGIC {
                     return Ok(None);
                 }
-                match format::check_block(block, data)? {
+                match format::check_block_cached(block, data)? {
                     Check::Valid(h) if h.kind == format::kind::OVERFLOW && h.tag == tag => {
                         Ok(Some((format::parse_record_block(block, data, loc.bucket_id)?, false)))
                     }
@@ -1016,7 +1151,7 @@ impl KvShard {
             let sess = self.shard.partition().session().await;
             let buf = sess.read(header).await?;
             let data = buf.data();
-            match format::check_block(header, &data) {
+            match format::check_block_cached(header, &data) {
                 Ok(Check::Valid(h)) if h.kind == format::kind::RANGE => {
                     if let Some(rh) = format::RangeHeader::decode(range, &data) {
                         let mut alloc = RangeAlloc { bitmap: rh.bitmap, keys: rh.keys };
@@ -1190,6 +1325,94 @@ impl KvShard {
     }
 
     // -----------------------------------------------------------------------------------------
+    // The write-ahead log.
+
+    /// Appends the record of a change just made in the cache (nothing while replaying).
+    async fn log_record(&self, op: logrec::Op, key: &[u8], value: &[u8]) -> KvResult<()> {
+        if self.replaying.get() {
+            return Ok(());
+        }
+        let Some(log) = self.shard.log() else { return Ok(()) };
+        // Taken out of the cell for the await: another task may log meanwhile.
+        let mut buf = std::mem::take(&mut *self.log_buf.borrow_mut());
+        logrec::encode(&mut buf, op, key, value);
+        let appended = log.append(&buf).await;
+        *self.log_buf.borrow_mut() = buf;
+        appended.map(|_| ()).map_err(|e| KvError::Engine(format!("log append: {e}")))
+    }
+
+    /// Waits until every record appended on this shard so far is durable (group commit: the
+    /// callers waiting together share one write and one flush of the log).
+    pub async fn log_commit(&self) -> Result<(), String> {
+        let Some(log) = self.shard.log() else { return Ok(()) };
+        self.committer.waiters_served.set(self.committer.waiters_served.get() + 1);
+        log.commit_all().await.map_err(|e| format!("log commit failed: {e}"))
+    }
+
+    /// Applies this shard's log records (what was acknowledged after the last checkpoint),
+    /// then checkpoints, so the log starts empty. Runs before the server accepts connections.
+    pub async fn replay_log(&self) -> Result<ReplayReport, String> {
+        let Some(log) = self.shard.log() else { return Ok(ReplayReport::default()) };
+        let Some(replay) = log.take_replay() else { return Ok(ReplayReport::default()) };
+        let mut report = ReplayReport {
+            records: replay.records.len() as u64,
+            bytes: replay.end_lsn - replay.start_lsn,
+            scan: replay.scan_time,
+            ..ReplayReport::default()
+        };
+        let started = Instant::now();
+        self.replaying.set(true);
+        let applied = self.apply_records(&replay.records).await;
+        self.replaying.set(false);
+        applied?;
+        report.apply = started.elapsed();
+        if report.records > 0 {
+            let started = Instant::now();
+            log.checkpoint().await.map_err(|e| format!("checkpoint after replay: {e}"))?;
+            report.checkpoint = started.elapsed();
+        }
+        Ok(report)
+    }
+
+    async fn apply_records(&self, records: &[corebuf::LogRecord]) -> Result<(), String> {
+        // Records are applied one after the other (a key's order matters), so each cache miss
+        // would be a device read at queue depth one. Reads of what the next records need start
+        // ahead instead: each range's header and bucket heads (a crash makes the first write
+        // rebuild the range from its chains) and each record's bucket head.
+        let mut ranges_prefetched = hashbrown::HashSet::new();
+        let mut prefetched = 0;
+        for (i, record) in records.iter().enumerate() {
+            while prefetched < records.len() && prefetched < i + REPLAY_PREFETCH_RECORDS {
+                if let Ok((_, key, _)) = logrec::decode(&records[prefetched].payload) {
+                    let loc = self.geo.locate(key);
+                    if ranges_prefetched.insert(loc.range) {
+                        let _ =
+                            self.shard.partition().prefetch(loc.range * RANGE_BLOCKS, POOL_START);
+                    }
+                    let _ = self.shard.partition().prefetch(loc.head, 1);
+                }
+                prefetched += 1;
+            }
+            let (op, key, value) = logrec::decode(&record.payload)
+                .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
+            let owner = self.owner_of_key(key);
+            if owner != self.shard.id() {
+                return Err(format!(
+                    "log record at position {} is for a key of shard {owner}, not {}",
+                    record.lsn,
+                    self.shard.id()
+                ));
+            }
+            let applied = match op {
+                logrec::Op::Set => self.set(key, value, Cond::Always).await.map(|_| ()),
+                logrec::Op::Del => self.del(key).await.map(|_| ()),
+            };
+            applied.map_err(|e| format!("replaying the log record at {}: {e}", record.lsn))?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Deferred jobs and group commit.
 
     fn note_write(&self) {
@@ -1209,7 +1432,7 @@ impl KvShard {
     /// after one more barrier, so this takes up to three rounds.
     async fn settle(&self) -> KvResult<()> {
         for _ in 0..3 {
-            self.commit().await.map_err(KvError::Engine)?;
+            self.barrier().await.map_err(KvError::Engine)?;
             self.jobs_idle
                 .wait_for(|| {
                     (self.due.borrow().is_empty() && !self.runner_busy.get()).then_some(())
@@ -1222,9 +1445,11 @@ impl KvShard {
         Ok(())
     }
 
-    /// Waits until a barrier that started after this call has completed (group commit: every
-    /// writer waiting at the same time shares that barrier). Errors carry the barrier's error.
-    pub async fn commit(&self) -> Result<(), String> {
+    /// Waits until a barrier that started after this call has completed (every caller waiting
+    /// at the same time shares that barrier). Errors carry the barrier's error. Used by work
+    /// that needs the data file itself durable (deferred cleanups, DEL of a key with an older
+    /// record); acknowledgements wait for the log instead ([`KvShard::log_commit`]).
+    pub async fn barrier(&self) -> Result<(), String> {
         let c = &self.committer;
         let need = c.started.get() + 1;
         if c.wanted.get() < need {
@@ -1240,6 +1465,8 @@ impl KvShard {
         }
     }
 
+    /// Runs the barriers waiters ask for; every period, commits the log (`everysec`) and runs
+    /// a barrier when deferred jobs wait for one.
     async fn committer_loop(self: Rc<Self>) {
         let c = &self.committer;
         let period = match self.geo.fsync {
@@ -1248,24 +1475,27 @@ impl KvShard {
         };
         let mut last = Instant::now();
         loop {
-            if c.wanted.get() <= c.completed.get() {
-                let now = Instant::now();
-                let deadline = last + period;
-                if now < deadline {
-                    let wait =
-                        c.wake.wait_for(|| (c.wanted.get() > c.completed.get()).then_some(()));
-                    futures_lite::future::or(wait, glommio::timer::sleep(deadline - now)).await;
-                    continue;
-                }
-                let periodic = (self.geo.fsync == Fsync::Everysec && c.writes.get() > 0)
-                    || !self.jobs.borrow().is_empty();
-                if !periodic {
-                    last = now;
-                    continue;
+            if c.wanted.get() > c.completed.get() {
+                self.run_barrier().await;
+                continue;
+            }
+            let now = Instant::now();
+            let deadline = last + period;
+            if now < deadline {
+                let wait = c.wake.wait_for(|| (c.wanted.get() > c.completed.get()).then_some(()));
+                futures_lite::future::or(wait, glommio::timer::sleep(deadline - now)).await;
+                continue;
+            }
+            last = now;
+            if self.geo.fsync == Fsync::Everysec && c.writes.get() > 0 {
+                c.writes.set(0);
+                if let Err(e) = self.log_commit().await {
+                    eprintln!("corebuf-kv: shard {}: {e}", self.shard.id());
                 }
             }
-            self.run_barrier().await;
-            last = Instant::now();
+            if !self.jobs.borrow().is_empty() {
+                self.run_barrier().await;
+            }
         }
     }
 
@@ -1273,7 +1503,6 @@ impl KvShard {
         let c = &self.committer;
         let n = c.started.get() + 1;
         c.started.set(n);
-        c.writes.set(0);
         let t0 = Instant::now();
         let result = self.shard.flush().await;
         c.latency_sum_us.set(c.latency_sum_us.get() + t0.elapsed().as_micros() as u64);
@@ -1410,6 +1639,7 @@ impl KvShard {
         }
         let _ = loaded;
         let barriers = self.committer.started.get();
+        let log = self.shard.log().map(|l| l.stats()).unwrap_or_default();
         InfoPart {
             shard: self.shard.id(),
             cache_hits: s.cache.hits,
@@ -1443,6 +1673,11 @@ impl KvShard {
             jobs: ((self.jobs.borrow().len() + self.due.borrow().len()) as u64, c.jobs_run.get()),
             out_of_space: c.out_of_space.get(),
             protocol_errors: c.protocol_errors.get(),
+            log_appends: log.log.appends,
+            log_commits: log.log.commits,
+            log_checkpoints: log.checkpoints,
+            log_used_bytes: log.used_bytes,
+            log_commit_us: (log.log.commit_us_total, log.log.flush_us_total),
         }
     }
 }

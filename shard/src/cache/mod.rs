@@ -13,5 +13,5 @@ mod table;
 
 pub use arena::{FrameMut, FrameRef};
 pub use config::CacheConfig;
-pub use partition::{BufRef, Hook, Hooks, Partition, Session};
+pub use partition::{BufRef, Hook, Hooks, Partition, ReadHook, Session};
 pub use stats::CacheStats;

@@ -15,6 +15,9 @@ use crate::wait::{FifoGate, WaitList};
 /// A hook called with a buffer's block number, bytes and aux data.
 pub type Hook<A> = Box<dyn Fn(u64, &mut [u8], &mut A)>;
 
+/// A hook that checks a block's bytes as they arrive from the device; an error fails the read.
+pub type ReadHook = Box<dyn Fn(u64, &[u8]) -> Result<()>>;
+
 /// The caller's hooks, as dm-bufio's `alloc_callback` and `write_callback`.
 pub struct Hooks<A> {
     /// Called when a buffer is (re)initialised for a block: after its read completes, or when
@@ -23,11 +26,15 @@ pub struct Hooks<A> {
     /// Called just before each write of a buffer is submitted, with the bytes that will be
     /// written (a checksum written here goes to disk and stays in the cache).
     pub on_write: Option<Hook<A>>,
+    /// Called when a read from the device completes, before anyone sees the bytes (checksum
+    /// verification, as dm-verity does): an error fails the read, the buffer is not cached,
+    /// and a later read tries the device again. Cache hits do not call it.
+    pub on_read: Option<ReadHook>,
 }
 
 impl<A> Default for Hooks<A> {
     fn default() -> Self {
-        Hooks { on_alloc: None, on_write: None }
+        Hooks { on_alloc: None, on_write: None, on_read: None }
     }
 }
 
@@ -36,6 +43,7 @@ impl<A> std::fmt::Debug for Hooks<A> {
         f.debug_struct("Hooks")
             .field("on_alloc", &self.on_alloc.is_some())
             .field("on_write", &self.on_write.is_some())
+            .field("on_read", &self.on_read.is_some())
             .finish()
     }
 }
@@ -419,6 +427,12 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         if let Err(e) = self.queue.read(&mut request, block).await {
             self.table.borrow_mut().stats.read_errors += 1;
             return Err(e);
+        }
+        if let Some(check) = &self.hooks.on_read {
+            if let Err(e) = check(block, request.data()) {
+                self.table.borrow_mut().stats.read_errors += 1;
+                return Err(e);
+            }
         }
         {
             let mut data = self.arena.try_borrow_mut(frame).expect("a READING frame is never lent");
