@@ -77,9 +77,9 @@ use device::{expect_injected, LedgerDevice, Place, Probe};
 use model::Model;
 use ops::Op;
 
-/// Seeds run by default: under a minute in a debug build on the 2-core reference machine
-/// (about 0.2 s of CPU per seed); CI runs 1000 more in release.
-const DEFAULT_SEEDS: u64 = 400;
+/// Seeds run by default: under a minute in a debug build on the 2-core reference machine when
+/// it is not shared (about 0.18 s of CPU per seed); CI runs 1000 more in release.
+const DEFAULT_SEEDS: u64 = 300;
 /// A seed that runs longer than this in wall time fails (a hang the yield watchdog missed).
 const SEED_TIMEOUT: Duration = Duration::from_secs(120);
 /// Controller yields without any operation completing before the run is declared stuck.
