@@ -59,13 +59,11 @@
 mod device;
 mod model;
 mod ops;
+mod runner;
 
 use std::cell::{Cell, RefCell, RefMut};
-use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use corebuf::io::{SimDevice, SimOptions};
 use corebuf::{Client, Engine, Error, IoOp, LocalEngine, Router, Shard};
@@ -76,12 +74,11 @@ use futures_lite::future::yield_now;
 use device::{expect_injected, LedgerDevice, Place, Probe};
 use model::Model;
 use ops::Op;
+use runner::{env_u64, run_seed, SeedRunner};
 
-/// Seeds run by default: under a minute in a debug build on the 2-core reference machine
-/// (about 0.2 s of CPU per seed); CI runs 1000 more in release.
-const DEFAULT_SEEDS: u64 = 400;
-/// A seed that runs longer than this in wall time fails (a hang the yield watchdog missed).
-const SEED_TIMEOUT: Duration = Duration::from_secs(120);
+/// Seeds run by default: under a minute in a debug build on the 2-core reference machine when
+/// it is not shared (about 0.18 s of CPU per seed); CI runs 1000 more in release.
+const DEFAULT_SEEDS: u64 = 300;
 /// Controller yields without any operation completing before the run is declared stuck.
 const STALL_YIELDS_MAX: u64 = 200_000;
 
@@ -89,9 +86,6 @@ const BS: usize = 4096;
 const SECTORS: usize = BS / STAMP_SECTOR_BYTES;
 
 type Sh = Shard<LedgerDevice>;
-
-/// What each running seed's controller is doing (for the report of a hang).
-static PHASES: Mutex<BTreeMap<u64, String>> = Mutex::new(BTreeMap::new());
 
 // ---------------------------------------------------------------------------------------------
 // Parameters.
@@ -289,8 +283,7 @@ impl World {
 
     /// Notes what the controller is doing, for the report of a seed that hangs.
     fn phase(&self, what: &str) {
-        let phase = format!("generation {}: {what}", self.generation.get());
-        PHASES.lock().unwrap().insert(self.seed, phase);
+        runner::set_phase(self.seed, format!("generation {}: {what}", self.generation.get()));
     }
 
     fn record(&self, op: u64, outcome: u64) {
@@ -819,62 +812,7 @@ async fn simulate(seed: u64) -> (Totals, u64) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The runner: seeds on threads, one executor per thread, failures name their seed.
-
-fn new_executor() -> glommio::LocalExecutor {
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .make()
-        .expect("a glommio executor (needs RLIMIT_MEMLOCK)")
-}
-
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
-/// Runs seeds one after another on one executor. glommio 0.9 leaks an eventfd for every
-/// executor it makes (even one that runs an empty future), and this machine's hard limit is
-/// 20 000 descriptors: an executor per seed ran out after 19 988 seeds. Reuse cannot carry
-/// state from one seed to the next: every task of a seed ends with it (the generation checks
-/// that nothing holds its engine or its shards any more). A seed that panics takes its
-/// executor with it.
-#[derive(Default)]
-struct SeedRunner {
-    executor: Option<glommio::LocalExecutor>,
-}
-
-impl SeedRunner {
-    fn run(&mut self, seed: u64) -> std::result::Result<(Totals, u64), String> {
-        let executor = self.executor.get_or_insert_with(new_executor);
-        let run = std::panic::AssertUnwindSafe(|| executor.run(simulate(seed)));
-        std::panic::catch_unwind(run).map_err(|panic| {
-            self.executor = None;
-            panic_message(panic)
-        })
-    }
-}
-
-/// Runs one seed on a fresh thread and executor, as a replay does.
-fn run_seed(seed: u64) -> std::result::Result<(Totals, u64), String> {
-    let handle = std::thread::Builder::new()
-        .name(format!("sim-seed-{seed}"))
-        .spawn(move || new_executor().run(simulate(seed)))
-        .expect("spawn a simulation thread");
-    handle.join().map_err(panic_message)
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v}: not a number")))
-}
-
-fn replay_hint(seed: u64) -> String {
-    format!("replay: SEED={seed} cargo test -p corebuf-tests --test sim_engine")
-}
+// The tests.
 
 #[test]
 fn the_engine_survives_faults_and_crashes_for_many_seeds() {
@@ -888,70 +826,8 @@ fn the_engine_survives_faults_and_crashes_for_many_seeds() {
             (base..base + env_u64("SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect()
         }
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len());
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let running: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
-    let (done_tx, done_rx) = mpsc::channel();
-    for _ in 0..threads {
-        let (seeds, next, running, done) =
-            (seeds.clone(), Arc::clone(&next), Arc::clone(&running), done_tx.clone());
-        std::thread::spawn(move || {
-            let mut runner = SeedRunner::default();
-            loop {
-                let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::SeqCst)) else { return };
-                running.lock().unwrap().push((seed, Instant::now()));
-                let result = runner.run(seed);
-                running.lock().unwrap().retain(|&(s, _)| s != seed);
-                PHASES.lock().unwrap().remove(&seed);
-                if done.send((seed, result)).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(done_tx);
-    let mut totals = Totals::default();
-    let keep_going = std::env::var("SIM_KEEP_GOING").is_ok();
-    let mut failed: Vec<(u64, String)> = Vec::new();
-    for _ in 0..seeds.len() {
-        let (seed, result) = loop {
-            match done_rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(answer) => break answer,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let running = running.lock().unwrap();
-                    if let Some(&(seed, since)) =
-                        running.iter().find(|(_, since)| since.elapsed() > SEED_TIMEOUT)
-                    {
-                        let phase = PHASES.lock().unwrap().get(&seed).cloned();
-                        panic!(
-                            "seed {seed} still running after {:?}: a hang (last phase: {}).\n{}",
-                            since.elapsed(),
-                            phase.as_deref().unwrap_or("not started"),
-                            replay_hint(seed)
-                        );
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => panic!("a runner thread died"),
-            }
-        };
-        match result {
-            Ok((seed_totals, _digest)) => totals.add(&seed_totals),
-            Err(message) if keep_going => {
-                eprintln!("seed {seed} failed: {}", message.lines().next().unwrap_or(""));
-                failed.push((seed, message));
-            }
-            Err(message) => panic!("seed {seed} failed: {message}\n{}", replay_hint(seed)),
-        }
-    }
-    if let Some((seed, message)) = failed.iter().min_by_key(|(seed, _)| *seed) {
-        panic!(
-            "{} of {} seeds failed; the first, seed {seed}: {message}\n{}",
-            failed.len(),
-            seeds.len(),
-            replay_hint(*seed)
-        );
-    }
+    let (totals, threads) = runner::run_many(&seeds);
     eprintln!(
         "sim_engine: {} seeds in {:.1?} on {threads} threads: {}",
         seeds.len(),
