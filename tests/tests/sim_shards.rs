@@ -115,8 +115,8 @@ impl Device for LedgerDevice {
         self.sim.alloc_buf(len)
     }
 
-    async fn read_at(&self, offset: u64, buf: &mut SimBuf) -> Result<()> {
-        let result = self.sim.read_at(offset, buf).await;
+    async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let result = self.sim.read_at(offset, dst).await;
         if let Err(e) = &result {
             expect_injected(e, IoOp::Read);
             self.ledger.borrow_mut().read_faults += 1;
