@@ -1,10 +1,13 @@
 //! The frame arena: every buffer's bytes in one aligned allocation made when the partition
-//! is built, plus a per-frame borrow flag so that handing out `&[u8]` / `&mut [u8]` from it is
-//! sound.
+//! is built, plus a per-frame borrow flag (kept in the frame's [`Hot`] record, the cache line
+//! a hit already touches) so that handing out `&[u8]` / `&mut [u8]` from it is sound.
 
 use std::alloc::{self, Layout};
 use std::cell::Cell;
 use std::ptr::NonNull;
+use std::rc::Rc;
+
+use super::frame::Hot;
 
 /// Alignment of every frame: a page, so any device's `O_DIRECT` alignment is met.
 const FRAME_ALIGNMENT: usize = 4096;
@@ -12,21 +15,22 @@ const FRAME_ALIGNMENT: usize = 4096;
 /// `frame_count` frames of `frame_bytes` each.
 ///
 /// Two invariants:
-/// 1. `borrows[i]` is 0 when frame `i` is not borrowed, `n > 0` while `n` shared borrows are
-///    alive, and -1 while one mutable borrow is alive.
+/// 1. The borrow flag of frame `i` (`hot[i]`) is 0 when the frame is not borrowed, `n > 0`
+///    while `n` shared borrows are alive (at most `i16::MAX`), and -1 while one mutable borrow
+///    is alive.
 /// 2. Bytes of frame `i` are only reachable through a [`FrameRef`] or [`FrameMut`], which
 ///    maintain (1).
 pub(crate) struct Arena {
     base: NonNull<u8>,
     layout: Layout,
     frame_bytes: usize,
-    borrows: Box<[Cell<i32>]>,
+    hot: Rc<[Hot]>,
 }
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Arena")
-            .field("frames", &self.borrows.len())
+            .field("frames", &self.hot.len())
             .field("frame_bytes", &self.frame_bytes)
             .finish()
     }
@@ -35,42 +39,45 @@ impl std::fmt::Debug for Arena {
 impl Arena {
     /// Allocates the arena, or `None` if the memory cannot be had (the caller turns that into
     /// a configuration error rather than letting the process abort).
-    pub(crate) fn new(frame_count: usize, frame_bytes: usize) -> Option<Self> {
+    /// The arena of `hot.len()` frames, whose borrow flags live in `hot`.
+    pub(crate) fn new(hot: Rc<[Hot]>, frame_bytes: usize) -> Option<Self> {
+        let frame_count = hot.len();
         assert!(frame_count > 0 && frame_bytes > 0, "an arena has at least one non-empty frame");
         let size = frame_count.checked_mul(frame_bytes)?;
         let layout = Layout::from_size_align(size, FRAME_ALIGNMENT).ok()?;
         // SAFETY: the layout has a non-zero size (both factors are positive).
         let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
-        let mut borrows = Vec::new();
-        if borrows.try_reserve_exact(frame_count).is_err() {
-            // SAFETY: `base` came from `alloc_zeroed` with this layout and is not used again.
-            unsafe { alloc::dealloc(base.as_ptr(), layout) };
-            return None;
-        }
-        borrows.resize_with(frame_count, || Cell::new(0));
-        Some(Arena { base, layout, frame_bytes, borrows: borrows.into_boxed_slice() })
+        Some(Arena { base, layout, frame_bytes, hot })
+    }
+
+    #[inline]
+    fn flag(&self, index: u32) -> &Cell<i16> {
+        self.hot[index as usize].borrow_flag()
     }
 
     /// Whether frame `index` is mutably borrowed now.
     pub(crate) fn is_mut_borrowed(&self, index: u32) -> bool {
-        self.borrows[index as usize].get() < 0
+        self.flag(index).get() < 0
     }
 
     /// Whether frame `index` is borrowed at all now.
     pub(crate) fn is_borrowed(&self, index: u32) -> bool {
-        self.borrows[index as usize].get() != 0
+        self.flag(index).get() != 0
     }
 
+    #[inline]
     fn frame_ptr(&self, index: u32) -> *mut u8 {
-        assert!((index as usize) < self.borrows.len(), "frame index in range");
+        assert!((index as usize) < self.hot.len(), "frame index in range");
         // SAFETY: index < frame_count, so the offset stays inside the allocation.
         unsafe { self.base.as_ptr().add(index as usize * self.frame_bytes) }
     }
 
-    /// A shared view of frame `index`, or `None` while it is mutably borrowed.
+    /// A shared view of frame `index`, or `None` while it is mutably borrowed (or borrowed
+    /// `i16::MAX` times already).
+    #[inline]
     pub(crate) fn try_borrow(&self, index: u32) -> Option<FrameRef<'_>> {
-        let flag = &self.borrows[index as usize];
-        if flag.get() < 0 {
+        let flag = self.flag(index);
+        if flag.get() < 0 || flag.get() == i16::MAX {
             return None;
         }
         flag.set(flag.get() + 1);
@@ -82,8 +89,9 @@ impl Arena {
     }
 
     /// An exclusive view of frame `index`, or `None` while it is borrowed.
+    #[inline]
     pub(crate) fn try_borrow_mut(&self, index: u32) -> Option<FrameMut<'_>> {
-        let flag = &self.borrows[index as usize];
+        let flag = self.flag(index);
         if flag.get() != 0 {
             return None;
         }
@@ -107,7 +115,7 @@ impl Drop for Arena {
 #[derive(Debug)]
 pub struct FrameRef<'a> {
     bytes: &'a [u8],
-    flag: &'a Cell<i32>,
+    flag: &'a Cell<i16>,
 }
 
 impl std::ops::Deref for FrameRef<'_> {
@@ -127,7 +135,7 @@ impl Drop for FrameRef<'_> {
 #[derive(Debug)]
 pub struct FrameMut<'a> {
     bytes: &'a mut [u8],
-    flag: &'a Cell<i32>,
+    flag: &'a Cell<i16>,
 }
 
 impl std::ops::Deref for FrameMut<'_> {
