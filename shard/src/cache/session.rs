@@ -2,8 +2,11 @@
 //! `release_move`, and [`BufRef`] with its data, aux data and dirty marking.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use super::arena::{FrameMut, FrameRef};
 use super::frame::flag;
@@ -60,16 +63,15 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
         Some(BufRef { inner: &self.inner, held: Some(&self.held), frame, block })
     }
 
-    /// The buffer of `block` with its data, pinned. A hit is served at once, before anything
-    /// asynchronous (one index probe, as [`Session::get`]). A miss reads the device; concurrent
-    /// readers of one block share one read. Waits for a frame when every frame is busy.
-    pub async fn read(&self, block: u64) -> Result<BufRef<'_, D, A>> {
-        if self.held.get() < self.inner.pins_per_session_max {
-            if let Some(buf) = self.get(block) {
-                return Ok(buf);
-            }
-        }
-        self.read_slow(block).await
+    /// The buffer of `block` with its data, pinned. A hit is served at the first poll, before
+    /// anything asynchronous (one index probe, as [`Session::get`]). A miss reads the device;
+    /// concurrent readers of one block share one read. Waits for a frame when every frame is
+    /// busy.
+    ///
+    /// The future is small (a few words): the miss path's state machine, with the device
+    /// read's, lives in a box made only on a miss, so awaiting a hit moves nothing large.
+    pub fn read(&self, block: u64) -> impl Future<Output = Result<BufRef<'_, D, A>>> + '_ {
+        ReadFuture { session: self, block, slow: None }
     }
 
     /// `read` past the fast path: checks, joins a read in flight, or reads the device.
@@ -221,6 +223,31 @@ impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
         drop(buf);
         inner.notify();
         Ok(())
+    }
+}
+
+/// The future of [`Session::read`]: the hit path inline, the miss path boxed.
+struct ReadFuture<'s, D: Device + 'static, A: Default + 'static> {
+    session: &'s Session<D, A>,
+    block: u64,
+    slow: Option<SlowRead<'s, D, A>>,
+}
+
+type SlowRead<'s, D, A> = Pin<Box<dyn Future<Output = Result<BufRef<'s, D, A>>> + 's>>;
+
+impl<'s, D: Device + 'static, A: Default + 'static> Future for ReadFuture<'s, D, A> {
+    type Output = Result<BufRef<'s, D, A>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self; // Unpin: every field is
+        let (session, block) = (this.session, this.block);
+        if this.slow.is_none() && session.held.get() < session.inner.pins_per_session_max {
+            if let Some(buf) = session.get(block) {
+                return Poll::Ready(Ok(buf));
+            }
+        }
+        let slow = this.slow.get_or_insert_with(|| Box::pin(session.read_slow(block)));
+        slow.as_mut().poll(cx)
     }
 }
 
