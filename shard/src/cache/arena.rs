@@ -2,15 +2,13 @@
 //! is built, plus a per-frame borrow flag (kept in the frame's [`Hot`] record, the cache line
 //! a hit already touches) so that handing out `&[u8]` / `&mut [u8]` from it is sound.
 //!
-//! Two layout choices make a hit's first touch of its data cheap:
-//! - **Colouring** (as the kernel's slab allocator does): frame `i` starts `(i mod 64) × 64`
-//!   bytes past its block-size slot. Without it every frame starts on a page boundary, so the
-//!   first bytes of every block (a header, what a reader looks at first) map to 1/64 of the
-//!   CPU cache's sets, and only a few hundred block headers fit in a 1 MiB L2 however hot they
-//!   are. It costs 4 KiB per partition; frames stay 64-byte aligned (devices copy into them,
-//!   see `Device::read_at`, so they need no page alignment).
-//! - **Huge pages**: the arena is 2 MiB aligned and advised `MADV_HUGEPAGE`, so random hits
-//!   over a large cache do not each pay a TLB miss and page walk.
+//! **Huge pages**: an arena of 2 MiB or more is 2 MiB aligned and advised `MADV_HUGEPAGE`,
+//! so random hits over a large cache do not each pay a TLB miss and a page walk.
+//!
+//! (Colouring frames, shifting each by a multiple of 64 bytes so that block headers do not
+//! all fall into the same few CPU cache sets, was measured too: it costs 64 bytes of padding
+//! per frame, and with huge pages and tagged index slots it made no difference outside the
+//! noise of this machine, so frames stay page-aligned.)
 
 use std::alloc::{self, Layout};
 use std::cell::Cell;
@@ -19,10 +17,8 @@ use std::rc::Rc;
 
 use super::frame::Hot;
 
-/// Alignment of every frame: a cache line.
-const FRAME_ALIGNMENT: usize = 64;
-/// Frames are spread over this many colours (cache-line offsets).
-const COLOURS: usize = 64;
+/// Alignment of every frame: a page, so a device could DMA straight into one.
+const FRAME_ALIGNMENT: usize = 4096;
 /// The arena's alignment when it is at least this large: a huge page.
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 
@@ -38,8 +34,6 @@ pub(crate) struct Arena {
     base: NonNull<u8>,
     layout: Layout,
     frame_bytes: usize,
-    /// The colour step: 64, or 0 when frames are not whole cache lines (tiny test blocks).
-    colour_bytes: usize,
     hot: Rc<[Hot]>,
 }
 
@@ -59,9 +53,7 @@ impl Arena {
     pub(crate) fn new(hot: Rc<[Hot]>, frame_bytes: usize) -> Option<Self> {
         let frame_count = hot.len();
         assert!(frame_count > 0 && frame_bytes > 0, "an arena has at least one non-empty frame");
-        let colour_bytes =
-            if frame_bytes.is_multiple_of(FRAME_ALIGNMENT) { FRAME_ALIGNMENT } else { 0 };
-        let size = frame_count.checked_mul(frame_bytes)?.checked_add(COLOURS * colour_bytes)?;
+        let size = frame_count.checked_mul(frame_bytes)?;
         let align = if size >= HUGE_PAGE_BYTES { HUGE_PAGE_BYTES } else { FRAME_ALIGNMENT };
         let layout = Layout::from_size_align(size, align).ok()?;
         // SAFETY: the layout has a non-zero size (both factors are positive).
@@ -74,7 +66,7 @@ impl Arena {
         // SAFETY: `base` points at `size` writable bytes just allocated; zeroing them after the
         // advice lets the first touch fault in huge pages.
         unsafe { std::ptr::write_bytes(base.as_ptr(), 0, size) };
-        Some(Arena { base, layout, frame_bytes, colour_bytes, hot })
+        Some(Arena { base, layout, frame_bytes, hot })
     }
 
     #[inline]
@@ -95,10 +87,8 @@ impl Arena {
     #[inline]
     fn frame_ptr(&self, index: u32) -> *mut u8 {
         assert!((index as usize) < self.hot.len(), "frame index in range");
-        let colour = (index as usize % COLOURS) * self.colour_bytes;
-        // SAFETY: index < frame_count and colour < COLOURS × colour_bytes, so the frame lies
-        // inside the allocation of frame_count × frame_bytes + COLOURS × colour_bytes bytes.
-        unsafe { self.base.as_ptr().add(index as usize * self.frame_bytes + colour) }
+        // SAFETY: index < frame_count, so the offset stays inside the allocation.
+        unsafe { self.base.as_ptr().add(index as usize * self.frame_bytes) }
     }
 
     /// A shared view of frame `index`, or `None` while it is mutably borrowed (or borrowed
@@ -183,5 +173,42 @@ impl std::ops::DerefMut for FrameMut<'_> {
 impl Drop for FrameMut<'_> {
     fn drop(&mut self) {
         self.flag.set(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: frames must not overlap (a colouring experiment once placed frame 64 over
+    /// the tail of frame 63, and corrupted data only in caches of more than 64 frames).
+    #[test]
+    fn every_frame_keeps_its_own_bytes() {
+        for (frames, bytes) in [(130, 4096), (3, 512), (600, 8192)] {
+            let arena = Arena::new(crate::cache::frame::hot_array(frames).unwrap(), bytes).unwrap();
+            for i in 0..frames as u32 {
+                let mut frame = arena.try_borrow_mut(i).unwrap();
+                assert_eq!(frame.len(), bytes);
+                assert!(frame.iter().all(|&b| b == 0), "frame {i} starts zeroed");
+                frame.fill(i as u8 ^ 0x5a);
+            }
+            for i in 0..frames as u32 {
+                let frame = arena.try_borrow(i).unwrap();
+                assert!(frame.iter().all(|&b| b == i as u8 ^ 0x5a), "frame {i} of {frames}");
+            }
+        }
+    }
+
+    #[test]
+    fn borrow_flags_exclude_a_writer_while_read_and_readers_while_written() {
+        let arena = Arena::new(crate::cache::frame::hot_array(2).unwrap(), 512).unwrap();
+        let shared = arena.try_borrow(0).unwrap();
+        assert!(arena.try_borrow_mut(0).is_none() && arena.is_borrowed(0));
+        assert!(arena.try_borrow_mut(1).is_some(), "frames are independent");
+        drop(shared);
+        let exclusive = arena.try_borrow_mut(0).unwrap();
+        assert!(arena.try_borrow(0).is_none() && arena.is_mut_borrowed(0));
+        drop(exclusive);
+        assert!(!arena.is_borrowed(0));
     }
 }
