@@ -11,6 +11,7 @@ mod block;
 mod dataset;
 mod error;
 mod lru;
+mod memcg;
 mod report;
 mod runners;
 mod scenario;
