@@ -46,18 +46,34 @@ impl std::fmt::Debug for Arena {
     }
 }
 
+/// Why an arena could not be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ArenaError {
+    /// The buffers' memory could not be allocated.
+    Buffers,
+    /// The per-frame records could not be allocated.
+    Metadata,
+}
+
 impl Arena {
     /// The arena of `hot.len()` frames of `frame_bytes`, whose borrow
     /// flags live in `hot`; zeroed. `None` if the memory cannot be had (the caller turns that
     /// into a configuration error rather than letting the process abort).
-    pub(crate) fn new(hot: Rc<[Hot]>, frame_bytes: usize) -> Option<Self> {
-        let frame_count = hot.len();
+    ///
+    /// The buffers are allocated first and `make_hot` is called only once they are had: a
+    /// cache size the machine cannot hold fails on the one big allocation, before any
+    /// per-frame array is written (writing those would get the process killed instead).
+    pub(crate) fn new(
+        frame_count: usize,
+        frame_bytes: usize,
+        make_hot: impl FnOnce() -> Option<Rc<[Hot]>>,
+    ) -> Result<Self, ArenaError> {
         assert!(frame_count > 0 && frame_bytes > 0, "an arena has at least one non-empty frame");
-        let size = frame_count.checked_mul(frame_bytes)?;
+        let size = frame_count.checked_mul(frame_bytes).ok_or(ArenaError::Buffers)?;
         let align = if size >= HUGE_PAGE_BYTES { HUGE_PAGE_BYTES } else { FRAME_ALIGNMENT };
-        let layout = Layout::from_size_align(size, align).ok()?;
+        let layout = Layout::from_size_align(size, align).map_err(|_| ArenaError::Buffers)?;
         // SAFETY: the layout has a non-zero size (both factors are positive).
-        let base = NonNull::new(unsafe { alloc::alloc(layout) })?;
+        let base = NonNull::new(unsafe { alloc::alloc(layout) }).ok_or(ArenaError::Buffers)?;
         if align == HUGE_PAGE_BYTES {
             // A hint: where transparent huge pages are off, the kernel ignores it.
             // SAFETY: madvise on memory this arena owns; it changes no contents.
@@ -66,7 +82,17 @@ impl Arena {
         // SAFETY: `base` points at `size` writable bytes just allocated; zeroing them after the
         // advice lets the first touch fault in huge pages.
         unsafe { std::ptr::write_bytes(base.as_ptr(), 0, size) };
-        Some(Arena { base, layout, frame_bytes, hot })
+        let Some(hot) = make_hot().filter(|hot| hot.len() == frame_count) else {
+            // SAFETY: `base` came from `alloc` with this layout and is not used again.
+            unsafe { alloc::dealloc(base.as_ptr(), layout) };
+            return Err(ArenaError::Metadata);
+        };
+        Ok(Arena { base, layout, frame_bytes, hot })
+    }
+
+    /// The frames' hot records (the arena keeps their borrow flags).
+    pub(crate) fn hot(&self) -> Rc<[Hot]> {
+        Rc::clone(&self.hot)
     }
 
     #[inline]
@@ -185,7 +211,8 @@ mod tests {
     #[test]
     fn every_frame_keeps_its_own_bytes() {
         for (frames, bytes) in [(130, 4096), (3, 512), (600, 8192)] {
-            let arena = Arena::new(crate::cache::frame::hot_array(frames).unwrap(), bytes).unwrap();
+            let arena =
+                Arena::new(frames, bytes, || crate::cache::frame::hot_array(frames)).unwrap();
             for i in 0..frames as u32 {
                 let mut frame = arena.try_borrow_mut(i).unwrap();
                 assert_eq!(frame.len(), bytes);
@@ -201,7 +228,7 @@ mod tests {
 
     #[test]
     fn borrow_flags_exclude_a_writer_while_read_and_readers_while_written() {
-        let arena = Arena::new(crate::cache::frame::hot_array(2).unwrap(), 512).unwrap();
+        let arena = Arena::new(2, 512, || crate::cache::frame::hot_array(2)).unwrap();
         let shared = arena.try_borrow(0).unwrap();
         assert!(arena.try_borrow_mut(0).is_none() && arena.is_borrowed(0));
         assert!(arena.try_borrow_mut(1).is_some(), "frames are independent");

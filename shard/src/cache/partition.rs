@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::rc::Rc;
 
-use super::arena::{Arena, FrameMut};
+use super::arena::{Arena, ArenaError, FrameMut};
 use super::config::{CacheConfig, Sizing};
 use super::frame::{self, flag, Hot, SEQ_NONE};
 use super::session::{AuxMut, BufRef, Session};
@@ -112,13 +112,17 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
                 format!("metadata for {frames} frames cannot be allocated"),
             )
         };
-        let hot = frame::hot_array(frames).ok_or_else(no_metadata)?;
-        let arena = Arena::new(Rc::clone(&hot), block_size).ok_or_else(|| {
-            Error::config(
-                "cache_size_bytes",
-                format!("{} bytes of buffers cannot be allocated", config.cache_size_bytes),
-            )
-        })?;
+        // The buffers first: a size the machine cannot hold fails there, before any per-frame
+        // array is written.
+        let arena =
+            Arena::new(frames, block_size, || frame::hot_array(frames)).map_err(|e| match e {
+                ArenaError::Buffers => Error::config(
+                    "cache_size_bytes",
+                    format!("{} bytes of buffers cannot be allocated", config.cache_size_bytes),
+                ),
+                ArenaError::Metadata => no_metadata(),
+            })?;
+        let hot = arena.hot();
         let writes_max = queue.config().writebacks_in_flight_max;
         let table = Table::try_new(Rc::clone(&hot), writes_max).ok_or_else(no_metadata)?;
         let inner = Inner {
