@@ -21,7 +21,8 @@ pub enum Scenario {
     Default,
     /// Miss path: uniform random reads, dataset 8× cache; corebuf device IOPS ÷ raw io_uring.
     Miss,
-    /// Hit path: the dataset fits the cache, zipf 0.99, local; corebuf ÷ buffered pread hits.
+    /// Hit path: the dataset fits the cache, zipf 0.99, local; corebuf (async read) and
+    /// corebuf-get (sync get) ÷ buffered pread hits with equal memory.
     Hit,
     /// Hit path on 1 shard, then on 2: the speed-up.
     Scaling,
@@ -111,7 +112,8 @@ pub enum Prefill {
 pub enum Baseline {
     /// Raw io_uring `O_DIRECT` (glommio `DmaFile`), no cache: the device limit.
     Raw,
-    /// Buffered `pread` / `pwrite` through the OS page cache, one thread per core.
+    /// Buffered `pread` / `pwrite` through the OS page cache, one thread per core; the page
+    /// cache is limited to corebuf's cache size unless `--pread-memory whole`.
     Pread,
     /// One `Mutex`-guarded exact-LRU cache over `O_DIRECT` reads, one thread per core.
     Lru,
