@@ -3,7 +3,10 @@
 //!
 //! The process moves itself into a fresh cgroup whose limit is the cache size (cgroup v1
 //! `memory.limit_in_bytes` or v2 `memory.max`, whichever this kernel mounts with the memory
-//! controller) for the pread side only, and back when the [`MemoryLimit`] is dropped. Moving a
+//! controller) for the pread side only, and back when the [`MemoryLimit`] is dropped. The new
+//! cgroup is a child of the process's own, so it adds a limit inside whatever limits the
+//! process already runs under and never leaves them (v2 allows that only where the own cgroup
+//! may delegate the memory controller; elsewhere the side says it is not limited). Moving a
 //! process does not move the memory it already has (v1 without `move_charge_at_immigrate`,
 //! and v2 never does), so what the limit covers is what the pread side brings in: the page
 //! cache of the dataset, plus its own few allocations (buffers, histograms, key rings). The
@@ -36,21 +39,23 @@ impl MemoryLimit {
             .map_err(|e| format!("reading /proc/self/mounts: {e}"))?;
         let own = std::fs::read_to_string("/proc/self/cgroup")
             .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
-        let (root, control, own_path) = if let Some(root) = v1_memory_root(&mounts) {
+        let (root, control, own_path, v2) = if let Some(root) = v1_memory_root(&mounts) {
             let own_path =
                 own_cgroup(&own, |controllers| controllers.split(',').any(|c| c == "memory"))
                     .unwrap_or_else(|| "/".into());
-            (root, "memory.limit_in_bytes", own_path)
+            (root, "memory.limit_in_bytes", own_path, false)
         } else if let Some(root) = v2_root_with_memory(&mounts) {
             let own_path = own_cgroup(&own, str::is_empty).unwrap_or_else(|| "/".into());
-            // The new cgroup is a child of the root, whose subtree must offer the controller.
-            write(&root.join("cgroup.subtree_control"), "+memory")?;
-            (root, "memory.max", own_path)
+            (root, "memory.max", own_path, true)
         } else {
             return Err("this kernel mounts no cgroup with the memory controller".into());
         };
-        let dir = root.join(format!("corebuf-bench-pread-{}", std::process::id()));
         let origin = root.join(own_path.trim_start_matches('/'));
+        if v2 {
+            // The own cgroup's subtree must offer the controller to the child.
+            write(&origin.join("cgroup.subtree_control"), "+memory")?;
+        }
+        let dir = origin.join(format!("corebuf-bench-pread-{}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let limit = MemoryLimit { limit_bytes, control, dir, origin };
         write(&limit.dir.join(control), &limit_bytes.to_string())?;
