@@ -9,6 +9,7 @@ use crate::dataset::Dataset;
 use crate::error::Result;
 use crate::lru::simulate;
 use crate::report::{Comparison, Ratio, SideReport};
+use crate::runners::corebuf::Access;
 use crate::runners::{self, fio};
 use crate::verify::Versions;
 use crate::workload::{Phase, Plan};
@@ -63,13 +64,25 @@ pub fn compare(title: &str, settings: &Settings, env: &Env) -> Result<Comparison
         settings.seed,
         trace,
     )
-    .exclusive(settings.verify);
+    .exclusive(settings.verify)
+    .ring(settings.ring_ops);
     let versions = settings.verify.then(|| Arc::new(Versions::new(settings.dataset_blocks)));
     let mut sides = Vec::new();
     eprintln!("corebuf ...");
-    let mut core = runners::corebuf::run(settings, &dataset, &plan, versions.clone())?;
+    let mut core =
+        runners::corebuf::run(settings, &dataset, &plan, versions.clone(), Access::Read)?;
     lru_simulation(settings, &plan, &mut core)?;
     sides.push(core);
+    if settings.corebuf_get {
+        eprintln!("corebuf-get ...");
+        sides.push(runners::corebuf::run(
+            settings,
+            &dataset,
+            &plan,
+            versions.clone(),
+            Access::Get,
+        )?);
+    }
     for baseline in &settings.baselines {
         let side = match baseline {
             Baseline::Raw => {
@@ -149,11 +162,21 @@ fn lru_simulation(settings: &Settings, plan: &Plan, core: &mut SideReport) -> Re
     Ok(())
 }
 
-/// corebuf against every other side.
+/// Each corebuf side (`corebuf`, `corebuf-get`) against every baseline.
 fn ratios(sides: &[SideReport]) -> Vec<Ratio> {
     let Some(core) = sides.first() else { return Vec::new() };
+    let is_core = |s: &SideReport| s.side.starts_with("corebuf");
     let mut out = Vec::new();
-    for other in &sides[1..] {
+    for get in sides.iter().filter(|s| s.side == "corebuf-get") {
+        for other in sides.iter().filter(|s| !is_core(s)) {
+            out.extend(Ratio::of(
+                format!("corebuf-get ops/s / {} ops/s", other.side),
+                get.ops_per_sec,
+                other.ops_per_sec,
+            ));
+        }
+    }
+    for other in sides.iter().filter(|s| !is_core(s)) {
         out.extend(Ratio::of(
             format!("corebuf ops/s / {} ops/s", other.side),
             core.ops_per_sec,

@@ -21,7 +21,8 @@ pub enum Scenario {
     Default,
     /// Miss path: uniform random reads, dataset 8× cache; corebuf device IOPS ÷ raw io_uring.
     Miss,
-    /// Hit path: the dataset fits the cache, zipf 0.99, local; corebuf ÷ buffered pread hits.
+    /// Hit path: the dataset fits the cache, zipf 0.99, local; corebuf (async read) and
+    /// corebuf-get (sync get) ÷ buffered pread hits with equal memory.
     Hit,
     /// Hit path on 1 shard, then on 2: the speed-up.
     Scaling,
@@ -118,7 +119,8 @@ pub enum Prefill {
 pub enum Baseline {
     /// Raw io_uring `O_DIRECT` (glommio `DmaFile`), no cache: the device limit.
     Raw,
-    /// Buffered `pread` / `pwrite` through the OS page cache, one thread per core.
+    /// Buffered `pread` / `pwrite` through the OS page cache, one thread per core; the page
+    /// cache is limited to corebuf's cache size unless `--pread-memory whole`.
     Pread,
     /// One `Mutex`-guarded exact-LRU cache over `O_DIRECT` reads, one thread per core.
     Lru,
@@ -234,6 +236,33 @@ pub struct Args {
     /// Threads issuing `Client` calls in `--path-mode client`. Default: one per shard.
     #[arg(long)]
     pub client_threads: Option<usize>,
+    /// Generate each worker's first N operations before the run and replay them in a loop
+    /// (every side alike), so the generator costs a load per operation. 0: generate as it goes.
+    #[arg(long, default_value_t = 0)]
+    pub ring_ops: usize,
+    /// Time one operation in N (each worker's first always): latency percentiles come from
+    /// that sample; throughput counts every operation. The open loop times every operation.
+    #[arg(long, default_value_t = 1)]
+    pub sample_every: u64,
+    /// The memory of the pread baseline: `equal` runs it in a memory cgroup limited to
+    /// corebuf's cache size (as root, where the kernel has the memory controller), `whole`
+    /// lets it use the whole OS page cache.
+    #[arg(long, value_enum, default_value_t = PreadMemory::Equal)]
+    pub pread_memory: PreadMemory,
+    /// Also run the side `corebuf-get`: reads through the synchronous `Partition::get`
+    /// (falling back to the async read on a miss). Local path only.
+    #[arg(long)]
+    pub corebuf_get: bool,
+}
+
+/// How much memory the pread baseline's page cache may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreadMemory {
+    /// As much as corebuf's cache (a memory cgroup limit), where it can be limited.
+    Equal,
+    /// The whole OS page cache.
+    Whole,
 }
 
 /// What the host offers, read once (tests pass their own).
@@ -306,6 +335,14 @@ pub struct Settings {
     pub poll_us: Option<u64>,
     /// Threads issuing `Client` futures in `--path-mode client`.
     pub client_threads: usize,
+    /// Generated streams are rings of this many operations per worker.
+    pub ring_ops: Option<usize>,
+    /// One operation in this many is timed.
+    pub sample_every: u64,
+    /// The pread baseline's memory.
+    pub pread_memory: PreadMemory,
+    /// Whether the side `corebuf-get` runs too.
+    pub corebuf_get: bool,
 }
 
 /// A trace to replay.
@@ -395,6 +432,12 @@ impl Settings {
                 return usage("--rate must be a positive number of operations per second");
             }
         }
+        if self.corebuf_get && self.path_mode != PathMode::Local {
+            return usage("--corebuf-get needs --path-mode local (get reaches the own partition)");
+        }
+        if self.sample_every == 0 {
+            return usage("--sample-every 0: give 1 to time every operation");
+        }
         if self.flush_every == Some(0) {
             return usage("--flush-every 0: give a number of writes, at least 1");
         }
@@ -478,6 +521,10 @@ pub fn settings_from(args: &Args, host: &Host) -> Result<Settings> {
         spin_us: args.spin_us,
         poll_us: args.poll_us,
         client_threads: args.client_threads.unwrap_or(shards),
+        ring_ops: (args.ring_ops > 0).then_some(args.ring_ops),
+        sample_every: args.sample_every,
+        pread_memory: args.pread_memory,
+        corebuf_get: args.corebuf_get,
     };
     Ok(settings)
 }

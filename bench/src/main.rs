@@ -1,7 +1,8 @@
 //! corebuf-bench: the load generator of corebuf, with its baselines.
 //!
 //! It writes a dataset file, runs a workload on corebuf (one shard per core) and on raw
-//! io_uring, buffered pread and a Mutex-guarded LRU over the same file with the same settings,
+//! io_uring, buffered pread (its page cache limited to corebuf's cache size, where a memory
+//! cgroup can be made) and a Mutex-guarded LRU over the same file with the same settings,
 //! and prints one comparison table (`--json` for a machine-readable copy). `--scenario` runs
 //! the measurements behind DESIGN §6's targets. See `--help`.
 
@@ -11,6 +12,7 @@ mod block;
 mod dataset;
 mod error;
 mod lru;
+mod memcg;
 mod report;
 mod runners;
 mod scenario;

@@ -76,6 +76,12 @@ pub struct SideReport {
     pub elapsed_secs: f64,
     /// Operations per second.
     pub ops_per_sec: f64,
+    /// CPU time the side's groups used in the timed run (their threads: user + system),
+    /// seconds.
+    pub cpu_secs: f64,
+    /// Operations per CPU-second of those threads: the rate a side would reach with a core to
+    /// itself, robust to other load on a shared machine (each thread's own work only).
+    pub ops_per_cpu_sec: f64,
     /// Bytes moved for the caller per second (a read-modify-write counts twice), MB/s.
     pub mb_per_sec: f64,
     /// Hit ratio of the side's cache, where it has one.
@@ -99,6 +105,9 @@ pub struct SideReport {
     pub poller_sleeps: Option<u64>,
     /// Wake-ups the shards sent to sleeping shards during the timed run (corebuf only).
     pub wakeups_sent: Option<u64>,
+    /// The memory cgroup limit the side ran under (pread with equal memory), bytes; `None`
+    /// when it was not limited.
+    pub memory_limit_bytes: Option<u64>,
     /// Per group.
     pub groups: Vec<GroupFigures>,
     /// Remarks.
@@ -112,6 +121,10 @@ fn window(groups: &[GroupResult]) -> Option<(Instant, Instant)> {
     let start = groups.iter().filter_map(|g| g.started).min()?;
     let end = groups.iter().filter_map(|g| g.ended).max()?;
     Some((start, end))
+}
+
+fn sum_f(groups: &[GroupResult]) -> f64 {
+    groups.iter().map(|g| g.cpu_secs).sum()
 }
 
 fn per_sec(count: u64, secs: f64) -> f64 {
@@ -149,6 +162,8 @@ impl SideReport {
             barriers: sum(|g| g.barriers),
             elapsed_secs,
             ops_per_sec: per_sec(ops, elapsed_secs),
+            cpu_secs: sum_f(groups),
+            ops_per_cpu_sec: per_sec(ops, sum_f(groups)),
             mb_per_sec: per_sec(bytes, elapsed_secs) / 1e6,
             hit_ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
             lru_sim_hit_ratio: None,
@@ -160,6 +175,7 @@ impl SideReport {
             start_lateness: lateness.as_ref().map(Latency::of),
             rss_bytes: 0,
             rss_peak_bytes: 0,
+            memory_limit_bytes: None,
             groups: groups
                 .iter()
                 .enumerate()
@@ -321,13 +337,23 @@ pub fn describe(s: &Settings) -> String {
     )
 }
 
+/// A side's name in the table: the pread baseline says how much memory its page cache had
+/// (`pread@64MiB` under a memory cgroup, `pread@all-RAM` without one).
+fn label(s: &SideReport) -> String {
+    match (s.side.as_str(), s.memory_limit_bytes) {
+        (side, Some(limit)) => format!("{side}@{}", human_bytes(limit).replace(' ', "")),
+        ("pread", None) => "pread@all-RAM".into(),
+        (side, None) => side.to_string(),
+    }
+}
+
 /// Prints a comparison: the table, per-group figures, ratios and notes.
 pub fn print(c: &Comparison) {
     println!();
     println!("== {} ==", c.title);
     println!("{}", describe(&c.settings));
     println!(
-        "{:<14}{:>11}{:>9}{:>7}{:>8}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
+        "{:<16}{:>11}{:>9}{:>7}{:>8}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
         "side",
         "ops/s",
         "MB/s",
@@ -343,8 +369,8 @@ pub fn print(c: &Comparison) {
     );
     for s in &c.sides {
         println!(
-            "{:<14}{:>11}{:>9.1}{:>7}{:>8}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
-            s.side,
+            "{:<16}{:>11}{:>9.1}{:>7}{:>8}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
+            label(s),
             si(s.ops_per_sec),
             s.mb_per_sec,
             percent(s.hit_ratio),
@@ -361,7 +387,7 @@ pub fn print(c: &Comparison) {
     for s in c
         .sides
         .iter()
-        .filter(|s| s.groups.len() > 1 || (s.side == "corebuf" && !s.groups.is_empty()))
+        .filter(|s| s.groups.len() > 1 || (s.side.starts_with("corebuf") && !s.groups.is_empty()))
     {
         let groups: Vec<String> = s
             .groups

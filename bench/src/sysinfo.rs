@@ -35,7 +35,13 @@ pub fn rss_bytes() -> (u64, u64) {
 
 /// Resets the peak RSS to the current RSS (writes 5 to /proc/self/clear_refs; Linux ≥ 4.0).
 /// Returns whether it worked.
+///
+/// First it hands memory that earlier sides freed back to the kernel (`malloc_trim`): glibc
+/// keeps freed heap pages resident, and a side's RSS must not include another side's (or an
+/// earlier scenario's) generator rings and histograms.
 pub fn reset_peak_rss() -> bool {
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it takes no pointer.
+    unsafe { libc::malloc_trim(0) };
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

@@ -221,10 +221,39 @@ impl TraceCursor {
     }
 }
 
+/// A generated stream's first operations, replayed in a loop: the load generator's cost per
+/// operation drops to a load from a sequential array (no random number, no `pow()`), which
+/// matters when an operation takes tens of nanoseconds. Every side of a comparison and the
+/// LRU simulation replay the same rings.
+pub struct Ring {
+    ops: Box<[Op]>,
+    next: usize,
+}
+
+impl Ring {
+    /// The first `len` operations of `stream`.
+    fn new(stream: &mut GenStream, len: usize) -> Ring {
+        let ops: Box<[Op]> = (0..len.max(1)).map(|_| stream.next_op()).collect();
+        Ring { ops, next: 0 }
+    }
+
+    #[inline]
+    fn next_op(&mut self) -> Op {
+        let op = self.ops[self.next];
+        self.next += 1;
+        if self.next == self.ops.len() {
+            self.next = 0;
+        }
+        op
+    }
+}
+
 /// A worker's operations: generated, a share of a trace, or a one-pass read of its blocks.
 pub enum Stream {
     /// Generated, endless.
     Gen(Box<GenStream>),
+    /// Generated in advance, replayed in a loop.
+    Ring(Ring),
     /// The next operations of a trace.
     Trace(Arc<TraceCursor>),
     /// Reads keys `next, next + step, ...` of a key space once (cache prefill).
@@ -272,6 +301,7 @@ impl Bounded {
         }
         match &mut self.stream {
             Stream::Gen(g) => Some(g.next_op()),
+            Stream::Ring(r) => Some(r.next_op()),
             Stream::Trace(cursor) => cursor.next_op(),
             Stream::Prefill { keyspace, next, step } => {
                 if *next >= keyspace.len() {
@@ -294,6 +324,12 @@ impl Bounded {
             let flag = &claims[block as usize];
             flag.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
         })
+    }
+
+    /// Whether operations must claim their block first (`--verify`, traces).
+    #[inline]
+    pub fn has_claims(&self) -> bool {
+        self.claims.is_some()
     }
 
     /// Releases a claim.
@@ -364,6 +400,8 @@ pub struct Plan {
     router: Router,
     trace: Option<Arc<[Op]>>,
     exclusive: bool,
+    /// Generated streams of the warm-up and timed phases are rings of this many operations.
+    ring_ops: Option<usize>,
     zipf: std::sync::Mutex<HashMap<u64, Zipfian>>,
 }
 
@@ -392,6 +430,7 @@ impl Plan {
             router: Router::new(shards, range_blocks),
             trace,
             exclusive: false,
+            ring_ops: None,
             zipf: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -399,6 +438,13 @@ impl Plan {
     /// Makes operations on one block exclusive (rule 3), as `--verify` needs.
     pub fn exclusive(mut self, on: bool) -> Plan {
         self.exclusive = on;
+        self
+    }
+
+    /// Makes every generated stream of the warm-up and timed phases a ring of its first `ops`
+    /// operations per worker (`None`: generated as it goes).
+    pub fn ring(mut self, ops: Option<usize>) -> Plan {
+        self.ring_ops = ops;
         self
     }
 
@@ -534,7 +580,11 @@ impl Plan {
             },
         };
         let rng = SimRng::new(self.seed_of(phase, group, task));
-        Stream::Gen(Box::new(GenStream { sampler, keyspace, mix: self.mix, rng }))
+        let mut stream = GenStream { sampler, keyspace, mix: self.mix, rng };
+        match self.ring_ops {
+            Some(len) => Stream::Ring(Ring::new(&mut stream, len)),
+            None => Stream::Gen(Box::new(stream)),
+        }
     }
 
     /// One cursor per key space over the trace's operations in that key space, in trace order.

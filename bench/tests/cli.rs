@@ -139,3 +139,49 @@ fn verify_stops_at_a_damaged_block_and_names_it() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("block 5: checksum mismatch"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_get_side_and_an_equal_memory_pread_report_themselves() {
+    let dir = scratch();
+    let json = dir.path().join("report.json");
+    let args = [
+        "--smoke",
+        "--verify",
+        "--corebuf-get",
+        "--ring-ops",
+        "5000",
+        "--sample-every",
+        "8",
+        "--baselines",
+        "pread",
+        "--duration",
+        "0.5",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let out = bench(dir.path(), &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let sides = report["comparisons"][0]["sides"].as_array().unwrap();
+    let names: Vec<&str> = sides.iter().map(|s| s["side"].as_str().unwrap()).collect();
+    assert_eq!(names, ["corebuf", "corebuf-get", "pread"]);
+    for side in sides {
+        assert!(side["ops"].as_u64().unwrap() > 0, "{side}");
+        assert!(side["ops_per_cpu_sec"].as_f64().unwrap() > 0.0, "{side}");
+    }
+    // Equal memory where the bench can make a memory cgroup (root, memory controller), and
+    // a plain statement where it cannot: never a silent whole-page-cache comparison.
+    let pread = &sides[2];
+    let table = String::from_utf8_lossy(&out.stdout);
+    match pread["memory_limit_bytes"].as_u64() {
+        Some(limit) => {
+            assert_eq!(limit, 8 << 20, "the smoke run's cache size");
+            assert!(table.contains("pread@8MiB"), "{table}");
+        }
+        None => {
+            let notes = pread["notes"].to_string();
+            assert!(notes.contains("NOT memory-limited"), "{notes}");
+            assert!(table.contains("pread@all-RAM"), "{table}");
+        }
+    }
+}

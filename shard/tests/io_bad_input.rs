@@ -185,7 +185,7 @@ async fn check_unaligned_calls_are_refused<D: Device>(device: &D) {
     let alignment = device.alignment_bytes();
     let sector = alignment as usize;
     let mut buf = device.alloc_buf(sector);
-    assert_unaligned(device.read_at(100, &mut buf).await, 100, alignment, alignment);
+    assert_unaligned(device.read_at(100, buf.as_bytes_mut()).await, 100, alignment, alignment);
     assert_unaligned(
         device.write_at(alignment + 1, &buf).await,
         alignment + 1,
@@ -195,12 +195,12 @@ async fn check_unaligned_calls_are_refused<D: Device>(device: &D) {
     assert_unaligned(device.discard(100, alignment).await, 100, alignment, alignment);
     let mut short = device.alloc_buf(sector - 100);
     let short_len = short.as_bytes().len() as u64;
-    assert_unaligned(device.read_at(0, &mut short).await, 0, short_len, alignment);
+    assert_unaligned(device.read_at(0, short.as_bytes_mut()).await, 0, short_len, alignment);
     assert_unaligned(device.write_at(0, &short).await, 0, short_len, alignment);
     assert_unaligned(device.discard(0, alignment + 100).await, 0, alignment + 100, alignment);
     assert_unaligned(device.discard(0, 0).await, 0, 0, alignment);
     let mut empty = device.alloc_buf(0);
-    assert_unaligned(device.read_at(0, &mut empty).await, 0, 0, alignment);
+    assert_unaligned(device.read_at(0, empty.as_bytes_mut()).await, 0, 0, alignment);
 }
 
 #[test]
@@ -252,7 +252,7 @@ fn ranges_past_the_end_are_refused_by_the_devices() {
         let mut buf = sim.alloc_buf(1024);
         let sectors = end / 512;
         // A range that starts inside and ends outside names its last sector.
-        assert_out_of_range(sim.read_at(end - 512, &mut buf).await, sectors, sectors);
+        assert_out_of_range(sim.read_at(end - 512, buf.as_bytes_mut()).await, sectors, sectors);
         assert_out_of_range(sim.write_at(end, &buf).await, sectors + 1, sectors);
         assert_out_of_range(sim.discard(end, 512).await, sectors, sectors);
         assert_eq!(sim.counters(), Default::default(), "no I/O reached the sim device");
@@ -260,7 +260,7 @@ fn ranges_past_the_end_are_refused_by_the_devices() {
         let alignment = dma.alignment_bytes();
         let sectors = end / alignment;
         let mut buf = dma.alloc_buf(alignment as usize);
-        assert_out_of_range(dma.read_at(end, &mut buf).await, sectors, sectors);
+        assert_out_of_range(dma.read_at(end, buf.as_bytes_mut()).await, sectors, sectors);
         assert_out_of_range(dma.write_at(end, &buf).await, sectors, sectors);
         assert_out_of_range(dma.discard(end - alignment, 2 * alignment).await, sectors, sectors);
     });

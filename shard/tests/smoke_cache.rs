@@ -34,7 +34,7 @@ fn write_evict_and_read_back() {
 }
 
 #[test]
-fn metadata_per_buffer_is_reported_and_smaller_than_dm_bufios() {
+fn metadata_per_buffer_is_reported_and_at_most_64_bytes() {
     glommio::LocalExecutor::default().run(async {
         let device = SimDevice::new(SimOptions::new(4096 * 4096));
         let queue = IoQueue::new(device, QueueConfig::default()).unwrap();
@@ -43,8 +43,15 @@ fn metadata_per_buffer_is_reported_and_smaller_than_dm_bufios() {
         let meta = part.metadata_bytes_per_frame();
         let ghost = part.ghost_bytes_per_frame();
         println!("metadata per buffer: {meta} bytes, ghost history: {ghost} bytes");
-        // dm-bufio's struct dm_buffer alone is over 100 bytes.
-        assert!(meta < 100, "{meta} bytes of metadata per buffer");
+        // DESIGN.md §6: at most 64 bytes per buffer, the block index included (dm-bufio's
+        // struct dm_buffer alone is over 100 bytes).
+        assert!(meta <= 64, "{meta} bytes of metadata per buffer");
         assert!(ghost > 0);
+        // The index has two slots per frame for any frame count, not only powers of two.
+        let device = SimDevice::new(SimOptions::new(4096 * 4096));
+        let queue = IoQueue::new(device, QueueConfig::default()).unwrap();
+        let config = CacheConfig { cache_size_bytes: 1500 * 4096, ..CacheConfig::default() };
+        let part: Partition<SimDevice> = Partition::new(queue, config, Hooks::default()).unwrap();
+        assert_eq!(part.metadata_bytes_per_frame(), meta, "1500 frames cost as much as 1024");
     });
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use corebuf::{Engine, EngineBuilder, Error, IoOp, Shard};
 use corebuf_shard::cache::{CacheConfig, Hooks, Partition};
-use corebuf_shard::io::{Device, IoQueue, QueueConfig, SimDevice, SimOptions};
+use corebuf_shard::io::{Device, IoBuf, IoQueue, QueueConfig, SimDevice, SimOptions};
 use corebuf_tests::{data_file, scratch_dir};
 
 const BS: usize = 4096;
@@ -424,7 +424,7 @@ async fn sim_sweep() -> Vec<String> {
     for (offset, what) in
         [(1, "unaligned"), (BLOCKS * BS as u64, "at the end"), (u64::MAX - 511, "overflow")]
     {
-        let read = sim.read_at(offset, &mut buf).await;
+        let read = sim.read_at(offset, buf.as_bytes_mut()).await;
         let typed = matches!(read, Err(Error::Unaligned { .. } | Error::BlockOutOfRange { .. }));
         expect("device read_at", typed, format!("{what}: {read:?}"));
         let write = sim.write_at(offset, &buf).await;
@@ -432,7 +432,7 @@ async fn sim_sweep() -> Vec<String> {
         expect("device write_at", typed, format!("{what}: {write:?}"));
     }
     let mut empty = sim.alloc_buf(0);
-    let read = sim.read_at(0, &mut empty).await;
+    let read = sim.read_at(0, empty.as_bytes_mut()).await;
     expect(
         "device zero-length read",
         matches!(read, Err(Error::Unaligned { .. })),

@@ -17,12 +17,33 @@ use crate::sysinfo;
 use crate::verify::Versions;
 use crate::workload::{Bounded, Op, OpKind, Phase, Plan};
 
+/// How the local path reads a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// `Session::read` (async; a hit is served at its first poll): the side `corebuf`.
+    Read,
+    /// `Partition::get` (synchronous, cache only), falling back to `Session::read` on a miss:
+    /// the side `corebuf-get`.
+    Get,
+}
+
+impl Access {
+    /// The side's name.
+    pub fn side(self) -> &'static str {
+        match self {
+            Access::Read => "corebuf",
+            Access::Get => "corebuf-get",
+        }
+    }
+}
+
 /// Runs the corebuf side: every phase, then the engine's figures of the timed run.
 pub fn run(
     settings: &Settings,
     dataset: &Dataset,
     plan: &Plan,
     versions: Option<Arc<Versions>>,
+    access: Access,
 ) -> Result<SideReport> {
     dataset.drop_page_cache();
     sysinfo::reset_peak_rss();
@@ -51,8 +72,11 @@ pub fn run(
                 let ctl =
                     Control::new(settings, versions.clone(), settings.shards, workers, measure);
                 let bank = StreamBank::new(plan, &layout, &spec);
-                let mode = settings.path_mode;
-                run_phase("corebuf", &spec, &ctl, settings.shards, |g| {
+                let mode = match settings.path_mode {
+                    PathMode::Local => Mode::Local(access),
+                    _ => Mode::Routed,
+                };
+                run_phase(access.side(), &spec, &ctl, settings.shards, |g| {
                     run_shard(&client, g, bank.take(g), Arc::clone(&ctl), mode, workers)
                 })?
             }
@@ -83,7 +107,7 @@ pub fn run(
     let (rss_bytes, rss_peak_bytes) = sysinfo::rss_bytes();
     engine.shutdown()?;
     let (before, results, after) = timed.expect("the timed phase always runs");
-    let mut report = SideReport::from_groups("corebuf", &results, settings.block_size);
+    let mut report = SideReport::from_groups(access.side(), &results, settings.block_size);
     report.warm_ops = warm_ops;
     report.rss_bytes = rss_bytes;
     report.rss_peak_bytes = rss_peak_bytes;
@@ -196,13 +220,22 @@ fn add_engine_figures(
     }
 }
 
+/// How a shard task reaches its blocks.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// Through its own partition, zero copy.
+    Local(Access),
+    /// Through the block's owner (`Shard::read` / `Shard::write`).
+    Routed,
+}
+
 /// Runs group `group`'s tasks on shard `group` and waits for them.
 fn run_shard(
     client: &Client,
     group: usize,
     streams: Vec<Bounded>,
     ctl: Arc<Control>,
-    mode: PathMode,
+    mode: Mode,
     workers: usize,
 ) -> Result<GroupResult> {
     let job = move |shard: Rc<Shard>| async move {
@@ -241,21 +274,32 @@ async fn shard_task(
     mut worker: Worker,
     recorder: Rc<RefCell<Recorder>>,
     ctl: Arc<Control>,
-    mode: PathMode,
+    mode: Mode,
 ) -> Result<()> {
     let mut copy = vec![0u8; shard.block_size()];
     let mut resumed = None;
-    while let Some((op, start)) = worker.next(resumed).await {
+    loop {
+        let next = match worker.next_ready(resumed) {
+            Some(ready) => Some(ready),
+            None => worker.next(resumed).await,
+        };
+        let Some((op, start)) = next else { break };
         let done = match mode {
-            PathMode::Local => local_op(&shard, &ctl, op).await,
-            _ => routed_op(&shard, &ctl, op, &mut copy).await,
+            Mode::Local(Access::Read) if op.kind == OpKind::Read => {
+                local_read(&shard, &ctl, op.block).await
+            }
+            Mode::Local(Access::Read) => local_op(&shard, &ctl, op).await,
+            Mode::Local(Access::Get) => match local_get(&shard, &ctl, op) {
+                Some(done) => done,
+                None => local_op(&shard, &ctl, op).await,
+            },
+            Mode::Routed => routed_op(&shard, &ctl, op, &mut copy).await,
         };
         if let Err(e) = done {
             ctl.stop();
             return Err(e);
         }
-        let ended = recorder.borrow_mut().record(&op, start);
-        resumed = Some(ended);
+        resumed = recorder.borrow_mut().record(&op, start);
         if ctl.barrier_due(&op) {
             shard.flush().await?;
             recorder.borrow_mut().barrier();
@@ -266,6 +310,28 @@ async fn shard_task(
         }
     }
     Ok(())
+}
+
+/// A read served by the synchronous `Partition::get`, or `None` when the operation needs the
+/// async path (a miss, a block being read, or a write).
+#[inline]
+fn local_get(shard: &Shard, ctl: &Control, op: Op) -> Option<Result<()>> {
+    if op.kind != OpKind::Read {
+        return None;
+    }
+    let buf = shard.partition().get(op.block)?;
+    let judged = ctl.judge(op.block, &buf.data());
+    Some(judged)
+}
+
+/// A read through the shard's own partition: a session, `Session::read`, the data. Its own
+/// function (rather than a branch of [`local_op`]) so that its future holds only what a read
+/// needs, not `new_block`'s state machine too.
+async fn local_read(shard: &Shard, ctl: &Control, block: u64) -> Result<()> {
+    let session = shard.partition().session().await;
+    let buf = session.read(block).await?;
+    let judged = ctl.judge(block, &buf.data());
+    judged
 }
 
 /// One operation through the shard's own partition: no copy, no message.
@@ -365,7 +431,7 @@ async fn client_future(
             ctl.stop();
             return Err(e);
         }
-        resumed = Some(recorder.borrow_mut().record(&op, start));
+        resumed = recorder.borrow_mut().record(&op, start);
         if ctl.barrier_due(&op) {
             client.flush().await?;
             recorder.borrow_mut().barrier();
@@ -394,7 +460,7 @@ fn client_thread(
             ctl.stop();
             return Err(e);
         }
-        resumed = Some(recorder.record(&op, start));
+        resumed = recorder.record(&op, start);
         if ctl.barrier_due(&op) {
             client.flush_blocking().map_err(BenchError::from)?;
             recorder.barrier();

@@ -112,7 +112,7 @@ fn thread(
             ctl.stop();
             return Err(e);
         }
-        resumed = Some(recorder.record(&op, start));
+        resumed = recorder.record(&op, start);
         if ctl.barrier_due(&op) {
             file.sync_data().map_err(|e| BenchError::io("mutex-lru fdatasync", e))?;
             recorder.barrier();

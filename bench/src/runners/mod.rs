@@ -34,6 +34,8 @@ pub struct Control {
     progress: Box<[AtomicU64]>,
     /// Per worker seconds between intended starts (open loop), or `None` (closed loop).
     interval: Option<Duration>,
+    /// One operation in this many is timed (1 in the open loop and outside the timed phase).
+    sample_every: u64,
     /// The version table, with `--verify`.
     pub versions: Option<Arc<Versions>>,
     /// The block size.
@@ -59,6 +61,11 @@ impl Control {
             flush_every: settings.flush_every.filter(|_| timed),
             progress: (0..groups).map(|_| AtomicU64::new(0)).collect(),
             interval,
+            sample_every: if timed && interval.is_none() {
+                settings.sample_every.max(1)
+            } else {
+                1
+            },
             versions,
             block_size: settings.block_size,
         })
@@ -143,6 +150,9 @@ pub struct GroupResult {
     pub hits: u64,
     /// Cache misses (LRU baseline).
     pub misses: u64,
+    /// CPU time the group's thread used in the phase (user + system), seconds: on a machine
+    /// shared with other work, ops per CPU-second is the figure the others do not distort.
+    pub cpu_secs: f64,
 }
 
 /// Records one group's operations; tasks of a glommio group share it through `Rc<RefCell<_>>`.
@@ -151,6 +161,8 @@ pub struct Recorder {
     result: GroupResult,
     ctl: Arc<Control>,
     group: usize,
+    /// The thread's CPU time when the recorder was made (on the group's thread).
+    cpu_start: f64,
 }
 
 /// How long a worker waits before it tries again to claim a block another worker holds.
@@ -175,15 +187,20 @@ impl Recorder {
             device_ios: None,
             hits: 0,
             misses: 0,
+            cpu_secs: 0.0,
         };
-        Recorder { result, ctl, group }
+        Recorder { result, ctl, group, cpu_start: thread_cpu_secs() }
     }
 
     /// Records a completed operation that started (or was meant to start) at `start`; returns
-    /// when it ended.
+    /// when it ended if it was timed (see [`Start`]).
     #[inline]
-    pub fn record(&mut self, op: &Op, start: Start) -> Instant {
-        let Start { at: start, late } = start;
+    pub fn record(&mut self, op: &Op, start: Start) -> Option<Instant> {
+        let Start { at, late } = start;
+        let Some(start) = at else {
+            self.count(op);
+            return None;
+        };
         let now = Instant::now();
         let r = &mut self.result;
         if let (Some(h), Some(late)) = (&mut r.lateness_ns, late) {
@@ -192,6 +209,13 @@ impl Recorder {
         r.started = Some(r.started.map_or(start, |s| s.min(start)));
         r.ended = Some(now);
         r.latency_ns.saturating_record(now.saturating_duration_since(start).as_nanos() as u64);
+        self.count(op);
+        Some(now)
+    }
+
+    #[inline]
+    fn count(&mut self, op: &Op) {
+        let r = &mut self.result;
         r.ops += 1;
         match op.kind {
             OpKind::Read => r.reads += 1,
@@ -201,7 +225,6 @@ impl Recorder {
         if r.ops.is_multiple_of(PROGRESS_EVERY_OPS) {
             self.ctl.progress[self.group].store(r.ops, Ordering::Relaxed);
         }
-        now
     }
 
     /// Counts a barrier.
@@ -224,18 +247,35 @@ impl Recorder {
     }
 
     /// The group's result.
-    pub fn finish(self) -> GroupResult {
+    pub fn finish(mut self) -> GroupResult {
         self.ctl.progress[self.group].store(self.result.ops, Ordering::Relaxed);
+        if self.ctl.sample_every > 1 && self.result.ops > 0 {
+            // The last operations may not have been timed: the group's window ends now.
+            self.result.ended = Some(Instant::now());
+        }
+        self.result.cpu_secs = thread_cpu_secs() - self.cpu_start;
         self.result
     }
 }
 
+/// CPU time of the calling thread, seconds (`CLOCK_THREAD_CPUTIME_ID`: user and system).
+pub fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through the pointer, a live local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// When an operation started: now (closed loop), or its intended start and how late the
-/// generator actually issued it (open loop).
+/// generator actually issued it (open loop); `at` is `None` for an operation that is not timed
+/// (`--sample-every`), which is counted without reading the clock.
 #[derive(Clone, Copy, Debug)]
 pub struct Start {
-    /// The time latency is measured from.
-    pub at: Instant,
+    /// The time latency is measured from, for a timed operation.
+    pub at: Option<Instant>,
     /// Open loop: actual issue time minus intended start.
     pub late: Option<Duration>,
 }
@@ -248,6 +288,9 @@ pub struct Worker {
     claimed: Option<u64>,
     next_start: Option<Instant>,
     interval: Option<Duration>,
+    /// Operations to take before the next timed one (each worker times its first, then one
+    /// in `sample_every`): a countdown, not a division per operation.
+    untimed_left: u64,
     ctl: Arc<Control>,
 }
 
@@ -265,7 +308,7 @@ impl Worker {
         // Open loop: workers' schedules are staggered so their starts do not come in bursts.
         let next_start =
             ctl.interval.map(|i| Instant::now() + i.mul_f64(index as f64 / count as f64));
-        Worker { stream, claimed: None, next_start, interval: ctl.interval, ctl }
+        Worker { stream, claimed: None, next_start, interval: ctl.interval, untimed_left: 0, ctl }
     }
 
     fn take(&mut self) -> Option<(Op, Option<Instant>)> {
@@ -301,14 +344,38 @@ impl Worker {
         }
         self.claimed = Some(op.block);
         let Some(intended) = intended else {
-            let at = resumed.unwrap_or_else(Instant::now);
-            return Some((op, Start { at, late: None }));
+            return Some((op, self.closed_loop_start(resumed)));
         };
         let now = Instant::now();
         if intended > now {
             glommio::timer::sleep(intended - now).await;
         }
-        Some((op, Start { at: intended, late: Some(intended.elapsed()) }))
+        Some((op, Start { at: Some(intended), late: Some(intended.elapsed()) }))
+    }
+
+    /// A closed-loop start: timed (from `resumed` or now) for one operation in
+    /// `sample_every`, counted only for the others.
+    #[inline]
+    fn closed_loop_start(&mut self, resumed: Option<Instant>) -> Start {
+        if self.untimed_left > 0 {
+            self.untimed_left -= 1;
+            return Start { at: None, late: None };
+        }
+        self.untimed_left = self.ctl.sample_every - 1;
+        Start { at: Some(resumed.unwrap_or_else(Instant::now)), late: None }
+    }
+
+    /// [`Worker::next`] when it cannot wait: the closed loop without claims, where the next
+    /// operation is always ready. `None` means "call `next`" (which may wait, or say the stream
+    /// ended); it takes no operation then. The hit path's loop calls this first, so a hit costs
+    /// no trip through `next`'s future.
+    #[inline]
+    pub fn next_ready(&mut self, resumed: Option<Instant>) -> Option<(Op, Start)> {
+        if self.interval.is_some() || self.stream.has_claims() {
+            return None;
+        }
+        let (op, _) = self.take()?;
+        Some((op, self.closed_loop_start(resumed)))
     }
 
     /// [`Worker::next`] for futures driven outside glommio (closed loop only: the async client
@@ -321,7 +388,7 @@ impl Worker {
             futures_lite::future::yield_now().await;
         }
         self.claimed = Some(op.block);
-        Some((op, Start { at: resumed.unwrap_or_else(Instant::now), late: None }))
+        Some((op, self.closed_loop_start(resumed)))
     }
 
     /// [`Worker::next`] for plain threads.
@@ -334,13 +401,13 @@ impl Worker {
         }
         self.claimed = Some(op.block);
         let Some(intended) = intended else {
-            return Some((op, Start { at: resumed.unwrap_or_else(Instant::now), late: None }));
+            return Some((op, self.closed_loop_start(resumed)));
         };
         let now = Instant::now();
         if intended > now {
             std::thread::sleep(intended - now);
         }
-        Some((op, Start { at: intended, late: Some(intended.elapsed()) }))
+        Some((op, Start { at: Some(intended), late: Some(intended.elapsed()) }))
     }
 }
 

@@ -1,15 +1,18 @@
 //! Baseline: buffered `pread` / `pwrite` through the OS page cache, one thread per core
-//! (`std::os::unix::fs::FileExt`), one operation in flight per thread.
+//! (`std::os::unix::fs::FileExt`), one operation in flight per thread. By default its page
+//! cache is limited to corebuf's cache size by a memory cgroup (equal memory, see
+//! [`crate::memcg`]); `--pread-memory whole` gives it the whole OS page cache.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::{phases, run_phase, Control, GroupResult, Recorder, StreamBank, Worker};
-use crate::args::{PathMode, Settings};
+use crate::args::{PathMode, PreadMemory, Settings};
 use crate::block;
 use crate::dataset::Dataset;
 use crate::error::{BenchError, Result};
+use crate::memcg::MemoryLimit;
 use crate::report::SideReport;
 use crate::sysinfo;
 use crate::verify::Versions;
@@ -22,6 +25,12 @@ pub fn run(
     plan: &Plan,
     versions: Option<Arc<Versions>>,
 ) -> Result<SideReport> {
+    // Inside the cgroup before the page cache is dropped: every page this side reads is
+    // charged to it.
+    let limit = match settings.pread_memory {
+        PreadMemory::Equal => Some(MemoryLimit::enter(settings.cache_bytes)),
+        PreadMemory::Whole => None,
+    };
     dataset.drop_page_cache();
     sysinfo::reset_peak_rss();
     let threads = settings.baseline_threads;
@@ -42,12 +51,24 @@ pub fn run(
     }
     let (results, disk, (rss_bytes, rss_peak_bytes)) = timed.expect("the timed phase always runs");
     let mut report = SideReport::from_groups("pread", &results, settings.block_size);
+    match limit {
+        Some(Ok(limit)) => {
+            report.memory_limit_bytes = Some(limit.limit_bytes);
+            report.notes.push(limit.describe());
+        }
+        Some(Err(why)) => report.notes.push(format!(
+            "NOT memory-limited, its cache is the whole OS page cache (not --cache): {why}"
+        )),
+        None => report.notes.push(
+            "its cache is the whole OS page cache, not limited to --cache (--pread-memory whole)"
+                .into(),
+        ),
+    }
     if let Some(ios) = disk {
         report.device_iops = (report.elapsed_secs > 0.0).then(|| ios as f64 / report.elapsed_secs);
         report.device_iops_source =
             Some("kernel disk counters (/sys/dev/block/*/stat), whole disk".into());
     }
-    report.notes.push("its cache is the whole OS page cache, not limited to --cache".into());
     report.rss_bytes = rss_bytes;
     report.rss_peak_bytes = rss_peak_bytes;
     Ok(report)
@@ -75,7 +96,7 @@ fn thread(
             ctl.stop();
             return Err(e);
         }
-        resumed = Some(recorder.record(&op, start));
+        resumed = recorder.record(&op, start);
         if ctl.barrier_due(&op) {
             file.sync_data().map_err(|e| BenchError::io("pread fdatasync", e))?;
             recorder.barrier();

@@ -169,7 +169,7 @@ async fn raw_loop(
         resumed = {
             let mut r = recorder.borrow_mut();
             r.device_ios(ios);
-            Some(r.record(&op, start))
+            r.record(&op, start)
         };
         if ctl.barrier_due(&op) {
             file.fdatasync().await.map_err(|e| io("fdatasync", b, e))?;

@@ -348,15 +348,13 @@ impl<D: Device + 'static> Shard<D> {
     ) -> Option<Result<Payload>> {
         match op {
             Op::Read { block } => {
-                let session = self.partition().try_session()?;
-                let buf = session.get(*block)?;
+                let buf = self.partition().get(*block)?;
                 let data = buf.try_data().ok()?;
                 bytes().copy_from_slice(&data);
                 Some(Ok(Payload::Done))
             }
             Op::Write { block } => {
-                let session = self.partition().try_session()?;
-                let buf = session.get(*block)?;
+                let buf = self.partition().get(*block)?;
                 let mut data = buf.try_data_mut().ok()?;
                 data.copy_from_slice(bytes());
                 drop(data);

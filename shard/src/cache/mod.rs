@@ -2,16 +2,25 @@
 //! (read / get / new / prefetch / release / mark dirty / write back / flush), bounded memory,
 //! pinning, S3-FIFO eviction and background write-back, over the shard's
 //! [`IoQueue`](crate::io::IoQueue).
+//!
+//! Files by concern: [`Partition`] and the miss path in `partition.rs`, sessions and buffer
+//! handles in `session.rs`, the write path in `writeback.rs`, the frame table and its
+//! invariants in `table.rs` (per-frame records in `frame.rs`, the block index in `index.rs`,
+//! S3-FIFO in `policy.rs`), the frames' bytes in `arena.rs`.
 
 mod arena;
 mod config;
+mod frame;
 mod index;
 mod partition;
 mod policy;
+mod session;
 mod stats;
 mod table;
+mod writeback;
 
 pub use arena::{FrameMut, FrameRef};
 pub use config::CacheConfig;
-pub use partition::{BufRef, Hook, Hooks, Partition, ReadHook, Session};
+pub use partition::{Hook, Hooks, Partition, ReadHook};
+pub use session::{AuxMut, BufRef, Session};
 pub use stats::CacheStats;

@@ -1,13 +1,17 @@
-//! The cache partition: dm-bufio's operations over one shard's [`IoQueue`].
+//! The cache partition: dm-bufio's operations over one shard's [`IoQueue`]. This file holds
+//! the partition itself (construction, `get`, sessions, prefetch, forget, flush) and the miss
+//! path (frame allocation and the device read); [`super::session`] holds the handles and
+//! [`super::writeback`] the write path.
 
-use std::cell::{Cell, RefCell, RefMut};
-use std::ops::Range;
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::rc::Rc;
 
-use super::arena::{Arena, FrameMut, FrameRef};
+use super::arena::{Arena, ArenaError, FrameMut};
 use super::config::{CacheConfig, Sizing};
+use super::frame::{self, flag, Hot, SEQ_NONE};
+use super::session::{AuxMut, BufRef, Session};
 use super::stats::CacheStats;
-use super::table::{flag, FrameMeta, Lookup, Table, SEQ_NONE};
+use super::table::{Lookup, Table};
 use crate::error::{Error, Result};
 use crate::io::{Device, IoQueue};
 use crate::wait::{FifoGate, WaitList};
@@ -48,23 +52,27 @@ impl<A> std::fmt::Debug for Hooks<A> {
     }
 }
 
-struct Inner<D: Device, A> {
-    queue: Rc<IoQueue<D>>,
-    block_size: usize,
-    device_blocks: u64,
-    arena: Arena,
-    aux: Box<[RefCell<A>]>,
-    table: RefCell<Table>,
-    hooks: Hooks<A>,
-    sizing: Sizing,
-    pins_per_session_max: usize,
+pub(super) struct Inner<D: Device, A> {
+    pub(super) queue: Rc<IoQueue<D>>,
+    pub(super) block_size: usize,
+    pub(super) device_blocks: u64,
+    pub(super) arena: Arena,
+    /// The frames' hot records (shared with the table and the arena): here for the aux flag.
+    hot: Rc<[Hot]>,
+    /// The caller's aux data per frame, borrowed through the `AUX_BORROWED` bit of the frame's
+    /// hot record (0 bytes per frame for `A = ()`).
+    aux: Box<[UnsafeCell<A>]>,
+    pub(super) table: RefCell<Table>,
+    pub(super) hooks: Hooks<A>,
+    pub(super) sizing: Sizing,
+    pub(super) pins_per_session_max: usize,
     sessions_active: Cell<usize>,
     alloc_line: FifoGate,
-    background_writer_running: Cell<bool>,
+    pub(super) background_writer_running: Cell<bool>,
     /// Bumped and notified whenever a frame's state changes in a way a waiter may care about:
     /// a read completes or fails, a pin drops to zero, a write ends, a data borrow ends.
     changes: Cell<u64>,
-    changed: WaitList,
+    pub(super) changed: WaitList,
     session_slots: WaitList,
 }
 
@@ -73,12 +81,13 @@ struct Inner<D: Device, A> {
 /// Pinning goes through a [`Session`], the unit of the deadlock rule: a session holds at most
 /// `pins_per_session_max` buffers, and the partition admits at most
 /// `(frames − 1) / (pins_per_session_max − 1)` sessions at once, so whenever every session
-/// waits for one more buffer, some frame is unpinned and can be reused.
+/// waits for one more buffer, some frame is unpinned and can be reused. [`Partition::get`]
+/// pins without a session (it never waits, so it cannot take part in a deadlock itself).
 ///
 /// `A` is the per-buffer aux data (dm-bufio's `aux_size` bytes), reset to `A::default()`
 /// whenever a buffer is (re)initialised.
 pub struct Partition<D: Device + 'static, A: 'static = ()> {
-    inner: Rc<Inner<D, A>>,
+    pub(super) inner: Rc<Inner<D, A>>,
 }
 
 impl<D: Device, A> std::fmt::Debug for Partition<D, A> {
@@ -105,24 +114,32 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         }
         let sizing = config.sizing(block_size)?;
         let frames = sizing.frame_count;
-        let arena = Arena::new(frames, block_size).ok_or_else(|| {
-            Error::config(
-                "cache_size_bytes",
-                format!("{} bytes of buffers cannot be allocated", config.cache_size_bytes),
-            )
-        })?;
-        let table = Table::try_new(frames).ok_or_else(|| {
+        let no_metadata = || {
             Error::config(
                 "cache_size_bytes",
                 format!("metadata for {frames} frames cannot be allocated"),
             )
-        })?;
+        };
+        // The buffers first: a size the machine cannot hold fails there, before any per-frame
+        // array is written.
+        let arena =
+            Arena::new(frames, block_size, || frame::hot_array(frames)).map_err(|e| match e {
+                ArenaError::Buffers => Error::config(
+                    "cache_size_bytes",
+                    format!("{} bytes of buffers cannot be allocated", config.cache_size_bytes),
+                ),
+                ArenaError::Metadata => no_metadata(),
+            })?;
+        let hot = arena.hot();
+        let writes_max = queue.config().writebacks_in_flight_max;
+        let table = Table::try_new(Rc::clone(&hot), writes_max).ok_or_else(no_metadata)?;
         let inner = Inner {
             device_blocks: queue.device_blocks(),
             queue,
             block_size,
             arena,
-            aux: (0..frames).map(|_| RefCell::new(A::default())).collect(),
+            hot,
+            aux: (0..frames).map(|_| UnsafeCell::new(A::default())).collect(),
             table: RefCell::new(table),
             hooks,
             sizing,
@@ -159,19 +176,19 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         self.inner.sizing.sessions_max
     }
 
-    /// Bytes of metadata per buffer: the frame table, the dirty and write lists, the policy's
-    /// lists, the block index, the data borrow flag and the aux cell. The ghost (block numbers
-    /// of recently evicted blocks, policy history rather than per-buffer state) comes on top:
+    /// Bytes of metadata per buffer, the block index included: the hot record (block number,
+    /// pin count, state bits, policy byte, data borrow flag), the cold record (write sequence
+    /// numbers, dirty range, dirty-list slot), the dirty list, the policy's list links, the
+    /// index's slots, and the aux data (0 bytes for `A = ()`). The ghost (block numbers of
+    /// recently evicted blocks, policy history rather than per-buffer state) comes on top:
     /// see [`Partition::ghost_bytes_per_frame`] and docs/ARCHITECTURE.md.
     pub fn metadata_bytes_per_frame(&self) -> usize {
-        Table::bytes_per_frame(self.frame_count())
-            + 4 /* data borrow flag */
-            + std::mem::size_of::<RefCell<A>>()
+        Table::bytes_per_frame(self.frame_count()) + std::mem::size_of::<UnsafeCell<A>>()
     }
 
     /// Bytes per buffer of the ghost: its ring of block numbers and its lookup table.
     pub fn ghost_bytes_per_frame(&self) -> usize {
-        self.inner.table.borrow().policy.ghost_bytes() / self.frame_count()
+        self.inner.table.borrow().ghost_bytes() / self.frame_count()
     }
 
     /// The I/O queue under this partition.
@@ -181,12 +198,38 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
 
     /// A snapshot of the statistics.
     pub fn stats(&self) -> CacheStats {
-        let table = self.inner.table.borrow();
-        let mut stats = table.stats.clone();
-        stats.pinned = table.pinned_frames as u64;
-        stats.dirty = table.dirty_list.len() as u64;
-        stats.frames = self.inner.sizing.frame_count as u64;
-        stats
+        self.inner.table.borrow().stats()
+    }
+
+    /// The cached buffer of `block`, pinned, or `None` if it is absent or still being read:
+    /// dm-bufio's `dm_bufio_get`. Synchronous: no session, no future, never I/O, never waits.
+    /// One index probe and one metadata record; nothing is allocated.
+    ///
+    /// The handle pins the buffer until it is dropped, outside any session's pin limit: hold
+    /// it for the access, not across waits for other buffers (a task that pins every frame
+    /// this way and then waits for a frame waits forever, as with dm-bufio).
+    ///
+    /// # Examples
+    /// ```
+    /// # use corebuf_shard::cache::{CacheConfig, Hooks, Partition};
+    /// # use corebuf_shard::io::{IoQueue, QueueConfig, SimDevice, SimOptions};
+    /// glommio::LocalExecutor::default().run(async {
+    ///     let device = SimDevice::new(SimOptions::new(64 * 4096));
+    ///     let queue = IoQueue::new(device, QueueConfig::default()).unwrap();
+    ///     let config = CacheConfig { cache_size_bytes: 16 * 4096, ..CacheConfig::default() };
+    ///     let part: Partition<SimDevice> = Partition::new(queue, config, Hooks::default()).unwrap();
+    ///     assert!(part.get(7).is_none(), "not cached yet");
+    ///     let session = part.session().await;
+    ///     drop(session.read(7).await.unwrap()); // a miss reads the device
+    ///     drop(session);
+    ///     let buf = part.get(7).expect("cached now");
+    ///     assert_eq!(buf.data().len(), 4096);
+    /// });
+    /// ```
+    #[inline]
+    pub fn get(&self, block: u64) -> Option<BufRef<'_, D, A>> {
+        let frame = self.inner.table.borrow_mut().try_hit(block)?;
+        Some(BufRef { inner: &self.inner, held: None, frame, block })
     }
 
     /// Opens a session, waiting while the deadlock rule's bound of sessions is reached.
@@ -194,7 +237,7 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         let inner = &self.inner;
         let max = inner.sizing.sessions_max;
         if inner.sessions_active.get() >= max {
-            inner.table.borrow_mut().stats.session_waits += 1;
+            inner.table.borrow_mut().stats_mut().session_waits += 1;
             inner
                 .session_slots
                 .wait_for(|| (inner.sessions_active.get() < max).then_some(()))
@@ -225,7 +268,7 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
             started += 1;
             let inner = Rc::clone(&self.inner);
             glommio::spawn_local(async move {
-                let guard = ReadGuard { inner: &inner, frame, done: false };
+                let guard = ReadGuard::new(&inner, frame);
                 // A failed prefetch just leaves the block uncached; the next read retries.
                 let _ = inner.fill_from_device(guard, b).await;
             })
@@ -257,22 +300,7 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
     /// call and waits for those writes, without flushing the device. Returns the first latched
     /// write error. The engine's global barrier runs this on every shard, then flushes once.
     pub async fn write_back_dirty(&self) -> Result<()> {
-        let inner = &self.inner;
-        let (barrier, failures_at_start) = {
-            let table = inner.table.borrow();
-            (table.dirty_seq, table.failures)
-        };
-        loop {
-            inner.write_all_dirty_before(barrier, failures_at_start).await;
-            if !inner.writes_pending_before(barrier, failures_at_start) {
-                break;
-            }
-            inner.wait_change().await;
-        }
-        match inner.table.borrow().first_write_error() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.inner.write_back_dirty().await
     }
 
     /// Flushes the device's write cache (no buffer is written).
@@ -294,9 +322,7 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
     pub fn forget(&self, block: u64) {
         let mut table = self.inner.table.borrow_mut();
         let Lookup::Valid(frame) = table.lookup(block) else { return };
-        let m = table.meta[frame as usize];
-        let errored = table.write_errors.contains_key(&block);
-        if m.pins > 0 || m.has(flag::WRITING) || (m.has(flag::DIRTY) && !errored) {
+        if !table.forgettable(frame) {
             return;
         }
         table.uninstall(frame);
@@ -312,8 +338,16 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
     }
 }
 
+impl<D: Device, A> Inner<D, A> {
+    /// A session ended: its slot is free for a waiter.
+    pub(super) fn end_session(&self) {
+        self.sessions_active.set(self.sessions_active.get() - 1);
+        self.session_slots.notify_all();
+    }
+}
+
 impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
-    fn check_range(&self, block: u64, count: u64) -> Result<()> {
+    pub(super) fn check_range(&self, block: u64, count: u64) -> Result<()> {
         let last = block.saturating_add(count.max(1) - 1);
         if block >= self.device_blocks || last >= self.device_blocks {
             return Err(Error::BlockOutOfRange { block: last, device_blocks: self.device_blocks });
@@ -321,35 +355,44 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         Ok(())
     }
 
-    fn notify(&self) {
+    pub(super) fn notify(&self) {
         self.changes.set(self.changes.get().wrapping_add(1));
         self.changed.notify_all();
     }
 
     /// Waits for the next state change notification.
-    async fn wait_change(&self) {
+    pub(super) async fn wait_change(&self) {
         self.wait_change_since(self.changes.get()).await;
     }
 
     /// Waits until a state change after the one numbered `seen` (resolves at once if there
     /// was one already).
-    async fn wait_change_since(&self, seen: u64) {
+    pub(super) async fn wait_change_since(&self, seen: u64) {
         self.changed.wait_for(|| (self.changes.get() != seen).then_some(())).await;
     }
 
-    /// Spawns the writes an eviction scan scheduled. Must be called with no borrow of the
-    /// table held: glommio runs a spawned task right away, inside this call.
-    fn spawn_started_writes(self: &Rc<Self>) {
-        loop {
-            let Some(frame) = self.table.borrow_mut().writes_to_start.pop() else { return };
-            let inner = Rc::clone(self);
-            glommio::spawn_local(async move { inner.write_frame(frame).await }).detach();
+    /// The aux data of `frame`, borrowed mutably, or `None` while it is borrowed already.
+    pub(super) fn try_aux_mut(&self, frame: u32) -> Option<AuxMut<'_, A>> {
+        let hot = &self.hot[frame as usize];
+        if hot.has(flag::AUX_BORROWED) {
+            return None;
         }
+        hot.add_flags(flag::AUX_BORROWED);
+        // SAFETY: the AUX_BORROWED bit was clear, so no other `&mut A` of this frame is alive
+        // (every one is an `AuxMut`, which holds the bit until dropped), and the bit is set now
+        // until this guard drops; `aux` lives as long as `self`, which the guard borrows.
+        let value = unsafe { &mut *self.aux[frame as usize].get() };
+        Some(AuxMut { value, hot })
+    }
+
+    /// Whether the aux data of `frame` is borrowed now.
+    pub(super) fn aux_borrowed(&self, frame: u32) -> bool {
+        self.hot[frame as usize].has(flag::AUX_BORROWED)
     }
 
     /// A frame for a new block: a free one, else a clean idle one evicted (starting writes of
     /// dirty candidates on the way), else waits for a release or a write to finish.
-    async fn alloc_frame(self: &Rc<Self>) -> Result<u32> {
+    pub(super) async fn alloc_frame(self: &Rc<Self>) -> Result<u32> {
         // One allocation at a time, first come first served: a task that starts an operation
         // while others wait for a frame would otherwise take the frame a waiter was woken for,
         // and a waiter could lose that race for as long as operations keep coming.
@@ -358,15 +401,14 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
             // Taken before the scan: the writes it starts run right away and may complete (and
             // notify) before this task waits, and that change must end the wait.
             let seen = self.changes.get();
-            let writes_max = self.queue.config().writebacks_in_flight_max;
             let must_wait = {
                 let mut table = self.table.borrow_mut();
-                if let Some(frame) = table.free.pop() {
+                if let Some(frame) = table.take_free() {
                     return Ok(frame);
                 }
-                let must_wait = table.eviction_must_wait(writes_max);
+                let must_wait = table.eviction_must_wait();
                 if must_wait {
-                    table.stats.frame_waits += 1;
+                    table.stats_mut().frame_waits += 1;
                 }
                 must_wait
             };
@@ -375,20 +417,20 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
                 continue;
             }
             {
-                let victim = self.table.borrow_mut().evict(writes_max);
+                let victim = self.table.borrow_mut().evict();
                 self.spawn_started_writes();
                 if let Some(frame) = victim {
                     return Ok(frame);
                 }
                 let mut table = self.table.borrow_mut();
-                if table.writing_count == 0 {
+                if table.writing_count() == 0 {
                     if let Some(e) = table.first_write_error() {
                         // Every unpinned frame holds data whose write failed: no room can be
                         // made until the caller retries `write_dirty` or forgets blocks.
                         return Err(e);
                     }
                 }
-                table.stats.frame_waits += 1;
+                table.stats_mut().frame_waits += 1;
             }
             self.wait_change_since(seen).await;
         }
@@ -401,229 +443,75 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
             return None;
         }
         if self.queue.in_flight() >= self.queue.config().io_depth_max {
-            table.stats.prefetch_skipped += 1;
+            table.stats_mut().prefetch_skipped += 1;
             return None;
         }
-        let frame = match table.free.pop() {
+        let frame = match table.take_free() {
             Some(frame) => frame,
-            None => match table.evict(0) {
+            // A prefetch never starts writes: it only takes clean frames.
+            None => match table.evict_clean() {
                 Some(frame) => frame,
                 None => {
-                    table.stats.prefetch_skipped += 1;
+                    table.stats_mut().prefetch_skipped += 1;
                     return None;
                 }
             },
         };
-        table.install(frame, block, flag::READING);
-        table.stats.prefetch_reads += 1;
+        table.install(frame, block, flag::READING, false);
+        table.stats_mut().prefetch_reads += 1;
         Some(frame)
     }
 
-    /// Reads `block` from the device into the READING frame of `guard`, then makes it VALID.
-    /// On error (or if this future is dropped) the guard uninstalls the frame.
-    async fn fill_from_device(&self, mut guard: ReadGuard<'_, D, A>, block: u64) -> Result<()> {
+    /// Reads `block` from the device straight into the READING frame of `guard`, then makes
+    /// it VALID. On error (or if this future is dropped) the guard uninstalls the frame.
+    pub(super) async fn fill_from_device(
+        &self,
+        mut guard: ReadGuard<'_, D, A>,
+        block: u64,
+    ) -> Result<()> {
         let frame = guard.frame;
-        let mut request = self.queue.request().await;
-        if let Err(e) = self.queue.read(&mut request, block).await {
-            self.table.borrow_mut().stats.read_errors += 1;
+        // Nobody else borrows a READING frame's bytes: `get` and `read` do not hand it out
+        // until it is VALID, and eviction, forget and release_move skip it.
+        let mut data = self.arena.try_borrow_mut(frame).expect("a READING frame is never lent");
+        if let Err(e) = self.queue.read_into(block, &mut data).await {
+            self.table.borrow_mut().stats_mut().read_errors += 1;
             return Err(e);
         }
         if let Some(check) = &self.hooks.on_read {
-            if let Err(e) = check(block, request.data()) {
-                self.table.borrow_mut().stats.read_errors += 1;
+            if let Err(e) = check(block, &data) {
+                self.table.borrow_mut().stats_mut().read_errors += 1;
                 return Err(e);
             }
         }
-        {
-            let mut data = self.arena.try_borrow_mut(frame).expect("a READING frame is never lent");
-            data.copy_from_slice(request.data());
-            self.run_on_alloc(frame, block, &mut data);
-        }
-        self.table.borrow_mut().meta[frame as usize].flags = flag::VALID;
+        self.run_on_alloc(frame, block, &mut data);
+        drop(data);
+        self.table.borrow_mut().set_valid(frame);
         guard.done = true;
         self.notify();
         Ok(())
     }
 
-    fn run_on_alloc(&self, frame: u32, block: u64, data: &mut FrameMut<'_>) {
-        let mut aux = self.aux[frame as usize].borrow_mut();
+    pub(super) fn run_on_alloc(&self, frame: u32, block: u64, data: &mut FrameMut<'_>) {
+        let mut aux = self.try_aux_mut(frame).expect("a frame being filled has no aux borrow");
         *aux = A::default();
         if let Some(hook) = &self.hooks.on_alloc {
             hook(block, data, &mut aux);
         }
     }
-
-    /// Writes one frame whose write was scheduled (`WRITING` set). Returns once the write is
-    /// submitted; its completion updates the table.
-    ///
-    /// If this future is dropped before the write is submitted, the guard below gives the frame
-    /// back as dirty: a scheduled write that never starts must not leave it WRITING forever.
-    async fn write_frame(self: &Rc<Self>, frame: u32) {
-        let mut guard = WriteGuard { inner: self, frame, submitted: false };
-        let mut request = self.queue.request().await;
-        // The snapshot needs the bytes not borrowed mutably (and, for `on_write`, neither the
-        // bytes nor the aux data borrowed at all: the hook gets both mutably).
-        // No await between this check and the copy below: if you add one, re-check after it.
-        let needs_exclusive = self.hooks.on_write.is_some();
-        let busy = |inner: &Self| {
-            if needs_exclusive {
-                inner.arena.is_borrowed(frame)
-                    || inner.aux[frame as usize].try_borrow_mut().is_err()
-            } else {
-                inner.arena.is_mut_borrowed(frame)
-            }
-        };
-        // Borrows end without a notification (they are plain guards), so poll: this only
-        // happens when a caller holds a data borrow across an await.
-        while busy(self) {
-            futures_lite::future::yield_now().await;
-        }
-        let block = self.table.borrow().meta[frame as usize].block;
-        if let Some(hook) = &self.hooks.on_write {
-            let mut data = self.arena.try_borrow_mut(frame).expect("checked not borrowed above");
-            hook(block, &mut data, &mut self.aux[frame as usize].borrow_mut());
-        }
-        {
-            let data = self.arena.try_borrow(frame).expect("checked not mutably borrowed above");
-            request.data_mut().copy_from_slice(&data);
-        }
-        self.table.borrow_mut().take_snapshot(frame);
-        let inner = Rc::clone(self);
-        let done = move |result: Result<()>| {
-            inner.table.borrow_mut().end_write(frame, result);
-            inner.notify();
-        };
-        let submitted = self.queue.write_back_then(request, block, Some(done)).await;
-        debug_assert!(submitted.is_ok(), "an installed frame's block is inside the device");
-        // From here the completion callback ends the write.
-        guard.submitted = submitted.is_ok();
-    }
-
-    /// Schedules and submits writes of every dirty, idle-writer frame dirtied before `barrier`
-    /// whose write has not failed since failure number `failures_at_start`.
-    ///
-    /// The dirty list is walked with a cursor, so a pass is O(dirty frames), not O(n²): frames
-    /// whose write was scheduled stay listed (WRITING) and keep their places, but a completed
-    /// write removes its frame by swapping the last one into its slot, which may move a frame
-    /// behind the cursor. So a pass that reaches the end starts over once, and only a pass
-    /// from the start that finds nothing ends the walk.
-    async fn write_all_dirty_before(self: &Rc<Self>, barrier: u64, failures_at_start: u64) {
-        let mut cursor = 0;
-        loop {
-            let next = schedule_next_write(&mut self.table.borrow_mut(), &mut cursor, |t, m| {
-                m.oldest_dirty_seq < barrier && !failed_since(t, m.block, failures_at_start)
-            });
-            match next {
-                Some(frame) => self.write_frame(frame).await,
-                None if cursor == 0 => return,
-                None => cursor = 0,
-            }
-        }
-    }
-
-    async fn write_all_dirty(self: &Rc<Self>, barrier: u64) {
-        let failures = self.table.borrow().failures;
-        self.write_all_dirty_before(barrier, failures).await;
-    }
-
-    /// Whether a modification made before `barrier` is not yet on the device (and has not
-    /// failed to get there since `failures_at_start`).
-    fn writes_pending_before(&self, barrier: u64, failures_at_start: u64) -> bool {
-        let table = self.table.borrow();
-        table.dirty_list.iter().any(|&f| {
-            let m = &table.meta[f as usize];
-            let in_flight = m.has(flag::WRITING) && m.writing_oldest_seq < barrier;
-            let unwritten = m.has(flag::DIRTY)
-                && m.oldest_dirty_seq < barrier
-                && !failed_since(&table, m.block, failures_at_start);
-            in_flight || unwritten
-        })
-    }
-
-    fn maybe_start_background_writer(self: &Rc<Self>, dirty: usize) {
-        if dirty <= self.sizing.dirty_high || self.background_writer_running.get() {
-            return;
-        }
-        self.background_writer_running.set(true);
-        let inner = Rc::clone(self);
-        glommio::spawn_local(async move {
-            let mut cursor = 0; // as in `write_all_dirty_before`: one O(n) walk, not O(n²)
-            loop {
-                let next = {
-                    let mut table = inner.table.borrow_mut();
-                    // Frames whose write is already scheduled or in flight will be clean: only
-                    // the others count against the low mark, or the writer would write back
-                    // every dirty buffer whenever its writes are slower than its loop.
-                    let unscheduled = table.dirty_list.len() - table.writing_count;
-                    if unscheduled <= inner.sizing.dirty_low {
-                        None
-                    } else {
-                        schedule_next_write(&mut table, &mut cursor, |t, m| {
-                            !t.write_errors.contains_key(&m.block)
-                        })
-                    }
-                };
-                match next {
-                    Some(frame) => inner.write_frame(frame).await,
-                    None if cursor == 0 => break,
-                    None => cursor = 0,
-                }
-            }
-            inner.background_writer_running.set(false);
-        })
-        .detach();
-    }
-}
-
-/// Finds the next frame at or after `cursor` in the dirty list that is dirty, has no write
-/// scheduled and passes `wanted`; schedules its write (`begin_write`) and moves the cursor past
-/// it. `None` when the rest of the list has none.
-fn schedule_next_write(
-    table: &mut Table,
-    cursor: &mut usize,
-    wanted: impl Fn(&Table, &FrameMeta) -> bool,
-) -> Option<u32> {
-    let start = (*cursor).min(table.dirty_list.len());
-    let at = table.dirty_list[start..].iter().position(|&f| {
-        let m = &table.meta[f as usize];
-        m.has(flag::DIRTY) && !m.has(flag::WRITING) && wanted(table, m)
-    })?;
-    let frame = table.dirty_list[start + at];
-    table.begin_write(frame);
-    *cursor = start + at + 1;
-    Some(frame)
-}
-
-fn failed_since(table: &Table, block: u64, failures_at_start: u64) -> bool {
-    table.write_errors.get(&block).is_some_and(|(_, n)| *n > failures_at_start)
-}
-
-/// Ends a scheduled write of `frame` that was never submitted (its future was dropped while it
-/// waited for a request buffer, a data borrow or a write-back slot): the frame stops WRITING
-/// and keeps its data dirty, to be written later, instead of blocking eviction, `forget` and
-/// every later `write_dirty` forever.
-struct WriteGuard<'a, D: Device + 'static, A: Default + 'static> {
-    inner: &'a Inner<D, A>,
-    frame: u32,
-    submitted: bool,
-}
-
-impl<D: Device + 'static, A: Default + 'static> Drop for WriteGuard<'_, D, A> {
-    fn drop(&mut self) {
-        if self.submitted {
-            return;
-        }
-        self.inner.table.borrow_mut().cancel_write(self.frame);
-        self.inner.notify();
-    }
 }
 
 /// Uninstalls a READING frame unless the read completed (`done`): a failed or cancelled read
 /// never leaves a frame that others would wait on forever.
-struct ReadGuard<'a, D: Device + 'static, A: Default + 'static> {
+pub(super) struct ReadGuard<'a, D: Device + 'static, A: Default + 'static> {
     inner: &'a Inner<D, A>,
     frame: u32,
     done: bool,
+}
+
+impl<'a, D: Device + 'static, A: Default + 'static> ReadGuard<'a, D, A> {
+    pub(super) fn new(inner: &'a Inner<D, A>, frame: u32) -> Self {
+        ReadGuard { inner, frame, done: false }
+    }
 }
 
 impl<D: Device + 'static, A: Default + 'static> Drop for ReadGuard<'_, D, A> {
@@ -631,362 +519,7 @@ impl<D: Device + 'static, A: Default + 'static> Drop for ReadGuard<'_, D, A> {
         if self.done {
             return;
         }
-        let mut table = self.inner.table.borrow_mut();
-        let pins = table.meta[self.frame as usize].pins;
-        for _ in 0..pins {
-            table.unpin(self.frame);
-        }
-        table.uninstall(self.frame);
-        drop(table);
+        self.inner.table.borrow_mut().abandon_read(self.frame);
         self.inner.notify();
-    }
-}
-
-/// A task's right to pin buffers: the unit of the deadlock rule. At most
-/// `pins_per_session_max` buffers pinned through one session at once; a call that would pin
-/// more fails with [`Error::PinLimit`] instead of risking a deadlock.
-pub struct Session<D: Device + 'static, A: 'static = ()> {
-    inner: Rc<Inner<D, A>>,
-    held: Cell<usize>,
-}
-
-impl<D: Device, A> std::fmt::Debug for Session<D, A> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("held", &self.held.get()).finish()
-    }
-}
-
-impl<D: Device, A> Drop for Session<D, A> {
-    fn drop(&mut self) {
-        debug_assert_eq!(self.held.get(), 0, "handles borrow the session, so none outlives it");
-        self.inner.sessions_active.set(self.inner.sessions_active.get() - 1);
-        self.inner.session_slots.notify_all();
-    }
-}
-
-impl<D: Device + 'static, A: Default + 'static> Session<D, A> {
-    /// Buffers pinned through this session now.
-    pub fn pinned(&self) -> usize {
-        self.held.get()
-    }
-
-    /// Reserves one of the session's pins for a call that may wait before it pins its frame,
-    /// so that calls awaited together through one session cannot all pass the check and then
-    /// pin more than the limit. The reservation is given back if the call fails or is dropped.
-    fn admit(&self) -> Result<Admission<'_, D, A>> {
-        if self.held.get() >= self.inner.pins_per_session_max {
-            return Err(Error::PinLimit { requested: 1, limit: self.inner.pins_per_session_max });
-        }
-        self.held.set(self.held.get() + 1);
-        Ok(Admission { session: self })
-    }
-
-    /// A handle for a pin `get` takes (gets are not bounded, as in dm-bufio).
-    #[inline]
-    fn handle(&self, frame: u32, block: u64) -> BufRef<'_, D, A> {
-        self.held.set(self.held.get() + 1);
-        BufRef { session: self, frame, block }
-    }
-
-    /// The cached buffer of `block`, pinned, or `None` if it is absent or still being read.
-    /// Never does I/O and never waits.
-    pub fn get(&self, block: u64) -> Option<BufRef<'_, D, A>> {
-        let mut table = self.inner.table.borrow_mut();
-        let Lookup::Valid(frame) = table.lookup(block) else { return None };
-        table.pin(frame);
-        table.policy.touch(frame);
-        table.stats.hits += 1;
-        drop(table);
-        Some(self.handle(frame, block))
-    }
-
-    /// The buffer of `block` with its data, pinned. A miss reads the device; concurrent
-    /// readers of one block share one read. Waits for a frame when every frame is busy.
-    pub async fn read(&self, block: u64) -> Result<BufRef<'_, D, A>> {
-        let inner = &self.inner;
-        inner.check_range(block, 1)?;
-        let admission = self.admit()?;
-        let mut joined = false;
-        loop {
-            let lookup = {
-                let mut table = inner.table.borrow_mut();
-                let lookup = table.lookup(block);
-                match lookup {
-                    Lookup::Valid(frame) => {
-                        table.pin(frame);
-                        table.policy.touch(frame);
-                        if !joined {
-                            table.stats.hits += 1;
-                        }
-                        drop(table);
-                        return Ok(admission.into_handle(frame, block));
-                    }
-                    Lookup::Reading(_) if !joined => {
-                        joined = true;
-                        table.stats.joins += 1;
-                    }
-                    _ => {}
-                }
-                lookup
-            };
-            match lookup {
-                Lookup::Reading(_) => inner.wait_change().await,
-                _ => {
-                    if let Some(frame) = self.read_miss(block).await? {
-                        return Ok(admission.into_handle(frame, block));
-                    }
-                }
-            }
-        }
-    }
-
-    /// A miss: takes a frame, installs it READING and pinned, reads; returns the frame. `None`
-    /// if another task installed the block while this one waited for a frame (the caller looks
-    /// up again).
-    async fn read_miss(&self, block: u64) -> Result<Option<u32>> {
-        let inner = &self.inner;
-        let frame = inner.alloc_frame().await?;
-        {
-            let mut table = inner.table.borrow_mut();
-            if table.lookup(block) != Lookup::Absent {
-                table.free.push(frame);
-                return Ok(None);
-            }
-            table.install(frame, block, flag::READING);
-            table.pin(frame);
-            table.stats.misses += 1;
-        }
-        let guard = ReadGuard { inner, frame, done: false };
-        inner.fill_from_device(guard, block).await?;
-        Ok(Some(frame))
-    }
-
-    /// A pinned buffer for `block` without reading the device: zeroed, for the caller to fill
-    /// and mark dirty. If the block is cached, its cached buffer is returned as it is.
-    pub async fn new_block(&self, block: u64) -> Result<BufRef<'_, D, A>> {
-        let inner = &self.inner;
-        inner.check_range(block, 1)?;
-        let admission = self.admit()?;
-        loop {
-            let lookup = inner.table.borrow().lookup(block);
-            match lookup {
-                Lookup::Valid(frame) => {
-                    let mut table = inner.table.borrow_mut();
-                    table.pin(frame);
-                    table.policy.touch(frame);
-                    table.stats.hits += 1;
-                    drop(table);
-                    return Ok(admission.into_handle(frame, block));
-                }
-                Lookup::Reading(_) => inner.wait_change().await,
-                Lookup::Absent => {
-                    let frame = inner.alloc_frame().await?;
-                    let mut table = inner.table.borrow_mut();
-                    if table.lookup(block) != Lookup::Absent {
-                        table.free.push(frame);
-                        continue;
-                    }
-                    table.install(frame, block, flag::VALID);
-                    table.pin(frame);
-                    table.stats.news += 1;
-                    drop(table);
-                    let mut data =
-                        inner.arena.try_borrow_mut(frame).expect("a fresh frame is not lent");
-                    data.fill(0);
-                    inner.run_on_alloc(frame, block, &mut data);
-                    drop(data);
-                    return Ok(admission.into_handle(frame, block));
-                }
-            }
-        }
-    }
-
-    /// Re-homes the buffer's contents to `new_block` and marks it dirty there (dm-bufio 3.7's
-    /// `release_move`). If the buffer is dirty, its data is first written to its old block.
-    /// Whatever was cached for `new_block` is dropped. The handle is released.
-    ///
-    /// Fails with [`Error::BufferBusy`] if another handle pins either buffer.
-    pub async fn release_move(&self, buf: BufRef<'_, D, A>, new_block: u64) -> Result<()> {
-        let inner = &self.inner;
-        inner.check_range(new_block, 1)?;
-        let frame = buf.frame;
-        let old_block = buf.block;
-        if old_block == new_block {
-            buf.mark_dirty();
-            return Ok(());
-        }
-        if inner.table.borrow().meta[frame as usize].pins != 1 {
-            return Err(Error::BufferBusy { block: old_block });
-        }
-        // Persist the old block's data, as dm-bufio does, before its frame changes identity.
-        loop {
-            let state = inner.table.borrow().meta[frame as usize];
-            if state.has(flag::WRITING) {
-                inner.wait_change().await;
-                continue;
-            }
-            if !state.has(flag::DIRTY) {
-                break;
-            }
-            if let Some(e) = inner.table.borrow().write_errors.get(&old_block) {
-                return Err(e.0.clone());
-            }
-            inner.table.borrow_mut().begin_write(frame);
-            inner.write_frame(frame).await;
-        }
-        let mut table = inner.table.borrow_mut();
-        // Checked again after the awaits above: a task that pinned the old block meanwhile
-        // must not be left holding a handle of `old_block` on a buffer that now is `new_block`.
-        if table.meta[frame as usize].pins != 1 {
-            return Err(Error::BufferBusy { block: old_block });
-        }
-        if let Lookup::Valid(other) | Lookup::Reading(other) = table.lookup(new_block) {
-            let m = table.meta[other as usize];
-            if m.pins > 0 || m.has(flag::READING | flag::WRITING) {
-                return Err(Error::BufferBusy { block: new_block });
-            }
-            table.uninstall(other);
-        }
-        // The index reads keys from the frame table: remove under the old block number, insert
-        // under the new one.
-        let Table { index, meta, .. } = &mut *table;
-        index.remove(old_block, meta);
-        meta[frame as usize].block = new_block;
-        index.insert(new_block, frame, meta);
-        table.mark_dirty(frame, 0, inner.block_size);
-        drop(table);
-        drop(buf);
-        inner.notify();
-        Ok(())
-    }
-}
-
-/// One pin of a session reserved by [`Session::admit`]: it becomes a [`BufRef`] or, when
-/// dropped, gives the pin back.
-struct Admission<'s, D: Device + 'static, A: Default + 'static> {
-    session: &'s Session<D, A>,
-}
-
-impl<'s, D: Device + 'static, A: Default + 'static> Admission<'s, D, A> {
-    /// The handle of the pinned `frame`, holding the reserved pin.
-    fn into_handle(self, frame: u32, block: u64) -> BufRef<'s, D, A> {
-        let session = self.session;
-        std::mem::forget(self);
-        BufRef { session, frame, block }
-    }
-}
-
-impl<D: Device + 'static, A: Default + 'static> Drop for Admission<'_, D, A> {
-    fn drop(&mut self) {
-        self.session.held.set(self.session.held.get() - 1);
-    }
-}
-
-/// A pinned buffer: the block's bytes stay in memory, and are never evicted, while it lives.
-/// Dropping it releases the pin. It borrows its [`Session`], so it cannot outlive it.
-pub struct BufRef<'s, D: Device + 'static, A: Default + 'static = ()> {
-    session: &'s Session<D, A>,
-    frame: u32,
-    block: u64,
-}
-
-impl<D: Device, A: Default> std::fmt::Debug for BufRef<'_, D, A> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BufRef").field("block", &self.block).finish()
-    }
-}
-
-impl<D: Device + 'static, A: Default + 'static> BufRef<'_, D, A> {
-    /// The block number.
-    pub fn block(&self) -> u64 {
-        self.block
-    }
-
-    /// The block size in bytes.
-    pub fn block_size(&self) -> usize {
-        self.session.inner.block_size
-    }
-
-    /// The buffer's bytes.
-    ///
-    /// # Panics
-    /// If the bytes are borrowed mutably elsewhere (like `RefCell::borrow`); see
-    /// [`BufRef::try_data`].
-    pub fn data(&self) -> FrameRef<'_> {
-        self.try_data().expect("buffer data is mutably borrowed elsewhere")
-    }
-
-    /// The buffer's bytes, or [`Error::BufferBusy`] while they are borrowed mutably.
-    pub fn try_data(&self) -> Result<FrameRef<'_>> {
-        self.session
-            .inner
-            .arena
-            .try_borrow(self.frame)
-            .ok_or(Error::BufferBusy { block: self.block })
-    }
-
-    /// The buffer's bytes, mutably. Call [`BufRef::mark_dirty`] after changing them.
-    ///
-    /// # Panics
-    /// If the bytes are borrowed elsewhere; see [`BufRef::try_data_mut`].
-    pub fn data_mut(&self) -> FrameMut<'_> {
-        self.try_data_mut().expect("buffer data is borrowed elsewhere")
-    }
-
-    /// The buffer's bytes mutably, or [`Error::BufferBusy`] while they are borrowed.
-    pub fn try_data_mut(&self) -> Result<FrameMut<'_>> {
-        let inner = &self.session.inner;
-        let borrowed = inner.arena.try_borrow_mut(self.frame);
-        borrowed.ok_or(Error::BufferBusy { block: self.block })
-    }
-
-    /// The caller's aux data of this buffer.
-    pub fn aux(&self) -> RefMut<'_, A> {
-        self.session.inner.aux[self.frame as usize].borrow_mut()
-    }
-
-    /// Marks the whole buffer dirty.
-    pub fn mark_dirty(&self) {
-        self.mark_dirty_range(0..self.block_size());
-    }
-
-    /// Marks `range` (bytes in the block) dirty; later calls widen the recorded range to the
-    /// union. The whole block is written either way; the range is kept for the caller.
-    pub fn mark_dirty_range(&self, range: Range<usize>) {
-        assert!(
-            range.start < range.end && range.end <= self.block_size(),
-            "dirty range {range:?} outside the block of {} bytes",
-            self.block_size()
-        );
-        let inner = &self.session.inner;
-        let dirty = {
-            let mut table = inner.table.borrow_mut();
-            table.mark_dirty(self.frame, range.start, range.end);
-            table.dirty_list.len()
-        };
-        inner.maybe_start_background_writer(dirty);
-    }
-
-    /// Whether the buffer holds modifications not yet written.
-    pub fn is_dirty(&self) -> bool {
-        self.session.inner.table.borrow().meta[self.frame as usize].has(flag::DIRTY)
-    }
-
-    /// The recorded dirty byte range, if the buffer is dirty.
-    pub fn dirty_range(&self) -> Option<Range<usize>> {
-        let table = self.session.inner.table.borrow();
-        let m = &table.meta[self.frame as usize];
-        m.has(flag::DIRTY).then(|| m.dirty_start as usize..m.dirty_last as usize + 1)
-    }
-}
-
-impl<D: Device + 'static, A: Default + 'static> Drop for BufRef<'_, D, A> {
-    fn drop(&mut self) {
-        let inner = &self.session.inner;
-        self.session.held.set(self.session.held.get() - 1);
-        let unpinned = inner.table.borrow_mut().unpin(self.frame);
-        if unpinned && inner.changed.has_waiters() {
-            inner.notify();
-        }
     }
 }

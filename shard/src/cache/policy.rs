@@ -6,15 +6,21 @@
 //! movement (so a hit touches one byte), and eviction is amortised O(1). Plain LRU moves a node
 //! on every hit and is flushed by scans; plain SIEVE is not scan-resistant.
 //!
+//! The per-frame frequency and queue tag live in one byte of the frame's [`Hot`] record (the
+//! record a hit touches anyway), so a hit costs no extra cache line.
+//!
 //! Three invariants:
-//! 1. A frame is in at most one of the two queues; `queue_of[f]` says which.
+//! 1. A frame is in at most one of the two queues; its queue tag says which.
 //! 2. The lists are intrusive (`prev` / `next` arrays sized at start): nothing allocates after
 //!    construction, and removal from the middle (forget) is O(1).
 //! 3. The ghost holds at most `ghost_capacity` block numbers, oldest evicted first.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 use hashbrown::HashMap;
+
+use super::frame::Hot;
 
 const NIL: u32 = u32::MAX;
 const FREQ_MAX: u8 = 3;
@@ -24,10 +30,15 @@ const PROMOTE_FREQ_MIN: u8 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum QueueId {
-    None,
-    Small,
-    Main,
+    None = 0,
+    Small = 1,
+    Main = 2,
 }
+
+/// Bits of the policy byte of [`Hot`].
+const FREQ_MASK: u8 = 0b11;
+const QUEUE_SHIFT: u8 = 2;
+const QUEUE_MASK: u8 = 0b11 << QUEUE_SHIFT;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct List {
@@ -41,8 +52,8 @@ struct List {
 pub(crate) struct S3Fifo {
     prev: Box<[u32]>,
     next: Box<[u32]>,
-    queue_of: Box<[QueueId]>,
-    freq: Box<[u8]>,
+    /// The frames' hot records, shared with the table: this policy owns their policy byte.
+    hot: Rc<[Hot]>,
     small: List,
     main: List,
     small_target: usize,
@@ -61,14 +72,14 @@ pub(crate) enum Candidate {
 }
 
 impl S3Fifo {
-    pub(crate) fn new(frame_count: usize) -> Self {
+    pub(crate) fn new(hot: Rc<[Hot]>) -> Self {
+        let frame_count = hot.len();
         let small_target = (frame_count / 10).max(1);
         let ghost_capacity = frame_count.saturating_sub(small_target).max(1);
         S3Fifo {
             prev: vec![NIL; frame_count].into_boxed_slice(),
             next: vec![NIL; frame_count].into_boxed_slice(),
-            queue_of: vec![QueueId::None; frame_count].into_boxed_slice(),
-            freq: vec![0; frame_count].into_boxed_slice(),
+            hot,
             small: List { head: NIL, tail: NIL, len: 0 },
             main: List { head: NIL, tail: NIL, len: 0 },
             small_target,
@@ -78,8 +89,34 @@ impl S3Fifo {
         }
     }
 
-    /// Bytes of policy metadata per frame (lists, queue tag, frequency).
-    pub(crate) const BYTES_PER_FRAME: usize = 4 + 4 + 1 + 1;
+    /// Bytes of policy metadata per frame outside the hot record (the two list links).
+    pub(crate) const BYTES_PER_FRAME: usize = 4 + 4;
+
+    #[inline]
+    fn freq(&self, frame: u32) -> u8 {
+        self.hot[frame as usize].policy() & FREQ_MASK
+    }
+
+    #[inline]
+    fn set_freq(&self, frame: u32, freq: u8) {
+        let h = &self.hot[frame as usize];
+        h.set_policy((h.policy() & !FREQ_MASK) | freq);
+    }
+
+    #[inline]
+    fn queue_of(&self, frame: u32) -> QueueId {
+        match (self.hot[frame as usize].policy() & QUEUE_MASK) >> QUEUE_SHIFT {
+            1 => QueueId::Small,
+            2 => QueueId::Main,
+            _ => QueueId::None,
+        }
+    }
+
+    #[inline]
+    fn set_queue(&self, frame: u32, queue: QueueId) {
+        let h = &self.hot[frame as usize];
+        h.set_policy((h.policy() & !QUEUE_MASK) | ((queue as u8) << QUEUE_SHIFT));
+    }
 
     /// Bytes the ghost holds: its ring of block numbers and its lookup table (hashbrown:
     /// one control byte and one `(u64, u32)` entry per bucket).
@@ -90,8 +127,8 @@ impl S3Fifo {
     /// Admits a frame that now holds `block`: to main if the block was recently evicted (it is
     /// in the ghost), else to the small probationary queue.
     pub(crate) fn insert(&mut self, frame: u32, block: u64) {
-        debug_assert_eq!(self.queue_of[frame as usize], QueueId::None);
-        self.freq[frame as usize] = 0;
+        debug_assert_eq!(self.queue_of(frame), QueueId::None);
+        self.set_freq(frame, 0);
         if self.ghost_remove(block) {
             self.push_head(QueueId::Main, frame);
         } else {
@@ -100,19 +137,16 @@ impl S3Fifo {
     }
 
     /// Records a hit: one saturating increment, no list movement.
-    #[inline]
-    pub(crate) fn touch(&mut self, frame: u32) {
-        let f = &mut self.freq[frame as usize];
-        if *f < FREQ_MAX {
-            *f += 1;
-        }
+    #[cfg(test)]
+    fn touch(&self, frame: u32) {
+        touch(&self.hot[frame as usize]);
     }
 
     /// Evicts a specific frame the caller knows is evictable (a dirty victim whose eviction
     /// write just completed): unlinks it, and remembers its block in the ghost if it was still
     /// on probation, as a scan would have.
     pub(crate) fn evict_frame(&mut self, frame: u32, block: u64) {
-        let queue = self.queue_of[frame as usize];
+        let queue = self.queue_of(frame);
         if queue == QueueId::None {
             return;
         }
@@ -124,7 +158,7 @@ impl S3Fifo {
 
     /// Takes a frame out of the policy (forgotten or re-homed).
     pub(crate) fn remove(&mut self, frame: u32) {
-        if self.queue_of[frame as usize] != QueueId::None {
+        if self.queue_of(frame) != QueueId::None {
             self.unlink(frame);
         }
     }
@@ -161,15 +195,15 @@ impl S3Fifo {
             let (queue, list) =
                 if from_small { (QueueId::Small, self.small) } else { (QueueId::Main, self.main) };
             let frame = list.tail;
-            let freq = self.freq[frame as usize];
+            let freq = self.freq(frame);
             self.unlink(frame);
             if queue == QueueId::Small && freq >= PROMOTE_FREQ_MIN {
-                self.freq[frame as usize] = 0;
+                self.set_freq(frame, 0);
                 self.push_head(QueueId::Main, frame);
                 continue;
             }
             if queue == QueueId::Main && freq > 0 {
-                self.freq[frame as usize] = freq - 1;
+                self.set_freq(frame, freq - 1);
                 self.push_head(QueueId::Main, frame);
                 main_kept = 0;
                 continue;
@@ -236,11 +270,11 @@ impl S3Fifo {
             list.tail = frame;
         }
         list.len += 1;
-        self.queue_of[frame as usize] = queue;
+        self.set_queue(frame, queue);
     }
 
     fn unlink(&mut self, frame: u32) {
-        let queue = self.queue_of[frame as usize];
+        let queue = self.queue_of(frame);
         let (prev, next) = (self.prev[frame as usize], self.next[frame as usize]);
         if prev != NIL {
             self.next[prev as usize] = next;
@@ -256,7 +290,7 @@ impl S3Fifo {
             list.tail = prev;
         }
         list.len -= 1;
-        self.queue_of[frame as usize] = QueueId::None;
+        self.set_queue(frame, QueueId::None);
         self.prev[frame as usize] = NIL;
         self.next[frame as usize] = NIL;
     }
@@ -287,13 +321,27 @@ impl S3Fifo {
     }
 }
 
+/// Records a hit on a frame's hot record: one saturating increment of its 2-bit frequency, no
+/// list movement. A free function so that the hit path needs no borrow of the policy.
+#[inline]
+pub(crate) fn touch(hot: &Hot) {
+    let p = hot.policy();
+    if p & FREQ_MASK < FREQ_MAX {
+        hot.set_policy(p + 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn policy(frames: usize) -> S3Fifo {
+        S3Fifo::new(crate::cache::frame::hot_array(frames).unwrap())
+    }
+
     /// Drives the policy alone as a cache of `frames` blocks; returns the hit count.
     fn run(frames: usize, trace: &[u64]) -> (S3Fifo, usize) {
-        let mut policy = S3Fifo::new(frames);
+        let mut policy = policy(frames);
         let mut where_is: HashMap<u64, u32> = HashMap::new();
         let mut block_of = vec![u64::MAX; frames];
         let mut free: Vec<u32> = (0..frames as u32).rev().collect();
@@ -339,7 +387,7 @@ mod tests {
     /// and kept (pinned) small frames went back to it, so it never looked at the main queue.
     #[test]
     fn evict_looks_past_a_small_queue_of_kept_frames_into_main() {
-        let mut policy = S3Fifo::new(10); // small target: 1 frame
+        let mut policy = policy(10); // small target: 1 frame
         for f in 0..10 {
             policy.insert(f, f as u64);
         }
@@ -355,7 +403,7 @@ mod tests {
     /// frequency had spent their second chances, so it found nothing on a cache of hot blocks.
     #[test]
     fn evict_lets_hot_main_frames_spend_every_second_chance() {
-        let mut policy = S3Fifo::new(10);
+        let mut policy = policy(10);
         for f in 0..10 {
             policy.insert(f, f as u64);
             policy.touch(f);
@@ -373,7 +421,7 @@ mod tests {
 
     #[test]
     fn evict_returns_none_only_when_every_frame_was_kept() {
-        let mut policy = S3Fifo::new(8);
+        let mut policy = policy(8);
         for f in 0..8 {
             policy.insert(f, f as u64);
             if f % 2 == 0 {
@@ -400,7 +448,7 @@ mod tests {
     #[test]
     fn evict_does_not_give_up_on_a_main_frame_with_second_chances_left() {
         for hot_first in [false, true] {
-            let mut policy = S3Fifo::new(2);
+            let mut policy = policy(2);
             policy.insert(0, 0);
             policy.insert(1, 1);
             policy.touch(0);
@@ -418,7 +466,7 @@ mod tests {
 
     #[test]
     fn pinned_candidates_are_skipped_and_none_when_all_are_kept() {
-        let mut policy = S3Fifo::new(4);
+        let mut policy = policy(4);
         for f in 0..4 {
             policy.insert(f, f as u64);
         }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::error::Result;
 
-/// A byte buffer a [`Device`] reads into and writes from.
+/// A byte buffer a [`Device`] writes from (and the queue's request buffers are made of).
 ///
 /// Each device chooses its own buffer type so that the production device can hand its
 /// buffers straight to the kernel (aligned DMA memory) while the simulated one uses plain
@@ -27,7 +27,7 @@ pub trait IoBuf {
 /// The futures are not `Send`: a device lives on one core's executor (thread per core).
 #[allow(async_fn_in_trait)] // by design: single-threaded executors, futures stay on their core
 pub trait Device {
-    /// The buffer type this device reads into and writes from.
+    /// The buffer type this device writes from (reads go straight into any byte slice).
     type Buf: IoBuf;
 
     /// The path of the file or device, for error messages.
@@ -39,8 +39,16 @@ pub trait Device {
     /// Allocates a zeroed buffer of `len` bytes suitable for this device's I/O.
     fn alloc_buf(&self, len: usize) -> Self::Buf;
 
-    /// Reads `buf.len()` bytes at `offset` into `buf`.
-    async fn read_at(&self, offset: u64, buf: &mut Self::Buf) -> Result<()>;
+    /// Reads `dst.len()` bytes at `offset` straight into `dst` (a cache frame, say), which
+    /// is written only once the read succeeded: after an error, or if the future is dropped,
+    /// `dst` holds its old bytes or some of the new ones.
+    ///
+    /// `dst` has no alignment in memory beyond a byte: a device that needs aligned memory
+    /// (a kernel DMA target) reads into its own buffer and copies, as [`DmaDevice`] does with
+    /// the buffer glommio's `read_at_aligned` returns. Its length follows the rules above.
+    ///
+    /// [`DmaDevice`]: super::DmaDevice
+    async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()>;
     /// Writes `buf` at `offset`. The write is durable only after a successful [`Device::flush`].
     async fn write_at(&self, offset: u64, buf: &Self::Buf) -> Result<()>;
     /// Makes every write completed before the call durable.

@@ -251,8 +251,8 @@ impl Device for DmaDevice {
         DmaBuf(Rc::new(buf))
     }
 
-    async fn read_at(&self, offset: u64, buf: &mut DmaBuf) -> Result<()> {
-        let len = buf.as_bytes().len();
+    async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let len = dst.len();
         check_range(offset, len as u64, self.alignment_bytes, self.size_bytes)?;
         let data = self
             .file()?
@@ -266,7 +266,9 @@ impl Device for DmaDevice {
             );
             return Err(self.err(IoOp::Read, offset, short));
         }
-        buf.as_bytes_mut().copy_from_slice(&data);
+        // The one copy of a read: glommio reads into its own DMA buffer (from its registered
+        // arena) and lends it back; 0.9 has no read into a caller's memory.
+        dst.copy_from_slice(&data);
         Ok(())
     }
 

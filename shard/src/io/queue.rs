@@ -3,7 +3,9 @@
 //! Four invariants:
 //! 1. Request buffers are allocated when the queue is built (`io_depth_max +
 //!    writebacks_in_flight_max` of them, one block each) and recycled; none is allocated per
-//!    request. When all are taken, [`IoQueue::request`] waits for one to come back.
+//!    request. When all are taken, [`IoQueue::request`] waits for one to come back. Reads
+//!    into the caller's memory ([`IoQueue::read_into`], the cache's misses) need no request
+//!    buffer; at most `io_depth_max` of them are in flight.
 //! 2. At most `writebacks_in_flight_max` write-backs are in flight; [`IoQueue::write_back`]
 //!    waits below that bound before it submits, and write-backs pass the bound in call order.
 //! 3. Writes of one block are served in the order they were submitted (a ticket taken
@@ -138,6 +140,8 @@ pub struct IoQueue<D: Device> {
     free_bufs: RefCell<Vec<D::Buf>>,
     writebacks_in_flight: Cell<usize>,
     in_flight: Cell<usize>,
+    /// Reads of [`IoQueue::read_into`] in flight (at most `io_depth_max`).
+    direct_reads: Cell<usize>,
     turns: RefCell<HashMap<u64, Turn>>,
     writeback_error: RefCell<Option<Error>>,
     stats: RefCell<QueueStats>,
@@ -207,6 +211,16 @@ impl<D: Device> Drop for InFlight<'_, D> {
     }
 }
 
+/// Holds one of the `io_depth_max` slots of [`IoQueue::read_into`] while it lives.
+struct DirectRead<'q, D: Device>(&'q IoQueue<D>);
+
+impl<D: Device> Drop for DirectRead<'_, D> {
+    fn drop(&mut self) {
+        self.0.direct_reads.set(self.0.direct_reads.get() - 1);
+        self.0.changed.notify_all();
+    }
+}
+
 impl<D: Device> IoQueue<D> {
     /// Builds a queue over `device`, validating `config` against it.
     pub fn new(device: D, config: QueueConfig) -> Result<Rc<Self>> {
@@ -221,6 +235,7 @@ impl<D: Device> IoQueue<D> {
             free_bufs: RefCell::new(free_bufs),
             writebacks_in_flight: Cell::new(0),
             in_flight: Cell::new(0),
+            direct_reads: Cell::new(0),
             turns: RefCell::new(HashMap::with_capacity(buf_count + 1)),
             writeback_error: RefCell::new(None),
             stats: RefCell::new(QueueStats::default()),
@@ -282,10 +297,35 @@ impl<D: Device> IoQueue<D> {
     /// Reads `block` into the request's buffer; completes to the caller.
     pub async fn read(&self, request: &mut Request<'_, D>, block: u64) -> Result<()> {
         let offset = self.check_block(block)?;
+        self.read_counted(block, offset, request.data_mut()).await
+    }
+
+    /// Reads `block` straight into `dst` (one block: a cache frame, say), without a request
+    /// buffer; completes to the caller. At most `io_depth_max` of these are in flight: a call
+    /// beyond waits for one to end. `dst` is written only if the read succeeds.
+    pub async fn read_into(&self, block: u64, dst: &mut [u8]) -> Result<()> {
+        let offset = self.check_block(block)?;
+        if dst.len() != self.config.block_size_bytes {
+            return Err(Error::Unaligned {
+                offset,
+                len: dst.len() as u64,
+                alignment: self.config.block_size_bytes as u64,
+            });
+        }
+        let max = self.config.io_depth_max;
+        if self.direct_reads.get() >= max {
+            self.stats.borrow_mut().submit_waits += 1;
+            self.changed.wait_for(|| (self.direct_reads.get() < max).then_some(())).await;
+        }
+        self.direct_reads.set(self.direct_reads.get() + 1);
+        let _slot = DirectRead(self);
+        self.read_counted(block, offset, dst).await
+    }
+
+    async fn read_counted(&self, block: u64, offset: u64, dst: &mut [u8]) -> Result<()> {
         let _in_flight = InFlight::enter(self);
         let started = Instant::now();
-        let buf = request.buf.as_mut().expect("a live request owns its buffer");
-        let result = self.device.read_at(offset, buf).await.map_err(|e| e.with_block(block));
+        let result = self.device.read_at(offset, dst).await.map_err(|e| e.with_block(block));
         let mut stats = self.stats.borrow_mut();
         match &result {
             Ok(()) => {

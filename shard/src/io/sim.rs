@@ -238,14 +238,14 @@ impl Device for SimDevice {
         SimBuf(vec![0u8; len].into_boxed_slice())
     }
 
-    async fn read_at(&self, offset: u64, buf: &mut SimBuf) -> Result<()> {
-        let len = buf.0.len();
+    async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let len = dst.len();
         self.check(offset, len as u64)?;
         self.latency().await;
         self.state.borrow_mut().counters.reads += 1;
         self.inject(IoOp::Read, offset)?;
         let state = self.state.borrow();
-        buf.0.copy_from_slice(&state.live[offset as usize..offset as usize + len]);
+        dst.copy_from_slice(&state.live[offset as usize..offset as usize + len]);
         Ok(())
     }
 

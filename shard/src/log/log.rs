@@ -10,7 +10,7 @@ use super::format::{
     decode_record_header, encode_record_header, record_bytes, record_crc_ok, HeaderCheck,
     RecordHeader, RegionHeader, HEADER_BLOCKS, RECORD_ALIGN, RECORD_HEADER_BYTES,
 };
-use crate::io::{Device, IoBuf, IoQueue};
+use crate::io::{Device, IoQueue};
 use crate::wait::WaitList;
 
 /// Bytes read at a time when a log is scanned on open.
@@ -782,13 +782,12 @@ async fn read_data_area<D: Device>(
 ) -> Result<Vec<u8>, LogError> {
     let device = queue.device();
     let first = (config.region_first_block + HEADER_BLOCKS) * block_bytes;
-    let mut image = Vec::with_capacity(data_bytes as usize);
+    let mut image = vec![0u8; data_bytes as usize];
     let mut at = 0;
     while at < data_bytes {
         let len = SCAN_CHUNK_BYTES.min(data_bytes - at);
-        let mut buf = device.alloc_buf(len as usize);
-        device.read_at(first + at, &mut buf).await?;
-        image.extend_from_slice(buf.as_bytes());
+        let chunk = &mut image[at as usize..(at + len) as usize];
+        device.read_at(first + at, chunk).await?;
         at += len;
     }
     Ok(image)

@@ -303,7 +303,7 @@ impl Device for LedgerDevice {
         self.probe.sim.alloc_buf(len)
     }
 
-    async fn read_at(&self, offset: u64, buf: &mut SimBuf) -> Result<()> {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let result = self.probe.sim.read_at(offset, buf).await;
         self.probe.tick();
         if let Err(e) = &result {

@@ -1,0 +1,181 @@
+//! The synchronous cache-only `get` (dm-bufio's `dm_bufio_get`) on the partition and on a
+//! session: a hit returns the pinned buffer with its data, an absent block and a block whose
+//! read is still in flight return `None` without any I/O, and a handle keeps its buffer in
+//! memory while it is held. Also: the async `read` serves a hit at its first poll.
+
+mod common;
+
+use std::cell::Cell;
+use std::path::Path;
+use std::rc::Rc;
+
+use common::{config, image, run, version_of, yield_times, BLOCK_BYTES};
+use corebuf_shard::cache::{CacheConfig, Hooks, Partition};
+use corebuf_shard::io::{Device, IoQueue, SimBuf, SimDevice, SimOptions};
+use corebuf_shard::Result;
+
+const BLOCKS: u64 = 64;
+
+/// A `SimDevice` whose reads wait until the test opens the gate: a read in flight for as long
+/// as the test wants, deterministically.
+#[derive(Clone, Debug)]
+struct GatedDevice {
+    sim: SimDevice,
+    open: Rc<Cell<bool>>,
+}
+
+impl Device for GatedDevice {
+    type Buf = SimBuf;
+
+    fn path(&self) -> &Path {
+        self.sim.path()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.sim.size_bytes()
+    }
+
+    fn alignment_bytes(&self) -> u64 {
+        self.sim.alignment_bytes()
+    }
+
+    fn alloc_buf(&self, len: usize) -> SimBuf {
+        self.sim.alloc_buf(len)
+    }
+
+    async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        while !self.open.get() {
+            futures_lite::future::yield_now().await;
+        }
+        self.sim.read_at(offset, dst).await
+    }
+
+    async fn write_at(&self, offset: u64, buf: &SimBuf) -> Result<()> {
+        self.sim.write_at(offset, buf).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.sim.flush().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.sim.discard(offset, len).await
+    }
+}
+
+/// A partition of `frames` frames over a gated device holding version 1 of every block.
+fn partition(frames: u64) -> (Partition<GatedDevice>, SimDevice, Rc<Cell<bool>>) {
+    let sim = SimDevice::from_image(image(BLOCKS, 1), SimOptions::new(0));
+    let open = Rc::new(Cell::new(true));
+    let device = GatedDevice { sim: sim.clone(), open: Rc::clone(&open) };
+    let queue = IoQueue::new(device, config(8, 4)).expect("queue");
+    let cache =
+        CacheConfig { cache_size_bytes: frames * BLOCK_BYTES as u64, ..CacheConfig::default() };
+    let part = Partition::new(queue, cache, Hooks::default()).expect("partition");
+    (part, sim, open)
+}
+
+#[test]
+fn get_of_an_absent_block_is_none_and_does_no_io() {
+    run(async {
+        let (part, sim, _) = partition(16);
+        assert!(part.get(3).is_none());
+        assert!(part.get(BLOCKS + 100).is_none(), "beyond the device: absent, not an error");
+        let session = part.session().await;
+        assert!(session.get(3).is_none());
+        assert_eq!(session.pinned(), 0);
+        assert_eq!(sim.counters().reads, 0, "get never reads the device");
+        let stats = part.stats();
+        assert_eq!((stats.hits, stats.misses), (0, 0), "{stats:?}");
+    });
+}
+
+#[test]
+fn get_of_a_cached_block_returns_its_data_pinned_and_counts_a_hit() {
+    run(async {
+        let (part, sim, _) = partition(16);
+        let session = part.session().await;
+        drop(session.read(5).await.expect("read"));
+        let buf = part.get(5).expect("a cached block is a hit");
+        assert_eq!(buf.block(), 5);
+        assert_eq!(version_of(&buf.data(), 5), Some(1));
+        assert_eq!(part.stats().pinned, 1, "the handle pins its frame");
+        assert_eq!(session.pinned(), 0, "a partition get counts against no session");
+        let again = session.get(5).expect("two handles may pin one buffer");
+        assert_eq!(session.pinned(), 1);
+        drop((buf, again));
+        let stats = part.stats();
+        assert_eq!((stats.hits, stats.misses, stats.pinned), (2, 1, 0), "{stats:?}");
+        assert_eq!(sim.counters().reads, 1, "the hits read nothing");
+    });
+}
+
+#[test]
+fn get_of_a_block_being_read_is_none_until_the_read_completes() {
+    run(async {
+        let (part, _, open) = partition(16);
+        open.set(false);
+        let reader = {
+            let part = part.clone();
+            glommio::spawn_local(async move {
+                let session = part.session().await;
+                let buf = session.read(9).await.expect("read");
+                let version = version_of(&buf.data(), 9);
+                version
+            })
+        };
+        yield_times(5).await;
+        assert_eq!(part.stats().misses, 1, "the read is installed and in flight");
+        assert!(part.get(9).is_none(), "a block still being read is not handed out");
+        let session = part.session().await;
+        assert!(session.get(9).is_none());
+        open.set(true);
+        assert_eq!(reader.await, Some(1));
+        let buf = part.get(9).expect("cached once the read completed");
+        assert_eq!(version_of(&buf.data(), 9), Some(1));
+    });
+}
+
+#[test]
+fn a_held_get_handle_keeps_its_buffer_through_eviction_pressure() {
+    run(async {
+        let (part, _, _) = partition(16);
+        let session = part.session().await;
+        drop(session.read(0).await.expect("read"));
+        let held = part.get(0).expect("hit");
+        // Read four times the cache's worth of other blocks: every unpinned frame is reused.
+        for round in 0..4 {
+            for b in 1..BLOCKS {
+                let buf = session.read(b).await.expect("read");
+                assert_eq!(version_of(&buf.data(), b), Some(1), "round {round} block {b}");
+            }
+        }
+        assert!(part.stats().evictions > 3 * BLOCKS, "{:?}", part.stats());
+        assert_eq!(version_of(&held.data(), 0), Some(1), "the held buffer kept its block");
+        let before = part.stats().misses;
+        drop(part.get(0).expect("block 0 is still cached: it was pinned"));
+        assert_eq!(part.stats().misses, before);
+        part.forget(0);
+        assert!(part.get(0).is_some(), "forget leaves a pinned buffer alone");
+        drop(held);
+        assert_eq!(part.stats().pinned, 0);
+        part.forget(0);
+        assert!(part.get(0).is_none(), "unpinned, it can be dropped like any other");
+    });
+}
+
+#[test]
+fn async_read_of_a_cached_block_is_ready_at_its_first_poll() {
+    run(async {
+        let (part, _, open) = partition(16);
+        let session = part.session().await;
+        drop(session.read(4).await.expect("read"));
+        // With the device gated shut, anything but the fast path would stay pending.
+        open.set(false);
+        let mut read = std::pin::pin!(session.read(4));
+        let polled = futures_lite::future::poll_once(read.as_mut()).await;
+        let buf = polled.expect("ready at the first poll").expect("a hit");
+        assert_eq!(version_of(&buf.data(), 4), Some(1));
+        assert_eq!(part.stats().hits, 1);
+    });
+}
