@@ -20,7 +20,8 @@ pub const OPTIONS_MAX: u32 = 1024;
 pub enum Outcome {
     /// Enter the transmission phase.
     Transmission,
-    /// The client aborted, sent something invalid, or chose an unknown export: close.
+    /// The client aborted (empty reason), sent something invalid, or chose an unknown
+    /// export: close.
     Close(&'static str),
 }
 
@@ -109,7 +110,7 @@ fn option_reply(
         }
         OPT_ABORT => {
             put_option_reply(out, option, REP_ACK, &[]);
-            Some(Outcome::Close("client aborted"))
+            Some(Outcome::Close("")) // an orderly end: nothing to report
         }
         OPT_LIST => {
             if !data.is_empty() {
