@@ -87,7 +87,8 @@ impl Conn {
         let fits = || {
             let (requests, held) = (self.requests_in_flight.get(), self.bytes_in_flight.get());
             requests == 0
-                || (requests < REQUESTS_IN_FLIGHT_MAX && held + bytes <= PAYLOAD_BYTES_IN_FLIGHT_MAX)
+                || (requests < REQUESTS_IN_FLIGHT_MAX
+                    && held + bytes <= PAYLOAD_BYTES_IN_FLIGHT_MAX)
         };
         self.changed.wait_for(|| (fits() || self.broken.get()).then_some(())).await;
         if self.broken.get() {

@@ -83,14 +83,12 @@ impl NbdShard {
     async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
         loop {
             let stop = self.stop_changed.wait_for(|| self.stopping.get().then_some(()));
-            let accepted = futures_lite::future::or(
-                async { Some(listener.accept().await) },
-                async {
+            let accepted =
+                futures_lite::future::or(async { Some(listener.accept().await) }, async {
                     stop.await;
                     None
-                },
-            )
-            .await;
+                })
+                .await;
             let stream = match accepted {
                 None => break,
                 Some(Ok(stream)) => stream,
@@ -154,7 +152,9 @@ impl NbdShard {
 
     /// Waits until every connection closed, or `limit` passed; returns how many are left.
     pub async fn wait_connections(&self, limit: Duration) -> usize {
-        let idle = self.connections_changed.wait_for(|| self.connections.borrow().is_empty().then_some(()));
+        let idle = self
+            .connections_changed
+            .wait_for(|| self.connections.borrow().is_empty().then_some(()));
         futures_lite::future::or(idle, glommio::timer::sleep(limit)).await;
         self.connections.borrow().len()
     }

@@ -235,7 +235,8 @@ fn concurrent_unaligned_writes_to_shared_blocks_all_land() {
         conns[i % 2].send(CMD_WRITE, 0, i as u64, base + start as u64, len, &model[start..end]);
     }
     for (c, conn) in conns.iter_mut().enumerate() {
-        let mut cookies: Vec<u64> = (0..ranges.len() as u64).filter(|i| i % 2 == c as u64).collect();
+        let mut cookies: Vec<u64> =
+            (0..ranges.len() as u64).filter(|i| i % 2 == c as u64).collect();
         let mut seen = Vec::new();
         for _ in 0..cookies.len() {
             let (error, cookie) = conn.reply().expect("a write reply");

@@ -41,11 +41,8 @@ pub fn tool(tool: &str, test: &str) -> Option<PathBuf> {
 pub fn run(cmd: &mut Command) -> String {
     let shown = format!("{cmd:?}");
     let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{shown}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{shown} failed with {:?}:\n{text}", out.status);
     text
 }
