@@ -19,6 +19,8 @@ use std::rc::Rc;
 use corebuf::{Error, Result, Shard};
 use glommio::task::JoinHandle;
 
+use crate::server::NbdShard;
+
 /// A run of consecutive blocks with one owner, as a byte range of the export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Piece {
@@ -197,6 +199,7 @@ async fn write_here(shard: &Shard, offset: u64, fill: Fill<'_>) -> Result<()> {
     let block_size = shard.block_size();
     let session = partition.session().await;
     let mut at = 0;
+    let mut dirtied = 0;
     for (block, range) in block_parts(block_size, offset, fill.len()) {
         let n = range.len();
         let buf = if n == block_size {
@@ -213,6 +216,10 @@ async fn write_here(shard: &Shard, offset: u64, fill: Fill<'_>) -> Result<()> {
         drop(data);
         buf.mark_dirty_range(range);
         at += n;
+        dirtied += 1;
+    }
+    if let Some(nbd) = NbdShard::current() {
+        nbd.note_dirtied(dirtied);
     }
     Ok(())
 }

@@ -14,6 +14,7 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
 use corebuf::Error;
 use corebuf_shard::WaitList;
@@ -265,6 +266,8 @@ fn answer_inline(conn: &Conn, request: &Request, payload: &[u8], bytes: usize) -
         drop(data);
         buf.mark_dirty_range(start..end);
         conn.reply(request.cookie, 0, &[], bytes);
+        conn.nbd.export.writes_replied.fetch_add(1, Ordering::SeqCst);
+        conn.nbd.note_dirtied(1);
     } else {
         let Ok(data) = buf.try_data() else { return false };
         conn.reply(request.cookie, 0, &data[start..end], bytes);
@@ -303,9 +306,16 @@ async fn execute(nbd: &NbdShard, request: &Request, payload: Vec<u8>) -> (u32, V
         }
         _ => unreachable!("check() refused unknown commands"),
     };
+    if matches!(request.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+        // Counted once the blocks are dirty and before the reply (or a FUA flush, which must
+        // cover this write too) can happen: see the rules of `Flusher`.
+        nbd.export.writes_replied.fetch_add(1, Ordering::SeqCst);
+    }
     // A flush, and FUA on anything that wrote, is the engine's global barrier.
     let result = match result {
-        Ok(()) if request.kind == CMD_FLUSH || fua => nbd.flusher.flush(shard).await,
+        Ok(()) if request.kind == CMD_FLUSH || fua => {
+            nbd.flusher.flush(shard, &nbd.export.writes_replied).await
+        }
         other => other,
     };
     match result {

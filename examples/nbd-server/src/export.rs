@@ -1,9 +1,11 @@
 //! What is exported: one name, one size, the block size and whether writes are allowed.
 
+use std::sync::atomic::AtomicU64;
+
 use crate::proto::*;
 
 /// The export served on every connection (shared by all shards).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Export {
     /// The export's name (`NBD_OPT_LIST` shows it; the empty name also selects it).
     pub name: String,
@@ -13,6 +15,9 @@ pub struct Export {
     pub block_size: u32,
     /// Whether writes, trims and write-zeroes are refused with `EPERM`.
     pub read_only: bool,
+    /// Write-like replies (write, trim, write zeroes) of every connection on every shard,
+    /// for the flushers' coalescing ([`crate::flush::Flusher`]).
+    pub writes_replied: AtomicU64,
 }
 
 impl Export {

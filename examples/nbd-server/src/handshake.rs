@@ -196,7 +196,13 @@ mod tests {
     use super::*;
 
     fn export() -> Export {
-        Export { name: "disk".into(), size_bytes: 1 << 20, block_size: 4096, read_only: false }
+        Export {
+            name: "disk".into(),
+            size_bytes: 1 << 20,
+            block_size: 4096,
+            read_only: false,
+            writes_replied: Default::default(),
+        }
     }
 
     #[test]

@@ -68,6 +68,15 @@ struct Args {
     /// Most client connections (split over the shards).
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Write-backs in flight per shard (see `EngineBuilder::writebacks_in_flight_max`): how
+    /// deep a flush drives the device.
+    #[arg(long, default_value_t = 32)]
+    writebacks_max: usize,
+    /// Start writing dirty blocks back in the background after this many blocks were
+    /// written on a shard (0: only flushes, FUA and cache pressure write back), so a flush
+    /// finds little left to write.
+    #[arg(long, default_value_t = 256)]
+    write_behind_blocks: usize,
     /// How long an idle shard spins before it parks, in microseconds (see
     /// `EngineBuilder::spin_before_park`): trades CPU for cross-shard latency.
     #[arg(long, default_value_t = 0)]
@@ -169,6 +178,7 @@ fn run(args: Args) -> Result<(), String> {
         .cache_size_bytes(args.cache_bytes)
         .shards(shards)
         .spin_before_park(Duration::from_micros(args.spin_us))
+        .writebacks_in_flight_max(args.writebacks_max)
         .build()
         .map_err(|e| format!("start the engine: {e}"))?;
     let export = Arc::new(Export {
@@ -176,17 +186,21 @@ fn run(args: Args) -> Result<(), String> {
         size_bytes,
         block_size: BLOCK_SIZE as u32,
         read_only: args.read_only,
+        writes_replied: Default::default(),
     });
     let client = engine.client();
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
     let serving = (|| -> Result<signal_hook::iterator::Handle, String> {
         // Shard 0 binds first (so --port 0 picks the port), then every other shard binds it.
-        let per_shard = args.max_connections.div_ceil(shards).max(1);
+        let settings = server::ShardSettings {
+            connections_max: args.max_connections.div_ceil(shards).max(1),
+            write_behind_blocks: args.write_behind_blocks,
+        };
         let mut port = args.port;
         for s in 0..shards {
             let (addr, export) = (host_port(&args.bind, port), Arc::clone(&export));
             let bound = futures_lite::future::block_on(client.run_on(s, move |shard| async move {
-                let nbd = NbdShard::install(shard, export, per_shard);
+                let nbd = NbdShard::install(shard, export, settings);
                 nbd.listen(&addr).map_err(|e| format!("listen on {addr}: {e}"))
             }))
             .map_err(|e| e.to_string())??;

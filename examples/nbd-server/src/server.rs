@@ -24,6 +24,34 @@ thread_local! {
     static CURRENT: RefCell<Option<Rc<NbdShard>>> = const { RefCell::new(None) };
 }
 
+/// A listening socket on `addr` with `SO_REUSEPORT` (every shard binds the same port, and the
+/// kernel spreads connections over them) and `SO_REUSEADDR` (connections of an earlier server
+/// on the port may linger in TIME_WAIT).
+fn bind(addr: &str) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::net::ToSocketAddrs;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("no address for {addr}"))
+    })?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    // SAFETY: the descriptor is a bound, listening TCP socket whose ownership moves here.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// Per-shard settings from the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardSettings {
+    /// Most connections one shard serves at once.
+    pub connections_max: usize,
+    /// Blocks dirtied between background write-backs (0: none).
+    pub write_behind_blocks: usize,
+}
+
 /// The server's state on one shard.
 #[derive(Debug)]
 pub struct NbdShard {
@@ -35,6 +63,11 @@ pub struct NbdShard {
     pub flusher: Flusher,
     /// Most connections this shard serves at once; more are closed at accept.
     connections_max: usize,
+    /// Blocks dirtied on this shard since the last write-behind started, and its trigger
+    /// (0: no write-behind).
+    dirtied_blocks: Cell<usize>,
+    write_behind_blocks: usize,
+    write_behind_running: Cell<bool>,
     stopping: Cell<bool>,
     stop_changed: WaitList,
     /// Live connections by id, with their socket (shut down for reading at stop).
@@ -45,12 +78,15 @@ pub struct NbdShard {
 
 impl NbdShard {
     /// Creates this shard's server state and makes it [`NbdShard::current`].
-    pub fn install(shard: Rc<Shard>, export: Arc<Export>, connections_max: usize) -> Rc<Self> {
+    pub fn install(shard: Rc<Shard>, export: Arc<Export>, settings: ShardSettings) -> Rc<Self> {
         let nbd = Rc::new(NbdShard {
             shard,
             export,
             flusher: Flusher::default(),
-            connections_max,
+            connections_max: settings.connections_max,
+            dirtied_blocks: Cell::new(0),
+            write_behind_blocks: settings.write_behind_blocks,
+            write_behind_running: Cell::new(false),
             stopping: Cell::new(false),
             stop_changed: WaitList::default(),
             connections: RefCell::new(HashMap::new()),
@@ -66,6 +102,31 @@ impl NbdShard {
         CURRENT.with(|current| current.borrow().clone())
     }
 
+    /// Records `blocks` blocks dirtied on this shard, and starts writing the dirty blocks
+    /// back in the background once `write_behind_blocks` have been dirtied since the last
+    /// write-behind (one at a time). A flush then finds little left to write: the device
+    /// works while the client is still sending, as the kernel's dirty-page write-back does
+    /// for a page-cache server.
+    pub fn note_dirtied(self: &Rc<Self>, blocks: usize) {
+        if self.write_behind_blocks == 0 {
+            return;
+        }
+        let dirtied = self.dirtied_blocks.get() + blocks;
+        if dirtied < self.write_behind_blocks || self.write_behind_running.get() {
+            self.dirtied_blocks.set(dirtied);
+            return;
+        }
+        self.dirtied_blocks.set(0);
+        self.write_behind_running.set(true);
+        let nbd = Rc::clone(self);
+        glommio::spawn_local(async move {
+            // An error stays latched on its block and is reported by the next flush.
+            let _ = nbd.shard.partition().write_back_dirty().await;
+            nbd.write_behind_running.set(false);
+        })
+        .detach();
+    }
+
     /// Whether the server is stopping (new connections and options are refused).
     pub fn stopping(&self) -> bool {
         self.stopping.get()
@@ -74,7 +135,7 @@ impl NbdShard {
     /// Binds `addr` (every shard binds the same port) and spawns the accept loop; returns the
     /// bound address.
     pub fn listen(self: &Rc<Self>, addr: &str) -> io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr).map_err(io::Error::from)?;
+        let listener = bind(addr)?;
         let local = listener.local_addr().map_err(io::Error::from)?;
         glommio::spawn_local(Rc::clone(self).accept_loop(listener)).detach();
         Ok(local)

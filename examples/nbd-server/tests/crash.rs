@@ -88,3 +88,36 @@ fn a_qemu_io_flush_survives_sigkill_as_nbdcopy_and_qemu_img_see_it() {
         .arg(server.uri()));
     server.stop();
 }
+
+/// The export is multi-conn: a FLUSH on one connection covers the writes replied to on every
+/// other connection, whichever shard each landed on. Flushes with no write in between (which
+/// share a barrier) still cover the FUA write that follows them.
+#[test]
+fn a_flush_on_one_connection_covers_writes_on_the_others() {
+    let dir = scratch("crash-multi");
+    let path = dir.path().join("disk.img");
+    let args = ["--shards", "2", "--cache-bytes", "64M"];
+    let server = Server::start(&path, &[&["--size", "32M"][..], &args].concat());
+    let mut conns: Vec<Nbd> = (0..6).map(|_| Nbd::connect(server.port)).collect();
+    let mut expected = Vec::new();
+    for round in 0..3u64 {
+        for (c, conn) in conns.iter_mut().enumerate() {
+            let offset = (c as u64 * 5 + round) << 20;
+            let data = random_bytes(round * 10 + c as u64, 300_000);
+            assert_eq!(conn.write(offset + 17, &data, 0), 0);
+            expected.push((offset + 17, data));
+        }
+        let flusher = round as usize % conns.len();
+        assert_eq!(conns[flusher].command(CMD_FLUSH, 0, 0, 0), 0);
+        assert_eq!(conns[(flusher + 1) % 6].command(CMD_FLUSH, 0, 0, 0), 0);
+    }
+    let fua = random_bytes(99, 5000);
+    assert_eq!(conns[3].write(31 << 20, &fua, FLAG_FUA), 0);
+    expected.push((31 << 20, fua));
+    server.kill9();
+    let file = std::fs::read(&path).expect("read the data file");
+    for (offset, data) in &expected {
+        let at = *offset as usize;
+        assert!(&file[at..at + data.len()] == &data[..], "bytes at {offset} lost");
+    }
+}
