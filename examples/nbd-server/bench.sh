@@ -8,8 +8,10 @@
 #                cache is dropped before each peer run
 #   write-flush  random writes over 256 MiB with a flush (NBD_CMD_FLUSH) every 1000 writes;
 #                peers in their default page-cache modes, corebuf --cache-bytes 512M
-# Each scenario runs ROUNDS times; each round runs the three servers back to back and computes
-# corebuf / (the better peer). The table shows the median IOPS and the median ratio.
+# Each scenario runs ROUNDS times; each round runs the three servers back to back (in an order
+# that rotates) and computes corebuf / (the better peer). The table shows the median IOPS, the
+# median ratio, and each server's CPU time per I/O (less sensitive to other load on the
+# machine than IOPS are).
 # Loopback only; every server it starts is stopped on exit.
 #
 # Usage: examples/nbd-server/bench.sh           (from anywhere in the repository)
@@ -104,38 +106,51 @@ fio_iops() { # rw size [extra fio args...] -> IOPS (read for reads, write for wr
     --output-format=terse --terse-version=3 "$@" | awk -F';' -v f=$field '/^3;/ { print int($f) }'
 }
 
-measure() { # server scenario -> IOPS
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime, in clock ticks
+
+measure() { # server scenario -> "IOPS server-CPU-microseconds-per-I/O"
   local server=$1 scenario=$2
   [ "$scenario" = cold-read ] && drop_page_cache
   start_server "$server" "$scenario"
-  local iops
+  local iops ticks
   case "$scenario" in
     hot-read)
       # Warm up: read the working set once (the peers' page cache and corebuf's cache).
       fio --name=warm --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/" --bs=64k --iodepth=8 \
         --rw=read --size=256M --output-format=terse >/dev/null
+      ticks=$(cpu_ticks "$SERVER_PID")
       iops=$(fio_iops randread 256M)
       ;;
     cold-read)
-      iops=$(fio_iops randread 1G --ramp_time=2)
+      ticks=$(cpu_ticks "$SERVER_PID")
+      iops=$(fio_iops randread 1G)
       ;;
     write-flush)
+      ticks=$(cpu_ticks "$SERVER_PID")
       iops=$(fio_iops randwrite 256M --fsync=1000)
       ;;
   esac
+  ticks=$(($(cpu_ticks "$SERVER_PID") - ticks))
   stop_server
-  echo "$iops"
+  # The server's CPU time (user + system) per I/O, over the measured run (fio's setup and
+  # teardown included, so a slight overestimate for every server alike).
+  echo "$iops $(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v i="$iops" -v r="$RUNTIME" \
+    'BEGIN { printf "%.1f", (i > 0) ? t / hz * 1e6 / (i * r) : 0 }')"
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-declare -A RESULTS
+declare -A RESULTS CPU
+SERVERS=(corebuf qemu-nbd nbdkit)
 for round in $(seq "$ROUNDS"); do
   for scenario in $SCENARIOS; do
-    for server in corebuf qemu-nbd nbdkit; do
-      iops=$(measure "$server" "$scenario")
-      say "round $round  $scenario  $server: $iops IOPS"
+    # Rotate the order every round, so that no server always runs first or last.
+    for k in 0 1 2; do
+      server=${SERVERS[$(((k + round) % 3))]}
+      read -r iops cpu <<<"$(measure "$server" "$scenario")"
+      say "round $round  $scenario  $server: $iops IOPS, $cpu us of server CPU per I/O"
       RESULTS[$scenario,$server,$round]=$iops
+      CPU[$scenario,$server,$round]=$cpu
     done
   done
 done
@@ -161,10 +176,13 @@ for scenario in $SCENARIOS; do
     ratios+="$(awk -v c="$c" -v q="$q" -v k="$k" 'BEGIN { b = (q > k) ? q : k; printf "%.3f", (b > 0) ? c / b : 0 }')"$'\n'
   done
   med() { for round in $(seq "$ROUNDS"); do echo "${RESULTS[$scenario,$1,$round]}"; done | median; }
+  medcpu() { for round in $(seq "$ROUNDS"); do echo "${CPU[$scenario,$1,$round]}"; done | median; }
   ratio=$(printf '%s' "$ratios" | median)
   goal=$(target "$scenario")
   met=$(awk -v r="$ratio" -v t="$goal" 'BEGIN { print (r >= t) ? "yes" : "NO" }')
   printf '%-12s %12s %12s %12s %16s %8s %6s\n' "$scenario" "$(med corebuf)" "$(med qemu-nbd)" \
     "$(med nbdkit)" "$ratio" ">= $goal" "$met"
   printf '  per-round ratios: %s\n' "$(printf '%s' "$ratios" | tr '\n' ' ')"
+  printf '  server CPU per I/O (median, us): corebuf-nbd %s, qemu-nbd %s, nbdkit %s\n' \
+    "$(medcpu corebuf)" "$(medcpu qemu-nbd)" "$(medcpu nbdkit)"
 done

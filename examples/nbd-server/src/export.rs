@@ -39,10 +39,9 @@ impl Export {
     /// The command flags a request of type `kind` may carry.
     pub fn allowed_flags(&self, kind: u16) -> u16 {
         let fua = if self.read_only { 0 } else { CMD_FLAG_FUA };
+        // FUA is valid on every command once negotiated (some clients set it on flush).
         match kind {
             CMD_WRITE_ZEROES => fua | CMD_FLAG_NO_HOLE,
-            CMD_CACHE => 0,
-            // FUA is valid on every command once negotiated (some clients set it on flush).
             _ => fua,
         }
     }
