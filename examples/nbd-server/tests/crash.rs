@@ -118,6 +118,6 @@ fn a_flush_on_one_connection_covers_writes_on_the_others() {
     let file = std::fs::read(&path).expect("read the data file");
     for (offset, data) in &expected {
         let at = *offset as usize;
-        assert!(&file[at..at + data.len()] == &data[..], "bytes at {offset} lost");
+        assert!(file[at..at + data.len()] == data[..], "bytes at {offset} lost");
     }
 }
