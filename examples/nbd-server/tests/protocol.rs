@@ -283,3 +283,26 @@ fn large_unaligned_requests_are_split_over_shards_and_joined() {
     nbd.send(CMD_DISC, 0, 0, 0, 0, &[]);
     assert!(nbd.is_closed());
 }
+
+/// Requests on one connection run concurrently and are answered as they complete: a small
+/// read of a cached block, sent after a 16 MiB read of blocks that are not cached, is
+/// answered first.
+#[test]
+fn replies_come_back_in_completion_order_not_request_order() {
+    let (_dir, server) = server(&[]);
+    let mut nbd = Nbd::connect(server.port);
+    assert_eq!(nbd.write(100, b"cached", 0), 0);
+    // The cache holds 2 MiB: most of the 16 MiB read must come from the device.
+    nbd.send(CMD_READ, 0, 1, 0, 16 << 20, &[]);
+    nbd.send(CMD_READ, 0, 2, 100, 6, &[]);
+    let (error, first) = nbd.reply().expect("a reply");
+    assert_eq!((error, first), (0, 2), "the small read answers first");
+    let mut small = [0u8; 6];
+    std::io::Read::read_exact(&mut nbd.stream, &mut small).expect("its data");
+    assert_eq!(&small, b"cached");
+    let (error, second) = nbd.reply().expect("a reply");
+    assert_eq!((error, second), (0, 1));
+    let mut big = vec![0u8; 16 << 20];
+    std::io::Read::read_exact(&mut nbd.stream, &mut big).expect("its data");
+    assert_eq!(&big[100..106], b"cached");
+}
