@@ -105,7 +105,7 @@ pub async fn read(shard: &Rc<Shard>, offset: u64, out: &mut [u8]) -> Result<()> 
 }
 
 /// Reads a range of blocks this shard owns.
-pub async fn read_here(shard: &Shard, offset: u64, out: &mut [u8]) -> Result<()> {
+async fn read_here(shard: &Shard, offset: u64, out: &mut [u8]) -> Result<()> {
     let partition = shard.partition();
     let block_size = shard.block_size();
     let blocks = block_parts(block_size, offset, out.len()).count() as u64;
