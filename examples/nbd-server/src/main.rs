@@ -77,6 +77,9 @@ struct Args {
     /// finds little left to write.
     #[arg(long, default_value_t = 256)]
     write_behind_blocks: usize,
+    /// Seconds a client may take over each step of the handshake before it is dropped.
+    #[arg(long, default_value_t = 30)]
+    handshake_timeout_secs: u64,
     /// How long an idle shard spins before it parks, in microseconds (see
     /// `EngineBuilder::spin_before_park`): trades CPU for cross-shard latency.
     #[arg(long, default_value_t = 0)]
@@ -195,6 +198,7 @@ fn run(args: Args) -> Result<(), String> {
         let settings = server::ShardSettings {
             connections_max: args.max_connections.div_ceil(shards).max(1),
             write_behind_blocks: args.write_behind_blocks,
+            handshake_timeout: Duration::from_secs(args.handshake_timeout_secs.max(1)),
         };
         let mut port = args.port;
         for s in 0..shards {

@@ -50,6 +50,8 @@ pub struct ShardSettings {
     pub connections_max: usize,
     /// Blocks dirtied between background write-backs (0: none).
     pub write_behind_blocks: usize,
+    /// How long a client may take over each read of the handshake before it is dropped.
+    pub handshake_timeout: Duration,
 }
 
 /// The server's state on one shard.
@@ -68,6 +70,7 @@ pub struct NbdShard {
     dirtied_blocks: Cell<usize>,
     write_behind_blocks: usize,
     write_behind_running: Cell<bool>,
+    handshake_timeout: Duration,
     stopping: Cell<bool>,
     stop_changed: WaitList,
     /// Live connections by id, with their socket (shut down for reading at stop).
@@ -87,6 +90,7 @@ impl NbdShard {
             dirtied_blocks: Cell::new(0),
             write_behind_blocks: settings.write_behind_blocks,
             write_behind_running: Cell::new(false),
+            handshake_timeout: settings.handshake_timeout,
             stopping: Cell::new(false),
             stop_changed: WaitList::default(),
             connections: RefCell::new(HashMap::new()),
@@ -182,9 +186,15 @@ impl NbdShard {
     async fn serve(self: Rc<Self>, id: u64, mut stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+        // A client that stalls in the handshake must not hold a connection slot for ever; in
+        // transmission an idle connection is normal (a VM's disk), so the limit goes away.
+        let _ = stream.set_read_timeout(Some(self.handshake_timeout));
         let outcome = handshake::negotiate(&mut stream, &self.export, self.stopping()).await;
         let end = match outcome {
-            Outcome::Transmission => conn::transmit(Rc::clone(&self), stream).await,
+            Outcome::Transmission => {
+                let _ = stream.set_read_timeout(None);
+                conn::transmit(Rc::clone(&self), stream).await
+            }
             Outcome::Close(reason) => {
                 drop(stream);
                 reason.to_string()

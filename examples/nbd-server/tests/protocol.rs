@@ -306,3 +306,17 @@ fn replies_come_back_in_completion_order_not_request_order() {
     std::io::Read::read_exact(&mut nbd.stream, &mut big).expect("its data");
     assert_eq!(&big[100..106], b"cached");
 }
+
+/// A client that connects and stalls in the handshake is dropped after the timeout; one in
+/// transmission may stay idle.
+#[test]
+fn a_stalled_handshake_is_dropped_but_an_idle_connection_is_not() {
+    let (_dir, server) = server(&["--handshake-timeout-secs", "1"]);
+    let mut idle = Nbd::connect(server.port);
+    let mut stalled = Nbd::greet(server.port);
+    let started = std::time::Instant::now();
+    assert!(is_closed(&mut stalled), "a stalled handshake is closed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(idle.read(0, 512), Ok(vec![0u8; 512]), "an idle transmission stays open");
+}
