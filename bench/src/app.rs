@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::args::{Baseline, Host, PathMode, Settings};
+use crate::args::{Baseline, Host, Settings};
 use crate::dataset::Dataset;
 use crate::error::Result;
 use crate::lru::simulate;
@@ -128,8 +128,7 @@ fn run_fio(
 
 /// The exact-LRU hit ratio on corebuf's operation stream (regenerated from the same seeds).
 fn lru_simulation(settings: &Settings, plan: &Plan, core: &mut SideReport) -> Result<()> {
-    let layout =
-        plan.layout(settings.path_mode == PathMode::Local, settings.shards, settings.inflight)?;
+    let layout = runners::corebuf::layout(settings, plan)?;
     let mut phases = Vec::new();
     for spec in runners::phases(settings) {
         let (ops_max, counted) = match spec.phase {

@@ -31,6 +31,8 @@ pub enum Scenario {
     Hitratio,
     /// Peak RSS against cache bytes × 1.05 + 64 MiB.
     Memory,
+    /// Messages: local hits, remote hits at 32 and 1 in flight, `Client` calls; ratios to local.
+    Messages,
     /// Every scenario above, in turn.
     All,
 }
@@ -65,8 +67,13 @@ pub enum PathMode {
     Local,
     /// Any block from any shard, through `Shard::read` / `Shard::write` (messages).
     Cross,
-    /// `Client` from plain threads (shards × in-flight threads, one operation each).
+    /// Every operation on a block another shard owns (messages only: the remote cost alone).
+    Remote,
+    /// `Client` futures from `--client-threads` plain threads, `--inflight` in flight each (an
+    /// async caller, as a tokio server would be).
     Client,
+    /// Blocking `Client` calls from shards × in-flight plain threads, one operation each.
+    ClientBlocking,
 }
 
 /// The trace file's format.
@@ -220,6 +227,13 @@ pub struct Args {
     /// Microseconds an idle shard spins before parking (the engine's spin_before_park).
     #[arg(long, default_value_t = 0)]
     pub spin_us: u64,
+    /// Microseconds an idle shard keeps polling its message rings before it sleeps (the
+    /// engine's poll_before_sleep). Default: the engine's.
+    #[arg(long)]
+    pub poll_us: Option<u64>,
+    /// Threads issuing `Client` calls in `--path-mode client`. Default: one per shard.
+    #[arg(long)]
+    pub client_threads: Option<usize>,
 }
 
 /// What the host offers, read once (tests pass their own).
@@ -288,6 +302,10 @@ pub struct Settings {
     pub range_blocks: u64,
     /// Microseconds an idle shard spins before parking.
     pub spin_us: u64,
+    /// Microseconds an idle shard polls its rings before it sleeps (`None`: the engine's).
+    pub poll_us: Option<u64>,
+    /// Threads issuing `Client` futures in `--path-mode client`.
+    pub client_threads: usize,
 }
 
 /// A trace to replay.
@@ -332,8 +350,16 @@ impl Settings {
         if self.shards == 0 {
             return usage("--shards 0: at least one shard is needed");
         }
-        if self.inflight == 0 || self.baseline_threads == 0 {
-            return usage("--inflight and --baseline-threads must be at least 1");
+        if self.inflight == 0 || self.baseline_threads == 0 || self.client_threads == 0 {
+            return usage("--inflight, --baseline-threads and --client-threads must be at least 1");
+        }
+        if self.path_mode == PathMode::Remote && self.shards < 2 {
+            return usage("--path-mode remote needs at least 2 shards (a block owned elsewhere)");
+        }
+        if self.path_mode == PathMode::Client && self.rate.is_some() {
+            return usage(
+                "--rate with --path-mode client: the async client driver runs closed loop only;                  use --path-mode client-blocking for an open loop",
+            );
         }
         if self.cache_bytes > host.mem_available_bytes {
             return usage(format!(
@@ -450,6 +476,8 @@ pub fn settings_from(args: &Args, host: &Host) -> Result<Settings> {
         seed: args.seed,
         range_blocks: args.range_blocks.max(1),
         spin_us: args.spin_us,
+        poll_us: args.poll_us,
+        client_threads: args.client_threads.unwrap_or(shards),
     };
     Ok(settings)
 }

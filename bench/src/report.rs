@@ -95,6 +95,10 @@ pub struct SideReport {
     pub rss_bytes: u64,
     /// VmHWM since the side started, bytes.
     pub rss_peak_bytes: u64,
+    /// Times the engine's shard pollers went to sleep during the timed run (corebuf only).
+    pub poller_sleeps: Option<u64>,
+    /// Wake-ups the shards sent to sleeping shards during the timed run (corebuf only).
+    pub wakeups_sent: Option<u64>,
     /// Per group.
     pub groups: Vec<GroupFigures>,
     /// Remarks.
@@ -150,6 +154,8 @@ impl SideReport {
             lru_sim_hit_ratio: None,
             device_iops: device_ios.map(|n| per_sec(n, elapsed_secs)),
             device_iops_source: device_ios.map(|_| "its own I/O count".to_string()),
+            poller_sleeps: None,
+            wakeups_sent: None,
             latency: Latency::of(&latency),
             start_lateness: lateness.as_ref().map(Latency::of),
             rss_bytes: 0,

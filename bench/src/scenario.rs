@@ -25,6 +25,7 @@ pub fn run(
         Scenario::Write,
         Scenario::Hitratio,
         Scenario::Memory,
+        Scenario::Messages,
     ];
     let list: Vec<Scenario> = if which == Scenario::All { all.to_vec() } else { vec![which] };
     let mut base = base.clone();
@@ -163,6 +164,7 @@ fn one(scenario: Scenario, base: &Settings, env: &Env, scale: u64) -> Result<Vec
             );
             vec![c]
         }
+        Scenario::Messages => vec![messages(base, env, scale)?],
         Scenario::All | Scenario::Default => unreachable!("dispatched by the caller"),
     };
     Ok(comparisons)
@@ -204,5 +206,83 @@ fn hit(
             .map(|r| r.at_least(5.0)),
         );
     }
+    Ok(c)
+}
+
+/// The cost of a message: the same all-hit workload (dataset half the cache, zipf 0.99 reads,
+/// prefilled) through the local partition, through another shard at 32 and at 1 in flight,
+/// and through `Client` futures at 32 and at 1 in flight; one table, ratios to local.
+fn messages(base: &Settings, env: &Env, scale: u64) -> Result<Comparison> {
+    let mut s =
+        shaped(base, 128 * MIB / scale, 256 * MIB / scale, Dist::Zipf { theta: 0.99 }, 1.0, &[]);
+    s.prefill = true;
+    if s.shards < 2 {
+        s.shards = 2;
+    }
+    let runs: [(&str, PathMode, usize, usize); 5] = [
+        ("corebuf-local", PathMode::Local, base.inflight, s.shards),
+        ("corebuf-remote", PathMode::Remote, 32, s.shards),
+        ("corebuf-remote-1", PathMode::Remote, 1, s.shards),
+        ("corebuf-client", PathMode::Client, 32, s.shards),
+        ("corebuf-client-1", PathMode::Client, 1, 1),
+    ];
+    let mut summary: Option<Comparison> = None;
+    for (name, mode, inflight, client_threads) in runs {
+        let mut run = s.clone();
+        run.path_mode = mode;
+        run.inflight = inflight;
+        run.client_threads = client_threads;
+        let title = format!("messages: {name} ({inflight} in flight)");
+        let mut c = compare(&title, &run, env)?;
+        let mut side = c.sides.remove(0);
+        side.side = name.to_string();
+        match summary.as_mut() {
+            Some(sum) => sum.sides.push(side),
+            None => {
+                c.title = format!(
+                    "messages: all hits, zipf 0.99, {} shards: local, remote, Client",
+                    s.shards
+                );
+                c.sides = vec![side];
+                c.ratios.clear();
+                summary = Some(c);
+            }
+        }
+    }
+    let mut c = summary.expect("five runs");
+    let ops = |name: &str| side(&c, name).map_or(0.0, |r| r.ops_per_sec);
+    let latency = |name: &str| side(&c, name).map(|r| r.latency);
+    let local = ops("corebuf-local");
+    let mut ratios = Vec::new();
+    ratios.extend(
+        Ratio::of(
+            "target: remote hits/s (32 in flight) / local hits/s",
+            ops("corebuf-remote"),
+            local,
+        )
+        .map(|r| r.at_least(0.40)),
+    );
+    ratios.extend(
+        Ratio::of(
+            "target: Client hits/s (32 in flight) / local hits/s",
+            ops("corebuf-client"),
+            local,
+        )
+        .map(|r| r.at_least(0.15)),
+    );
+    if let Some(l) = latency("corebuf-remote-1") {
+        ratios.push(
+            Ratio::figure("target: remote read at 1 in flight, p50", l.p50_us, "us").at_most(5.0),
+        );
+        ratios.push(
+            Ratio::figure("target: remote read at 1 in flight, p99", l.p99_us, "us").at_most(50.0),
+        );
+    }
+    if let Some(l) = latency("corebuf-client-1") {
+        ratios.push(
+            Ratio::figure("target: Client read at 1 in flight, p50", l.p50_us, "us").at_most(10.0),
+        );
+    }
+    c.ratios = ratios;
     Ok(c)
 }

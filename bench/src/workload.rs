@@ -442,6 +442,28 @@ impl Plan {
         Ok(layout)
     }
 
+    /// `shards × tasks` workers where group `g` (run on shard `g`) draws only from the blocks
+    /// of shard `g + 1` (mod shards): every operation crosses to another shard.
+    pub fn layout_remote(&self, tasks: usize) -> crate::error::Result<Layout> {
+        let shards = self.router.shards();
+        let keyspaces: Vec<Keyspace> =
+            (0..shards).map(|s| Keyspace::owned(&self.router, s, self.dataset_blocks)).collect();
+        let layout = Layout {
+            groups: shards,
+            tasks,
+            keyspace_of_group: (0..shards).map(|g| (g + 1) % shards).collect(),
+            keyspaces,
+        };
+        if let Some(g) = (0..shards).find(|&g| layout.keyspace(g).len() == 0) {
+            return Err(crate::error::BenchError::Usage(format!(
+                "shard {} owns no block of the dataset: use a larger --dataset or a smaller \
+                 --range-blocks",
+                (g + 1) % shards
+            )));
+        }
+        Ok(layout)
+    }
+
     fn zipfian(&self, n: u64, theta: f64) -> Zipfian {
         let mut cache = self.zipf.lock().expect("no panic while holding the zipf cache");
         *cache.entry(n).or_insert_with(|| Zipfian::new(n, theta))

@@ -6,7 +6,12 @@ use corebuf_shard::cache::CacheConfig;
 use corebuf_shard::io::QueueConfig;
 
 use crate::engine::Engine;
+use crate::mesh::MeshConfig;
 use crate::{Error, Result};
+
+/// How long an idle shard keeps polling its rings before it sleeps: see
+/// [`EngineBuilder::poll_before_sleep`] and docs/BENCHMARKS.md for the measurement.
+pub const DEFAULT_POLL_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Builds an [`Engine`]. Every setting has a default except the path.
 ///
@@ -34,6 +39,9 @@ pub struct EngineBuilder {
     pub(crate) pin_threads: bool,
     pub(crate) io_memory_bytes: usize,
     pub(crate) spin_before_park: std::time::Duration,
+    pub(crate) ring_credits: usize,
+    pub(crate) poll_before_sleep: std::time::Duration,
+    pub(crate) delivery_seed: Option<u64>,
 }
 
 impl Default for EngineBuilder {
@@ -52,6 +60,9 @@ impl Default for EngineBuilder {
             pin_threads: true,
             io_memory_bytes: 4 << 20,
             spin_before_park: std::time::Duration::ZERO,
+            ring_credits: 128,
+            poll_before_sleep: DEFAULT_POLL_BEFORE_SLEEP,
+            delivery_seed: None,
         }
     }
 }
@@ -106,17 +117,44 @@ impl EngineBuilder {
         self
     }
 
-    /// Capacity of each shard's message inbox (senders wait when it is full). Default 1024.
+    /// Capacity of each shard's client ingress queue ([`Client`](crate::Client) calls wait
+    /// when it is full). Default 1024.
     pub fn inbox_capacity(mut self, capacity: usize) -> Self {
         self.inbox_capacity = capacity;
         self
     }
 
-    /// Work messages (reads, writes, jobs) a shard handles at once; further ones wait in its
-    /// inbox. Barrier parts, prefetch and stats have their own lane and are not counted.
-    /// Default 1024.
+    /// Client requests (misses, jobs, barriers) a shard serves in tasks at once; further ones
+    /// wait in its ingress queue. Requests from other shards are bounded by
+    /// [`EngineBuilder::ring_capacity`] instead and never wait behind clients. Default 1024.
     pub fn handlers_in_flight_max(mut self, max: usize) -> Self {
         self.handlers_in_flight_max = max;
+        self
+    }
+
+    /// Requests one shard may have in flight to another (the credits of a shard-to-shard
+    /// ring); a sender waits for a reply beyond that. Default 128, as Seastar's queues.
+    pub fn ring_capacity(mut self, requests: usize) -> Self {
+        self.ring_credits = requests;
+        self
+    }
+
+    /// How long a shard with nothing to do keeps polling its rings before it sleeps (and
+    /// must be woken through the kernel, tens of µs on a VM). Zero sleeps at once. Default
+    /// [`DEFAULT_POLL_BEFORE_SLEEP`], chosen from measurements on a 2-vCPU VM
+    /// (docs/BENCHMARKS.md): a busy engine then never sleeps, an idle one polls for that long
+    /// after its last message and then costs nothing.
+    pub fn poll_before_sleep(mut self, poll: std::time::Duration) -> Self {
+        self.poll_before_sleep = poll;
+        self
+    }
+
+    /// For deterministic simulation: shards drain their rings in an order drawn from `seed`
+    /// (which peer first, how many messages, yields in between) instead of round-robin
+    /// batches. Meant for [`LocalEngine`](crate::LocalEngine), where every shard shares one
+    /// thread and a seed then replays exactly.
+    pub fn delivery_seed(mut self, seed: u64) -> Self {
+        self.delivery_seed = Some(seed);
         self
     }
 
@@ -154,6 +192,17 @@ impl EngineBuilder {
         }
     }
 
+    pub(crate) fn mesh_config(&self) -> MeshConfig {
+        MeshConfig {
+            credits: self.ring_credits,
+            ingress_capacity: self.inbox_capacity,
+            client_handlers_max: self.handlers_in_flight_max,
+            poll_before_sleep: self.poll_before_sleep,
+            delivery_seed: self.delivery_seed,
+            batch_max: 64,
+        }
+    }
+
     pub(crate) fn cache_config(&self) -> CacheConfig {
         CacheConfig {
             cache_size_bytes: self.cache_size_bytes / self.shard_count().max(1) as u64,
@@ -167,6 +216,12 @@ impl EngineBuilder {
         let Some(path) = self.path.clone() else {
             return Err(Error::config("path", "no path given"));
         };
+        self.validate_settings()?;
+        Ok(path)
+    }
+
+    /// [`EngineBuilder::validate`] less the path.
+    pub(crate) fn validate_settings(&self) -> Result<()> {
         let shards = self.shard_count();
         if shards == 0 {
             return Err(Error::config("shards", "must be at least 1"));
@@ -180,6 +235,9 @@ impl EngineBuilder {
         if self.inbox_capacity == 0 || self.handlers_in_flight_max == 0 {
             return Err(Error::config("inbox_capacity", "must be at least 1"));
         }
+        if !(1..=1 << 16).contains(&self.ring_credits) {
+            return Err(Error::config("ring_capacity", "must be between 1 and 65536"));
+        }
         if self.cache_size_bytes / (shards as u64) < self.block_size_bytes as u64 {
             return Err(Error::config(
                 "cache_size_bytes",
@@ -189,7 +247,7 @@ impl EngineBuilder {
                 ),
             ));
         }
-        Ok(path)
+        Ok(())
     }
 
     /// Validates the settings, opens the device once per shard and starts the shards.

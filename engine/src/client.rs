@@ -4,26 +4,47 @@ use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use corebuf_shard::io::{Device, DmaDevice};
+
+use crate::mesh::{job_answer, job_box, stats_answer, Mesh, Op};
 use crate::router::Router;
-use crate::shard::{ask, check_block_data, check_span, oneshot, run_message, Inboxes, Msg, Shard};
+use crate::routing::{check_block_data, check_shard, check_span};
+use crate::shard::Shard;
 use crate::stats::{EngineStats, ShardStats};
 use crate::Result;
 
 /// A handle to the engine for code outside its executors: `Send + Sync + Clone`, and every
-/// operation is a runtime-agnostic future (glommio wakes its tasks correctly from any thread,
-/// and the replies travel over ordinary async channels). Blocking forms are provided for plain
-/// threads.
+/// operation is a runtime-agnostic future (the shard completes it and wakes its waker from its
+/// own thread). Blocking forms are provided for plain threads.
 ///
-/// Each call is a message to the owning shard and a reply: a copy in each direction.
-#[derive(Clone, Debug)]
-pub struct Client {
-    pub(crate) inboxes: Inboxes,
+/// Each call is a request on the owner shard's ingress queue, which the shard drains in
+/// batches; a hit is answered inline. Many calls in flight (from one async task or many
+/// threads) share the shard's turns, so throughput comes from concurrency, not threads.
+pub struct Client<D: Device + 'static = DmaDevice> {
+    pub(crate) mesh: Arc<Mesh<D>>,
     pub(crate) router: Arc<Router>,
     pub(crate) block_size: usize,
     pub(crate) device_blocks: u64,
 }
 
-impl Client {
+impl<D: Device + 'static> Clone for Client<D> {
+    fn clone(&self) -> Self {
+        Client {
+            mesh: Arc::clone(&self.mesh),
+            router: Arc::clone(&self.router),
+            block_size: self.block_size,
+            device_blocks: self.device_blocks,
+        }
+    }
+}
+
+impl<D: Device + 'static> std::fmt::Debug for Client<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("shards", &self.router.shards()).finish_non_exhaustive()
+    }
+}
+
+impl<D: Device + 'static> Client<D> {
     /// The block size in bytes.
     pub fn block_size(&self) -> usize {
         self.block_size
@@ -44,21 +65,13 @@ impl Client {
         self.router.shard_of(block)
     }
 
-    async fn ask<T>(
-        &self,
-        shard: usize,
-        msg: Msg,
-        answer: async_channel::Receiver<T>,
-    ) -> Result<T> {
-        ask(&self.inboxes, shard, msg, answer).await
-    }
-
     /// A copy of `block`'s data.
     pub async fn read(&self, block: u64) -> Result<Vec<u8>> {
         check_span(block, 1, self.device_blocks)?;
-        let (reply, answer) = oneshot();
         let owner = self.owner_of(block);
-        self.ask(owner, Msg::Read { block, reply }, answer).await?
+        let data = vec![0u8; self.block_size];
+        let (_, data) = self.mesh.client_call(owner, Op::Read { block }, data).await?;
+        Ok(data)
     }
 
     /// Writes a whole block (`data.len()` must be the block size). It is cached and dirty
@@ -66,33 +79,30 @@ impl Client {
     pub async fn write(&self, block: u64, data: &[u8]) -> Result<()> {
         check_span(block, 1, self.device_blocks)?;
         check_block_data(data, self.block_size)?;
-        let (reply, answer) = oneshot();
         let owner = self.owner_of(block);
-        let msg = Msg::Write { block, data: data.to_vec(), reply };
-        self.ask(owner, msg, answer).await?
+        self.mesh.client_call(owner, Op::Write { block }, data.to_vec()).await.map(drop)
     }
 
-    /// Starts reads of `block..block + count`, split by owner. Does not wait for the reads.
+    /// Starts reads of `block..block + count`, split by owner; never waits. A part whose
+    /// owner has no room for it now is skipped, as prefetch may skip under pressure.
     pub async fn prefetch(&self, block: u64, count: u64) -> Result<()> {
         check_span(block, count, self.device_blocks)?;
         for (owner, first, n) in self.router.split(block, count) {
-            let msg = Msg::Prefetch { block: first, count: n };
-            self.inboxes[owner].send(msg).await?;
+            self.mesh.client_prefetch(owner, first, n)?;
         }
         Ok(())
     }
 
     /// The global flush barrier (see [`Shard::flush`]), coordinated by shard 0.
     pub async fn flush(&self) -> Result<()> {
-        let (reply, answer) = oneshot();
-        self.ask(0, Msg::Barrier { reply }, answer).await?
+        self.mesh.client_call(0, Op::Barrier, Vec::new()).await.map(drop)
     }
 
     /// Runs `job` on the shard that owns `block`, with zero-copy access to its partition.
     pub async fn run_on_owner<T, F, Fut>(&self, block: u64, job: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
         self.run_on(self.owner_of(block), job).await
@@ -102,19 +112,20 @@ impl Client {
     pub async fn run_on<T, F, Fut>(&self, shard: usize, job: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
     {
-        let (msg, answer) = run_message(self.shard_count(), shard, job)?;
-        self.ask(shard, msg, answer).await
+        check_shard(shard, self.shard_count())?;
+        let (payload, _) = self.mesh.client_call(shard, Op::Run(job_box(job)), Vec::new()).await?;
+        Ok(job_answer(payload))
     }
 
     /// Every shard's statistics.
     pub async fn stats(&self) -> Result<EngineStats> {
         let mut shards: Vec<ShardStats> = Vec::with_capacity(self.shard_count());
         for shard in 0..self.shard_count() {
-            let (reply, answer) = oneshot();
-            shards.push(self.ask(shard, Msg::Stats { reply }, answer).await?);
+            let (payload, _) = self.mesh.client_call(shard, Op::Stats, Vec::new()).await?;
+            shards.push(stats_answer(payload));
         }
         Ok(EngineStats { shards })
     }

@@ -9,7 +9,10 @@ use glommio::{CpuSet, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::builder::EngineBuilder;
 use crate::client::Client;
 use crate::router::Router;
-use crate::shard::{Inbox, Inboxes, Shard};
+use corebuf_shard::io::DmaDevice;
+
+use crate::mesh::Mesh;
+use crate::shard::{Shard, CURRENT};
 use crate::stats::EngineStats;
 use crate::{Error, Result};
 
@@ -33,25 +36,28 @@ impl Engine {
     pub(crate) fn start(builder: EngineBuilder) -> Result<Engine> {
         let path = builder.validate()?;
         let shards = builder.shard_count();
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..shards).map(|_| Inbox::bounded(builder.inbox_capacity)).unzip();
-        let inboxes: Inboxes = senders.into();
+        let mesh: Arc<Mesh<DmaDevice>> = Mesh::new(shards, builder.mesh_config());
         let cpus = allowed_cpus();
         let (started_tx, started_rx) = mpsc::channel::<(usize, Result<u64>)>();
         let mut executors = Vec::with_capacity(shards);
-        for (id, inbox) in receivers.into_iter().enumerate() {
+        for id in 0..shards {
             let placement = match (&cpus, builder.pin_threads) {
                 (Some(cpus), true) => Placement::Fixed(cpus[id % cpus.len()]),
                 _ => Placement::Unbound,
             };
-            let (shard_builder, shard_path, shard_inboxes, started) =
-                (builder.clone(), path.clone(), Arc::clone(&inboxes), started_tx.clone());
+            let (shard_builder, shard_path, shard_mesh, started) =
+                (builder.clone(), path.clone(), Arc::clone(&mesh), started_tx.clone());
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("corebuf-shard-{id}"))
                 .io_memory(builder.io_memory_bytes)
                 .spin_before_park(builder.spin_before_park)
                 .spawn(move || async move {
-                    let opened = Shard::open(id, &shard_builder, &shard_path, shard_inboxes).await;
+                    // A panic on this shard must fail its callers, not strand them.
+                    let _death = DeathWatch { mesh: Arc::clone(&shard_mesh), shard: id };
+                    let opened = match DmaDevice::open(&shard_path).await {
+                        Ok(device) => Shard::open(id, &shard_builder, device, shard_mesh),
+                        Err(e) => Err(e),
+                    };
                     let shard = match opened {
                         Ok(shard) => shard,
                         Err(e) => {
@@ -59,15 +65,20 @@ impl Engine {
                             return Ok(());
                         }
                     };
+                    CURRENT.with(|current| *current.borrow_mut() = Some(Rc::clone(&shard)));
                     let _ = started.send((id, Ok(shard.device_blocks())));
                     drop(started);
-                    Rc::clone(&shard).serve(inbox).await;
-                    shard.stop().await
+                    Rc::clone(&shard).serve().await;
+                    let stopped = shard.stop().await;
+                    // Close while the executor can still run the close; forget `current()`.
+                    let closed = shard.partition().queue().device().close().await;
+                    CURRENT.with(|current| current.borrow_mut().take());
+                    stopped.and(closed)
                 });
             match spawned {
                 Ok(handle) => executors.push(handle),
                 Err(e) => {
-                    close_all(&inboxes);
+                    mesh.close();
                     // The spawn error is what the caller needs; shards that did start stop.
                     let _ = join_all(executors);
                     return Err(Error::io(corebuf_shard::IoOp::Open, &path, 0, e.into()));
@@ -89,14 +100,13 @@ impl Engine {
             }
         }
         if let Some(e) = first_error {
-            close_all(&inboxes);
+            mesh.close();
             // The startup error is what the caller needs; shards that did start stop.
             let _ = join_all(executors);
             return Err(e);
         }
         let router = Arc::new(Router::new(shards, builder.range_blocks));
-        let client =
-            Client { inboxes, router, block_size: builder.block_size_bytes, device_blocks };
+        let client = Client { mesh, router, block_size: builder.block_size_bytes, device_blocks };
         Ok(Engine { client, executors })
     }
 
@@ -138,7 +148,7 @@ impl Engine {
     }
 
     fn stop(&mut self) -> Result<()> {
-        close_all(&self.client.inboxes);
+        self.client.mesh.close();
         join_all(std::mem::take(&mut self.executors))
     }
 }
@@ -152,12 +162,6 @@ impl Drop for Engine {
         if let Err(e) = self.stop() {
             log::error!("corebuf engine stop after drop failed: {e}");
         }
-    }
-}
-
-fn close_all(inboxes: &Inboxes) {
-    for inbox in inboxes.iter() {
-        inbox.close();
     }
 }
 
@@ -179,4 +183,18 @@ fn allowed_cpus() -> Option<Vec<usize>> {
     cpus.sort_unstable();
     cpus.dedup();
     (!cpus.is_empty()).then_some(cpus)
+}
+
+/// Marks its shard dead in the mesh if the shard's thread unwinds from a panic.
+struct DeathWatch {
+    mesh: Arc<Mesh<DmaDevice>>,
+    shard: usize,
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.mesh.mark_dead(self.shard);
+        }
+    }
 }

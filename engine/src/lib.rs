@@ -26,14 +26,18 @@
 mod builder;
 mod client;
 mod engine;
+mod local;
+mod mesh;
 mod router;
+mod routing;
 mod shard;
 mod stats;
 
-pub use builder::EngineBuilder;
+pub use builder::{EngineBuilder, DEFAULT_POLL_BEFORE_SLEEP};
 pub use client::Client;
 pub use corebuf_shard::{cache, io, Error, IoOp, Result};
 pub use engine::Engine;
+pub use local::LocalEngine;
 pub use router::Router;
 pub use shard::Shard;
 pub use stats::{EngineStats, ShardStats};

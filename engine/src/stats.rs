@@ -20,6 +20,13 @@ pub struct ShardStats {
     pub messages_sent: u64,
     /// Messages this shard received (from shards and clients).
     pub messages_received: u64,
+    /// Received messages served inline by the poller (cache hits, prefetch, stats), without
+    /// a task.
+    pub messages_inline: u64,
+    /// Times the shard's poller went to sleep (ran out of work and past its polling period).
+    pub poller_sleeps: u64,
+    /// Times this shard woke a sleeping shard by sending it a message or a reply.
+    pub wakeups_sent: u64,
     /// Global barriers this shard coordinated.
     pub barriers: u64,
     /// Latency of the barriers it coordinated, µs.

@@ -26,18 +26,20 @@ pub fn run(
 ) -> Result<SideReport> {
     dataset.drop_page_cache();
     sysinfo::reset_peak_rss();
-    let engine = Engine::builder()
+    let mut builder = Engine::builder()
         .path(&dataset.path)
         .block_size_bytes(settings.block_size)
         .cache_size_bytes(settings.cache_bytes)
         .shards(settings.shards)
         .range_blocks(settings.range_blocks)
         .spin_before_park(std::time::Duration::from_micros(settings.spin_us))
-        .io_depth_max(settings.inflight.max(128))
-        .build()?;
+        .io_depth_max(settings.inflight.max(128));
+    if let Some(us) = settings.poll_us {
+        builder = builder.poll_before_sleep(std::time::Duration::from_micros(us));
+    }
+    let engine = builder.build()?;
     let client = engine.client();
-    let layout =
-        plan.layout(settings.path_mode == PathMode::Local, settings.shards, settings.inflight)?;
+    let layout = layout(settings, plan)?;
     let workers = layout.workers();
     let mut warm_ops = 0;
     let mut timed = None;
@@ -45,7 +47,7 @@ pub fn run(
         let measure = spec.phase == Phase::Measure;
         let before = if measure { Some(engine.stats()?) } else { None };
         let results = match settings.path_mode {
-            PathMode::Local | PathMode::Cross => {
+            PathMode::Local | PathMode::Cross | PathMode::Remote => {
                 let ctl =
                     Control::new(settings, versions.clone(), settings.shards, workers, measure);
                 let bank = StreamBank::new(plan, &layout, &spec);
@@ -55,6 +57,14 @@ pub fn run(
                 })?
             }
             PathMode::Client => {
+                let threads = settings.client_threads;
+                let ctl = Control::new(settings, versions.clone(), threads, workers, measure);
+                let bank = StreamBank::new(plan, &layout, &spec);
+                run_phase("corebuf", &spec, &ctl, threads, |g| {
+                    client_futures_thread(&client, g, bank.take(g), Arc::clone(&ctl), workers)
+                })?
+            }
+            PathMode::ClientBlocking => {
                 let ctl = Control::new(settings, versions.clone(), workers, workers, measure);
                 let bank = StreamBank::flat(plan, &layout, &spec);
                 run_phase("corebuf", &spec, &ctl, workers, |i| {
@@ -81,6 +91,15 @@ pub fn run(
     Ok(report)
 }
 
+/// The workers of the corebuf side and the blocks each draws from, for `settings.path_mode`.
+pub fn layout(settings: &Settings, plan: &Plan) -> Result<crate::workload::Layout> {
+    match settings.path_mode {
+        PathMode::Remote => plan.layout_remote(settings.inflight),
+        PathMode::Client => plan.layout(false, settings.client_threads, settings.inflight),
+        mode => plan.layout(mode == PathMode::Local, settings.shards, settings.inflight),
+    }
+}
+
 /// Hit ratio and device IOPS from the engine's own counters over the timed run. The hit ratio
 /// is over every access: `new_block` of an uncached block (a whole-block write) is a miss
 /// without a read, and a read that joined a read in flight is a hit (the block was admitted),
@@ -104,7 +123,7 @@ fn add_engine_figures(
     for (i, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
         let (h, m, d) = figures(b, a);
         (hits, misses, ios) = (hits + h, misses + m, ios + d);
-        if mode != PathMode::Client {
+        if !matches!(mode, PathMode::Client | PathMode::ClientBlocking) {
             if let Some(g) = report.groups.get_mut(i) {
                 g.hit_ratio = (h + m > 0).then(|| h as f64 / (h + m) as f64);
                 g.device_iops = (secs > 0.0).then(|| d as f64 / secs);
@@ -112,6 +131,23 @@ fn add_engine_figures(
         }
     }
     let (b, a) = (before.cache(), after.cache());
+    let sum = |s: &EngineStats, f: fn(&corebuf::ShardStats) -> u64| -> u64 {
+        s.shards.iter().map(f).sum()
+    };
+    let delta = |f: fn(&corebuf::ShardStats) -> u64| -> u64 { sum(after, f) - sum(before, f) };
+    let received = delta(|s| s.messages_received);
+    report.notes.push(format!(
+        "messages during the timed run: {} sent, {} received, {} served inline ({:.1} %); \
+         pollers slept {} times, {} wake-ups sent to sleeping shards",
+        delta(|s| s.messages_sent),
+        received,
+        delta(|s| s.messages_inline),
+        100.0 * delta(|s| s.messages_inline) as f64 / received.max(1) as f64,
+        delta(|s| s.poller_sleeps),
+        delta(|s| s.wakeups_sent),
+    ));
+    report.poller_sleeps = Some(delta(|s| s.poller_sleeps));
+    report.wakeups_sent = Some(delta(|s| s.wakeups_sent));
     let (bq, aq) = (before.queue(), after.queue());
     report.notes.push(format!(
         "engine during the timed run: {} hits, {} joins, {} misses, {} news, {} evictions, {} \
@@ -143,10 +179,19 @@ fn add_engine_figures(
                 .into(),
         );
     }
+    if mode == PathMode::ClientBlocking {
+        report.groups.clear();
+        report.notes.push(
+            "client-blocking mode: one thread per operation in flight; per-thread figures \
+             omitted"
+                .into(),
+        );
+    }
     if mode == PathMode::Client {
         report.groups.clear();
         report.notes.push(
-            "client mode: one thread per operation in flight; per-thread figures omitted".into(),
+            "client mode: Client futures driven from plain threads; per-thread figures omitted"
+                .into(),
         );
     }
 }
@@ -244,18 +289,88 @@ async fn local_op(shard: &Shard, ctl: &Control, op: Op) -> Result<()> {
     Ok(())
 }
 
-/// One operation through the block's owner (`Shard::read` / `Shard::write`: a copy each way).
+/// One operation through the block's owner (`Shard::read_with` / `Shard::write`: one copy
+/// each way for a remote block, none for a local one).
 async fn routed_op(shard: &Shard, ctl: &Control, op: Op, copy: &mut [u8]) -> Result<()> {
     let b = op.block;
     if op.kind != OpKind::Write {
-        let data = shard.read(b).await?;
-        ctl.judge(b, &data)?;
+        shard.read_with(b, |data| ctl.judge(b, data)).await??;
     }
     if op.writes() {
         let version = ctl.begin_write(b);
         block::stamp(copy, b, version);
         shard.write(b, copy).await?;
         ctl.end_write(b, version);
+    }
+    Ok(())
+}
+
+/// One plain thread driving `Client` futures, one per stream (`--inflight` of them), as an
+/// async caller on another runtime would: throughput comes from the calls in flight, not from
+/// threads.
+fn client_futures_thread(
+    client: &Client,
+    group: usize,
+    streams: Vec<Bounded>,
+    ctl: Arc<Control>,
+    workers: usize,
+) -> Result<GroupResult> {
+    let recorder = RefCell::new(Recorder::new(Arc::clone(&ctl), group));
+    let tasks_per_group = streams.len();
+    let futures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + '_>>> =
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(t, stream)| {
+                let index = group * tasks_per_group + t;
+                let worker = Worker::new(stream, Arc::clone(&ctl), index, workers);
+                let future = client_future(client, worker, &recorder, &ctl);
+                Box::pin(future) as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>
+            })
+            .collect();
+    let mut outcome = Ok(());
+    for result in super::drive::drive_all(futures) {
+        if let Err(e) = result {
+            outcome = outcome.and(Err(e));
+        }
+    }
+    outcome.map(|()| recorder.into_inner().finish())
+}
+
+async fn client_future(
+    client: &Client,
+    mut worker: Worker,
+    recorder: &RefCell<Recorder>,
+    ctl: &Control,
+) -> Result<()> {
+    let mut copy = vec![0u8; client.block_size()];
+    let mut resumed = None;
+    while let Some((op, start)) = worker.next_polled(resumed).await {
+        let b = op.block;
+        let done: Result<()> = async {
+            if op.kind != OpKind::Write {
+                let data = client.read(b).await?;
+                ctl.judge(b, &data)?;
+            }
+            if op.writes() {
+                let version = ctl.begin_write(b);
+                block::stamp(&mut copy, b, version);
+                client.write(b, &copy).await?;
+                ctl.end_write(b, version);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = done {
+            ctl.stop();
+            return Err(e);
+        }
+        resumed = Some(recorder.borrow_mut().record(&op, start));
+        if ctl.barrier_due(&op) {
+            client.flush().await?;
+            recorder.borrow_mut().barrier();
+            resumed = None;
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! the groups, prints progress, and stops them at the deadline.
 
 pub mod corebuf;
+mod drive;
 pub mod fio;
 pub mod lru;
 pub mod pread;
@@ -308,6 +309,19 @@ impl Worker {
             glommio::timer::sleep(intended - now).await;
         }
         Some((op, Start { at: intended, late: Some(intended.elapsed()) }))
+    }
+
+    /// [`Worker::next`] for futures driven outside glommio (closed loop only: the async client
+    /// driver has no timers); waiting for a claimed block yields to the other futures.
+    pub async fn next_polled(&mut self, resumed: Option<Instant>) -> Option<(Op, Start)> {
+        let (op, _intended) = self.take()?;
+        let mut resumed = resumed;
+        while !self.stream.claim(op.block) {
+            resumed = None;
+            futures_lite::future::yield_now().await;
+        }
+        self.claimed = Some(op.block);
+        Some((op, Start { at: resumed.unwrap_or_else(Instant::now), late: None }))
     }
 
     /// [`Worker::next`] for plain threads.

@@ -1,0 +1,321 @@
+//! A shard's end of the mesh as a requester: pending slots, credits, the send path.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+use corebuf_shard::io::Device;
+use corebuf_shard::rng::SimRng;
+use corebuf_shard::WaitList;
+
+use super::{BufPtr, Mesh, Op, Payload, Request, NO_SLOT};
+use crate::{Error, Result};
+
+/// A request this shard sent and whose reply it has not consumed.
+pub(super) struct Slot {
+    pub(super) state: SlotState,
+    /// The shard the request went to.
+    pub(super) to: usize,
+    pub(super) waker: Option<Waker>,
+    pub(super) result: Option<Result<Payload>>,
+    pub(super) buf: Box<[u8]>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum SlotState {
+    Free,
+    /// Sent; the reply has not come.
+    Waiting,
+    /// Sent, and the requester went away: free it when the reply comes.
+    Abandoned,
+    /// The reply came; the requester has not taken it.
+    Done,
+}
+
+/// Counters of one shard's message layer.
+#[derive(Debug, Default)]
+pub(super) struct PortCounters {
+    pub(super) sent: Cell<u64>,
+    pub(super) received: Cell<u64>,
+    pub(super) inline: Cell<u64>,
+    pub(super) sleeps: Cell<u64>,
+    pub(super) wakeups_sent: Cell<u64>,
+}
+
+/// One shard's end of the mesh: its pending slots, credits, handler count and poller state.
+pub(crate) struct Port<D: Device + 'static> {
+    pub(super) id: usize,
+    pub(super) mesh: Arc<Mesh<D>>,
+    pub(super) block_size: usize,
+    pub(super) slots: RefCell<Vec<Slot>>,
+    pub(super) free_slots: RefCell<Vec<u32>>,
+    /// Slots not `Free`.
+    pub(super) slots_busy: Cell<usize>,
+    /// Credited requests in flight, per peer (invariant 1).
+    pub(super) in_flight: Box<[Cell<usize>]>,
+    /// Peers sent a request whose doorbell this shard's poller rings at its next turn.
+    pub(super) ring_later: Box<[Cell<bool>]>,
+    pub(super) ring_pending: Cell<bool>,
+    pub(super) credit_freed: WaitList,
+    /// Handler tasks running for shard requests and for client requests.
+    pub(super) handlers: Cell<usize>,
+    pub(super) client_handlers: Cell<usize>,
+    pub(super) ingress_held_back: Cell<bool>,
+    /// Dead peers this poller has reacted to.
+    pub(super) dead_seen: Cell<usize>,
+    pub(super) delivery: Option<RefCell<SimRng>>,
+    pub(super) counters: PortCounters,
+}
+
+impl<D: Device + 'static> std::fmt::Debug for Port<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Port").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// Message counters of a shard, for its statistics.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PortStats {
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    pub(crate) inline: u64,
+    pub(crate) sleeps: u64,
+    pub(crate) wakeups_sent: u64,
+}
+
+/// A reply this shard received, holding its slot (and the slot's buffer) until dropped.
+pub(crate) struct Answered<'p, D: Device + 'static> {
+    pub(super) port: &'p Port<D>,
+    pub(super) slot: u32,
+    pub(super) payload: Option<Payload>,
+}
+
+impl<D: Device + 'static> Answered<'_, D> {
+    /// The block's bytes the owner copied (a read).
+    pub(crate) fn with_buf<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        let slots = self.port.slots.borrow();
+        f(&slots[self.slot as usize].buf)
+    }
+
+    pub(crate) fn take_payload(&mut self) -> Payload {
+        self.payload.take().unwrap_or(Payload::Done)
+    }
+}
+
+impl<D: Device + 'static> Drop for Answered<'_, D> {
+    fn drop(&mut self) {
+        self.port.free_slot(self.slot);
+    }
+}
+
+/// Marks the slot abandoned if the requesting future is dropped before its reply.
+pub(super) struct PendingGuard<'p, D: Device + 'static> {
+    pub(super) port: &'p Port<D>,
+    pub(super) slot: u32,
+    pub(super) armed: bool,
+}
+
+impl<D: Device + 'static> Drop for PendingGuard<'_, D> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let done = {
+            let mut slots = self.port.slots.borrow_mut();
+            let slot = &mut slots[self.slot as usize];
+            match slot.state {
+                SlotState::Done => true,
+                _ => {
+                    slot.state = SlotState::Abandoned;
+                    slot.waker = None;
+                    false
+                }
+            }
+        };
+        if done {
+            self.port.free_slot(self.slot);
+        }
+    }
+}
+
+impl<D: Device + 'static> Port<D> {
+    pub(crate) fn new(id: usize, mesh: Arc<Mesh<D>>, block_size: usize) -> Port<D> {
+        let shards = mesh.shards;
+        let delivery = mesh
+            .config
+            .delivery_seed
+            .map(|seed| RefCell::new(SimRng::new(seed ^ (id as u64).wrapping_mul(0x9E37_79B9))));
+        Port {
+            id,
+            mesh,
+            block_size,
+            slots: RefCell::new(Vec::new()),
+            free_slots: RefCell::new(Vec::new()),
+            slots_busy: Cell::new(0),
+            in_flight: (0..shards).map(|_| Cell::new(0)).collect(),
+            ring_later: (0..shards).map(|_| Cell::new(false)).collect(),
+            ring_pending: Cell::new(false),
+            credit_freed: WaitList::with_capacity(4),
+            handlers: Cell::new(0),
+            client_handlers: Cell::new(0),
+            ingress_held_back: Cell::new(false),
+            dead_seen: Cell::new(0),
+            delivery,
+            counters: PortCounters::default(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> PortStats {
+        let c = &self.counters;
+        PortStats {
+            sent: c.sent.get(),
+            received: c.received.get(),
+            inline: c.inline.get(),
+            sleeps: c.sleeps.get(),
+            wakeups_sent: c.wakeups_sent.get(),
+        }
+    }
+
+    pub(super) fn alloc_slot(&self, to: usize) -> u32 {
+        self.slots_busy.set(self.slots_busy.get() + 1);
+        let mut slots = self.slots.borrow_mut();
+        if let Some(index) = self.free_slots.borrow_mut().pop() {
+            slots[index as usize].state = SlotState::Waiting;
+            slots[index as usize].to = to;
+            return index;
+        }
+        slots.push(Slot {
+            state: SlotState::Waiting,
+            to,
+            waker: None,
+            result: None,
+            buf: vec![0u8; self.block_size].into_boxed_slice(),
+        });
+        (slots.len() - 1) as u32
+    }
+
+    pub(super) fn free_slot(&self, index: u32) {
+        let mut slots = self.slots.borrow_mut();
+        let slot = &mut slots[index as usize];
+        slot.state = SlotState::Free;
+        slot.waker = None;
+        slot.result = None;
+        self.free_slots.borrow_mut().push(index);
+        self.slots_busy.set(self.slots_busy.get() - 1);
+    }
+
+    /// Pushes a request to shard `to` under the shutdown protocol (invariant 4). `Ok(false)`
+    /// if the ring was full (impossible for a credited request, by invariant 1).
+    pub(super) fn push(&self, to: usize, request: Request<D>) -> Result<bool> {
+        let pair = self.id * self.mesh.shards + to;
+        // Relaxed suffices: once this shard's poller saw `closing` on this thread, this later
+        // load on the same thread sees it too (invariant 4).
+        if self.mesh.closing.load(Ordering::Relaxed) {
+            return Err(Error::ShutDown);
+        }
+        if self.mesh.requests[pair].push(request).is_err() {
+            return Ok(false);
+        }
+        self.counters.sent.set(self.counters.sent.get() + 1);
+        // The doorbell (a fence) matters only if `to` sleeps. While this shard's own poller is
+        // awake it rings once per turn for every peer sent to since (`ring_deferred`); when it
+        // sleeps, nobody would, so ring now.
+        if self.mesh.doorbells[self.id].sleeping.load(Ordering::Relaxed) {
+            self.ring(to);
+        } else {
+            self.ring_later[to].set(true);
+            self.ring_pending.set(true);
+        }
+        Ok(true)
+    }
+
+    /// Rings `to`'s doorbell now.
+    pub(super) fn ring(&self, to: usize) {
+        if self.mesh.doorbells[to].ring() {
+            self.counters.wakeups_sent.set(self.counters.wakeups_sent.get() + 1);
+        }
+    }
+
+    /// Rings the doorbells of the peers sent to since the last turn.
+    pub(super) fn ring_deferred(&self) {
+        if !self.ring_pending.replace(false) {
+            return;
+        }
+        for (to, later) in self.ring_later.iter().enumerate() {
+            if later.replace(false) {
+                self.ring(to);
+            }
+        }
+    }
+
+    /// Sends `op` to shard `to` and waits for its reply. `fill` writes the request's buffer
+    /// (the data of a write). The answer holds the buffer (the data of a read).
+    pub(crate) async fn call(
+        &self,
+        to: usize,
+        op: Op<D>,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<Answered<'_, D>> {
+        debug_assert!(op.expects_reply() && to != self.id);
+        let credits = self.mesh.config.credits;
+        if self.in_flight[to].get() >= credits {
+            self.credit_freed.wait_for(|| (self.in_flight[to].get() < credits).then_some(())).await;
+        }
+        if self.mesh.is_dead(to) {
+            return Err(Error::ShardFailed { shard: to });
+        }
+        let slot = self.alloc_slot(to);
+        let buf = {
+            let mut slots = self.slots.borrow_mut();
+            fill(&mut slots[slot as usize].buf);
+            BufPtr(slots[slot as usize].buf.as_mut_ptr())
+        };
+        match self.push(to, Request { slot, op, buf }) {
+            Ok(true) => {}
+            Ok(false) => unreachable!("a credited request always has room (invariant 1)"),
+            Err(e) => {
+                self.free_slot(slot);
+                return Err(e);
+            }
+        }
+        self.in_flight[to].set(self.in_flight[to].get() + 1);
+        let mut guard = PendingGuard { port: self, slot, armed: true };
+        let result = std::future::poll_fn(|cx| {
+            let mut slots = self.slots.borrow_mut();
+            let pending = &mut slots[slot as usize];
+            if pending.state == SlotState::Done {
+                return Poll::Ready(
+                    pending.result.take().unwrap_or(Err(Error::ShardFailed { shard: to })),
+                );
+            }
+            if self.mesh.is_dead(to) {
+                return Poll::Ready(Err(Error::ShardFailed { shard: to }));
+            }
+            if !pending.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                pending.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await;
+        guard.armed = false;
+        match result {
+            Ok(payload) => Ok(Answered { port: self, slot, payload: Some(payload) }),
+            Err(e) => {
+                self.free_slot(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a prefetch to shard `to` if its ring has room beyond the credits; never waits.
+    pub(crate) fn prefetch(&self, to: usize, block: u64, count: u64) -> Result<()> {
+        let pair = self.id * self.mesh.shards + to;
+        let ring = &self.mesh.requests[pair];
+        if ring.len() + self.mesh.config.credits >= ring.capacity() {
+            return Ok(()); // skipped under pressure, as prefetch may
+        }
+        let op = Op::Prefetch { block, count };
+        self.push(to, Request { slot: NO_SLOT, op, buf: BufPtr(std::ptr::null_mut()) }).map(|_| ())
+    }
+}
