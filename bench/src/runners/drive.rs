@@ -2,9 +2,9 @@
 //! only those whose waker fired, and parks the thread while none is ready. It is what an async
 //! caller outside the engine looks like (a tokio worker thread, say) without depending on one.
 //!
-//! Before parking it polls its ready list for [`SPIN_BEFORE_PARK`]: a busy runtime finds its
-//! next wake-up that way, and waking a parked thread costs tens of µs on a VM, which would
-//! otherwise dominate the latency of one call in flight.
+//! Before parking it polls its ready list for [`SPIN_BEFORE_PARK`], yielding its core between
+//! looks: a busy runtime finds its next wake-up that way, and waking a parked thread costs tens
+//! of µs on a VM, which would otherwise dominate the latency of one call in flight.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +19,9 @@ pub const SPIN_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micr
 /// The futures' shared wake state: who is ready, and the thread to unpark.
 struct Ready {
     queue: Mutex<Vec<usize>>,
+    /// Set after a push to `queue`: what the driver spins on, so a waker on another thread
+    /// never contends for the lock with a spinning driver.
+    any: AtomicBool,
     flags: Vec<AtomicBool>,
     thread: Thread,
 }
@@ -36,6 +39,7 @@ impl Wake for IndexWaker {
     fn wake_by_ref(self: &Arc<Self>) {
         if !self.ready.flags[self.index].swap(true, Ordering::AcqRel) {
             self.ready.queue.lock().unwrap_or_else(|e| e.into_inner()).push(self.index);
+            self.ready.any.store(true, Ordering::Release);
             self.ready.thread.unpark();
         }
     }
@@ -46,6 +50,7 @@ pub fn drive_all<T>(futures: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<
     let count = futures.len();
     let ready = Arc::new(Ready {
         queue: Mutex::new((0..count).collect()),
+        any: AtomicBool::new(true),
         flags: (0..count).map(|_| AtomicBool::new(true)).collect(),
         thread: std::thread::current(),
     });
@@ -57,15 +62,19 @@ pub fn drive_all<T>(futures: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<
     let mut left = count;
     let mut batch = Vec::with_capacity(count);
     while left > 0 {
+        ready.any.store(false, Ordering::Release);
         std::mem::swap(&mut batch, &mut *ready.queue.lock().unwrap_or_else(|e| e.into_inner()));
         if batch.is_empty() {
             let since = std::time::Instant::now();
-            while ready.queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            while !ready.any.load(Ordering::Acquire) {
                 if since.elapsed() > SPIN_BEFORE_PARK {
+                    // A wake between the check and the park leaves the unpark token: no loss.
                     std::thread::park();
                     break;
                 }
-                std::hint::spin_loop();
+                // Yield, not spin: on a machine with as many busy threads as cores (shards and
+                // clients), a spinning client would take the core its answer comes from.
+                std::thread::yield_now();
             }
             continue;
         }
