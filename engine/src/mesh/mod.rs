@@ -44,7 +44,6 @@ use crossbeam_utils::CachePadded;
 
 use crate::shard::Shard;
 use crate::stats::ShardStats;
-use crate::Result;
 use ring::Ring;
 
 mod client;
@@ -113,9 +112,12 @@ struct Request<D: Device + 'static> {
 const NO_SLOT: u32 = u32::MAX;
 
 /// A reply on a shard-to-shard ring.
+///
+/// The error is boxed so that a reply stays a few words: ring slots are what crosses between
+/// cores, and an `Error` inline would make every reply span two cache lines.
 struct Reply {
     slot: u32,
-    result: Result<Payload>,
+    result: std::result::Result<Payload, Box<crate::Error>>,
 }
 
 /// A shard's doorbell: how producers wake its poller when, and only when, it sleeps.

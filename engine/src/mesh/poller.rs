@@ -130,7 +130,7 @@ impl<D: Device + 'static> Port<D> {
                         true
                     } else {
                         slot.state = SlotState::Done;
-                        slot.result = Some(reply.result);
+                        slot.result = Some(reply.result.map_err(|e| *e));
                         if let Some(waker) = slot.waker.take() {
                             waker.wake();
                         }
@@ -251,6 +251,7 @@ impl<D: Device + 'static> Shard<D> {
         }
         let port = self.port();
         let n = port.mesh.shards;
+        let result = result.map_err(Box::new);
         let pushed = port.mesh.replies[self.id() * n + to].push(Reply { slot, result });
         assert!(pushed.is_ok(), "credits bound the replies in flight (invariant 1)");
         true
