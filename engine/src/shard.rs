@@ -151,18 +151,7 @@ impl<D: Device + 'static> Shard<D> {
         check_span(block, 1, self.device_blocks())?;
         let owner = self.owner_of(block);
         if owner == self.id {
-            let session = self.partition.session().await;
-            let buf = session.read(block).await?;
-            loop {
-                match buf.try_data() {
-                    Ok(data) => return Ok(f(&data)),
-                    // Borrowed mutably across an await on this shard: wait for it.
-                    Err(crate::Error::BufferBusy { .. }) => {
-                        glommio::executor().yield_task_queue_now().await
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            return self.read_local_with(block, f).await;
         }
         let answer = self.port.call(owner, Op::Read { block }, |_| {}).await?;
         Ok(answer.with_buf(f))
@@ -308,46 +297,38 @@ impl<D: Device + 'static> Shard<D> {
         flushed.and(logged).and(synced)
     }
 
-    /// Copies the local `block` into `out`.
-    pub(crate) async fn read_local_into(&self, block: u64, out: &mut [u8]) -> Result<()> {
+    /// Runs `f` on the local `block`'s bytes, read from the device on a miss.
+    pub(crate) async fn read_local_with<R>(
+        &self,
+        block: u64,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
         let session = self.partition.session().await;
         let buf = session.read(block).await?;
-        loop {
-            match buf.try_data() {
-                Ok(data) => {
-                    out.copy_from_slice(&data);
-                    return Ok(());
-                }
-                // Code on this shard holds the bytes mutably across an await (zero-copy
-                // access): wait for it to let go.
-                Err(crate::Error::BufferBusy { .. }) => {
-                    glommio::executor().yield_task_queue_now().await
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let data = until_unborrowed(|| buf.try_data()).await?;
+        Ok(f(&data))
     }
 
-    /// Writes the local `block` from `data`. If code on this shard holds the block's bytes
-    /// borrowed across an await (zero-copy access through the partition), the write waits for
-    /// the borrow to end rather than fail or change bytes under the borrower.
+    /// Writes the local `block` from `data`.
     pub(crate) async fn write_local(&self, block: u64, data: &[u8]) -> Result<()> {
         let session = self.partition.session().await;
         let buf = session.new_block(block).await?;
-        loop {
-            match buf.try_data_mut() {
-                Ok(mut bytes) => {
-                    bytes.copy_from_slice(data);
-                    break;
-                }
-                Err(crate::Error::BufferBusy { .. }) => {
-                    glommio::executor().yield_task_queue_now().await
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        until_unborrowed(|| buf.try_data_mut()).await?.copy_from_slice(data);
         buf.mark_dirty();
         Ok(())
+    }
+}
+
+/// Retries `borrow` while code on this shard holds the bytes across an await (zero-copy access
+/// through the partition): a routed read or write waits for the borrow to end rather than fail
+/// or change bytes under the borrower (regression test
+/// `regression_routed_write_on_borrowed_buffer`).
+async fn until_unborrowed<T>(mut borrow: impl FnMut() -> Result<T>) -> Result<T> {
+    loop {
+        match borrow() {
+            Err(Error::BufferBusy { .. }) => glommio::executor().yield_task_queue_now().await,
+            other => return other,
+        }
     }
 }
 

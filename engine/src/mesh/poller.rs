@@ -9,7 +9,7 @@ use std::time::Instant;
 use corebuf_shard::io::Device;
 
 use super::client::ClientRequest;
-use super::port::{Slot, SlotState};
+use super::port::SlotState;
 use super::{BufPtr, Op, Payload, Port, Reply, Request, NO_SLOT};
 use crate::shard::Shard;
 use crate::Result;
@@ -51,15 +51,14 @@ impl<D: Device + 'static> Port<D> {
             && self.mesh.ingress[me].is_empty()
             && self.handlers.get() == 0
             && self.client_handlers.get() == 0
-            && self.slots_busy_waiting() == 0
+            && self.nothing_awaited()
     }
 
-    /// Slots still waiting for a reply from a live shard (taken answers do not keep the
-    /// poller alive, nor do requests to a dead shard).
-    fn slots_busy_waiting(&self) -> usize {
-        let slots = self.slots.borrow();
-        let waiting = |s: &&Slot| matches!(s.state, SlotState::Waiting | SlotState::Abandoned);
-        slots.iter().filter(waiting).filter(|s| !self.mesh.is_dead(s.to)).count()
+    /// Whether none of this shard's requests to a live shard waits for its reply (taken
+    /// answers do not keep the poller alive, nor do requests to a dead shard).
+    fn nothing_awaited(&self) -> bool {
+        let live = |peer: &usize| !self.mesh.is_dead(*peer);
+        (0..self.mesh.shards).filter(live).all(|peer| self.in_flight[peer].get() == 0)
     }
 
     /// Wakes requesters waiting on a shard that died since the last look.
@@ -293,10 +292,10 @@ impl<D: Device + 'static> Shard<D> {
             let _ = self.try_inline(&op, || &mut []);
             return;
         };
+        // A read's buffer comes block-sized from `Client::read`; a write's carries the data.
         let inline = {
             let mut state = responder.call.state.lock().unwrap_or_else(|e| e.into_inner());
-            let state = &mut *state;
-            self.try_inline_client(&op, &mut state.data)
+            self.try_inline(&op, || &mut state.data[..])
         };
         if let Some(result) = inline {
             let port = self.port();
@@ -312,9 +311,6 @@ impl<D: Device + 'static> Shard<D> {
                 let mut state = responder.call.state.lock().unwrap_or_else(|e| e.into_inner());
                 std::mem::take(&mut state.data)
             };
-            if matches!(op, Op::Read { .. }) {
-                data.resize(shard.block_size(), 0);
-            }
             let result = shard.serve_op(op, &mut data).await;
             responder.call.state.lock().unwrap_or_else(|e| e.into_inner()).data = data;
             responder.answer(result);
@@ -325,20 +321,6 @@ impl<D: Device + 'static> Shard<D> {
             }
         })
         .detach();
-    }
-
-    /// A client's request served without waiting, if it can be.
-    fn try_inline_client(&self, op: &Op<D>, data: &mut Vec<u8>) -> Option<Result<Payload>> {
-        match op {
-            Op::Read { .. } => {
-                let bs = self.block_size();
-                if data.len() != bs {
-                    data.resize(bs, 0);
-                }
-                self.try_inline(op, || &mut data[..])
-            }
-            _ => self.try_inline(op, || &mut data[..]),
-        }
     }
 
     /// Serves `op` at once if it needs no waiting: a cache hit, a prefetch, stats.
@@ -375,7 +357,7 @@ impl<D: Device + 'static> Shard<D> {
     async fn serve_op(self: &Rc<Self>, op: Op<D>, bytes: &mut [u8]) -> Result<Payload> {
         match op {
             Op::Read { block } => {
-                self.read_local_into(block, bytes).await?;
+                self.read_local_with(block, |data| bytes.copy_from_slice(data)).await?;
                 Ok(Payload::Done)
             }
             Op::Write { block } => {

@@ -50,9 +50,8 @@ pub(crate) struct Port<D: Device + 'static> {
     pub(super) block_size: usize,
     pub(super) slots: RefCell<Vec<Slot>>,
     pub(super) free_slots: RefCell<Vec<u32>>,
-    /// Slots not `Free`.
-    pub(super) slots_busy: Cell<usize>,
-    /// Credited requests in flight, per peer (invariant 1).
+    /// Credited requests in flight, per peer (invariant 1): sent, reply not yet popped. This is
+    /// also the number of this shard's slots waiting for that peer (`Waiting` or `Abandoned`).
     pub(super) in_flight: Box<[Cell<usize>]>,
     /// Peers sent a request whose doorbell this shard's poller rings at its next turn.
     pub(super) ring_later: Box<[Cell<bool>]>,
@@ -152,7 +151,6 @@ impl<D: Device + 'static> Port<D> {
             block_size,
             slots: RefCell::new(Vec::new()),
             free_slots: RefCell::new(Vec::new()),
-            slots_busy: Cell::new(0),
             in_flight: (0..shards).map(|_| Cell::new(0)).collect(),
             ring_later: (0..shards).map(|_| Cell::new(false)).collect(),
             ring_pending: Cell::new(false),
@@ -178,7 +176,6 @@ impl<D: Device + 'static> Port<D> {
     }
 
     pub(super) fn alloc_slot(&self, to: usize) -> u32 {
-        self.slots_busy.set(self.slots_busy.get() + 1);
         let mut slots = self.slots.borrow_mut();
         if let Some(index) = self.free_slots.borrow_mut().pop() {
             slots[index as usize].state = SlotState::Waiting;
@@ -202,7 +199,6 @@ impl<D: Device + 'static> Port<D> {
         slot.waker = None;
         slot.result = None;
         self.free_slots.borrow_mut().push(index);
-        self.slots_busy.set(self.slots_busy.get() - 1);
     }
 
     /// Pushes a request to shard `to` under the shutdown protocol (invariant 4). `Ok(false)`
