@@ -412,22 +412,7 @@ async fn client_future(
     let mut copy = vec![0u8; client.block_size()];
     let mut resumed = None;
     while let Some((op, start)) = worker.next_polled(resumed).await {
-        let b = op.block;
-        let done: Result<()> = async {
-            if op.kind != OpKind::Write {
-                let data = client.read(b).await?;
-                ctl.judge(b, &data)?;
-            }
-            if op.writes() {
-                let version = ctl.begin_write(b);
-                block::stamp(&mut copy, b, version);
-                client.write(b, &copy).await?;
-                ctl.end_write(b, version);
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = done {
+        if let Err(e) = client_op(client, ctl, op, &mut copy).await {
             ctl.stop();
             return Err(e);
         }
@@ -455,7 +440,7 @@ fn client_thread(
     let mut copy = vec![0u8; client.block_size()];
     let mut resumed = None;
     while let Some((op, start)) = worker.next_blocking(resumed) {
-        let done = client_op(client, &ctl, op, &mut copy);
+        let done = futures_lite::future::block_on(client_op(client, &ctl, op, &mut copy));
         if let Err(e) = done {
             ctl.stop();
             return Err(e);
@@ -470,16 +455,18 @@ fn client_thread(
     Ok(recorder.finish())
 }
 
-fn client_op(client: &Client, ctl: &Control, op: Op, copy: &mut [u8]) -> Result<()> {
+/// One operation through `Client` (a copy each way); the blocking thread runs it with
+/// `block_on`, the async driver awaits it.
+async fn client_op(client: &Client, ctl: &Control, op: Op, copy: &mut [u8]) -> Result<()> {
     let b = op.block;
     if op.kind != OpKind::Write {
-        let data = client.read_blocking(b)?;
+        let data = client.read(b).await?;
         ctl.judge(b, &data)?;
     }
     if op.writes() {
         let version = ctl.begin_write(b);
         block::stamp(copy, b, version);
-        client.write_blocking(b, copy)?;
+        client.write(b, copy).await?;
         ctl.end_write(b, version);
     }
     Ok(())

@@ -4,7 +4,8 @@
 //!
 //! Before parking it polls its ready list for [`SPIN_BEFORE_PARK`], yielding its core between
 //! looks: a busy runtime finds its next wake-up that way, and waking a parked thread costs tens
-//! of µs on a VM, which would otherwise dominate the latency of one call in flight.
+//! of µs on a VM (the `Client` at one in flight measured 17 µs at p50 before the driver polled
+//! first), which would otherwise dominate the latency of one call in flight.
 
 use std::future::Future;
 use std::pin::Pin;
