@@ -385,6 +385,9 @@ impl Worker {
         let mut resumed = resumed;
         while !self.stream.claim(op.block) {
             resumed = None;
+            // As `next_blocking`: give the core to the thread that holds the claim (a shard
+            // serving it) before trying again; the other futures run meanwhile.
+            std::thread::yield_now();
             futures_lite::future::yield_now().await;
         }
         self.claimed = Some(op.block);
