@@ -73,6 +73,15 @@ impl ClientCall {
 }
 
 impl<D: Device + 'static> Mesh<D> {
+    /// Why shard `to`'s closed ingress refused a call: it died, or the engine is stopping.
+    fn refusal(&self, to: usize) -> Error {
+        if self.is_dead(to) {
+            Error::ShardFailed { shard: to }
+        } else {
+            Error::ShutDown
+        }
+    }
+
     /// Sends a client's request to shard `to`, waiting while its ingress is full.
     pub(super) async fn client_push(&self, to: usize, mut request: ClientRequest<D>) -> Result<()> {
         loop {
@@ -82,15 +91,10 @@ impl<D: Device + 'static> Mesh<D> {
                     return Ok(());
                 }
                 Err(PushError::Closed(back)) => {
-                    let shard_died = self.is_dead(to);
                     if let Some(mut responder) = back.call {
                         responder.answered = true; // the caller gets the error below instead
                     }
-                    return Err(if shard_died {
-                        Error::ShardFailed { shard: to }
-                    } else {
-                        Error::ShutDown
-                    });
+                    return Err(self.refusal(to));
                 }
                 Err(PushError::Full(back)) => {
                     request = back;
@@ -142,8 +146,7 @@ impl<D: Device + 'static> Mesh<D> {
                 self.doorbells[to].ring();
                 Ok(())
             }
-            Err(PushError::Closed(_)) if self.is_dead(to) => Err(Error::ShardFailed { shard: to }),
-            Err(PushError::Closed(_)) => Err(Error::ShutDown),
+            Err(PushError::Closed(_)) => Err(self.refusal(to)),
             Err(PushError::Full(_)) => Ok(()),
         }
     }
