@@ -172,7 +172,8 @@ async fn rename(kv: &Rc<KvShard>, src: &[u8], dst: &[u8], nx: bool) -> Result<Ve
         OpOut::Done(false) => return Ok(done(false)),
         other => return Err(format!("ERR internal: unexpected {other:?}")),
     }
-    run_one(kv, Op::Update(src.to_vec(), Update::DelIf(entry.value, entry.expires))).await?;
+    let del_if = Box::new(Update::DelIf(entry.value, entry.expires));
+    run_one(kv, Op::Update(src.to_vec(), del_if)).await?;
     Ok(done(true))
 }
 

@@ -37,8 +37,8 @@ pub enum Op {
     /// A read of one key (TTL, TYPE, STRLEN, GETRANGE, ...).
     Read(Vec<u8>, Read),
     /// A read-modify-write of one key, atomic under its bucket lock (INCR, APPEND, EXPIRE,
-    /// SET ... GET, ...).
-    Update(Vec<u8>, Update),
+    /// SET ... GET, ...). Boxed: an `Op` stays as small as a GET's inline key needs.
+    Update(Vec<u8>, Box<Update>),
 }
 
 impl Op {
@@ -56,6 +56,9 @@ impl Op {
         matches!(self, Op::Set(..) | Op::Del(..) | Op::Update(..))
     }
 }
+
+// Batches move operations around: the rarer ones must not make every GET's larger.
+const _: () = assert!(std::mem::size_of::<Op>() <= 64);
 
 /// Bytes of a key kept inside a [`Key`] without a heap allocation.
 const KEY_INLINE_BYTES: usize = 46;
