@@ -369,6 +369,11 @@ pub struct KvShard {
     log_buf: RefCell<Vec<u8>>,
     /// The next bucket id the expiry sweep visits.
     sweep_cursor: Cell<u64>,
+    /// The sweep rests: its last full pass found no key with an expiry on this shard, and none
+    /// was written since. An idle server then reads nothing (each start makes one pass).
+    sweep_idle: Cell<bool>,
+    /// A key with an expiry was seen or written during the sweep's current pass.
+    sweep_pass_volatile: Cell<bool>,
 }
 
 impl fmt::Debug for KvShard {
@@ -517,6 +522,8 @@ impl KvShard {
             replaying: Cell::new(false),
             log_buf: RefCell::new(Vec::new()),
             sweep_cursor: Cell::new(0),
+            sweep_idle: Cell::new(false),
+            sweep_pass_volatile: Cell::new(false),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&kv)));
         glommio::spawn_local(Rc::clone(&kv).committer_loop()).detach();
@@ -832,6 +839,11 @@ impl KvShard {
         if self.frozen.get() {
             return Err(KvError::ShuttingDown);
         }
+        if expires != 0 {
+            // The sweep has a key to watch again (replay comes through here too).
+            self.sweep_idle.set(false);
+            self.sweep_pass_volatile.set(true);
+        }
         let sess = self.shard.partition().session().await;
         let (chain, hits) = self.walk(&sess, loc, key, false).await?;
         let existed = !hits.is_empty();
@@ -1130,10 +1142,22 @@ impl KvShard {
 
     /// One tick of the sweep: visits buckets from the cursor until the budget is spent.
     async fn sweep_tick(&self) -> KvResult<()> {
+        if self.sweep_idle.get() {
+            return Ok(());
+        }
         let (mut budget, mut deleted) = (SWEEP_BUDGET_PER_TICK, 0);
         // Every visit costs at least 1: at most SWEEP_BUDGET_PER_TICK buckets per tick.
         while budget > 0 && deleted < SWEEP_DELETES_PER_TICK {
-            let Some(id) = self.next_owned_bucket(self.sweep_cursor.get()) else { break };
+            let from = self.sweep_cursor.get();
+            let Some(id) = self.next_owned_bucket(from) else { break };
+            if id < from {
+                // A pass ended. Without a key with an expiry in it, rest until one is written.
+                if !self.sweep_pass_volatile.replace(false) {
+                    self.sweep_idle.set(true);
+                    self.sweep_cursor.set(0);
+                    return Ok(());
+                }
+            }
             self.sweep_cursor.set(id + 1);
             let loc = Self::bucket_loc(id / BUCKETS_PER_RANGE, id % BUCKETS_PER_RANGE);
             let cached = self.shard.partition().get(loc.head).is_some();
@@ -1142,6 +1166,9 @@ impl KvShard {
             c.sweep_buckets.set(c.sweep_buckets.get() + 1);
             let now = now_ms();
             for (key, expires) in self.bucket_keys(&loc).await? {
+                if expires != 0 {
+                    self.sweep_pass_volatile.set(true);
+                }
                 if expired(expires, now) {
                     // Under the write lock: deleted only if still expired then.
                     self.update(&key, |_, _| (Write::Keep, ())).await?;

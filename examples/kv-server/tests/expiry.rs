@@ -157,7 +157,8 @@ fn the_sweep_deletes_expired_keys_nobody_touches() {
     let mut c = server.client();
     let cmds: Vec<Vec<Vec<u8>>> = (0..300)
         .map(|i| {
-            let ms = if i % 3 == 0 { "600000" } else { "200" };
+            // 1.5 s: long enough that DBSIZE below still counts them on a loaded machine.
+            let ms = if i % 3 == 0 { "600000" } else { "1500" };
             ["SET", &format!("s{i}"), "v", "PX", ms].map(|a| a.as_bytes().to_vec()).to_vec()
         })
         .collect();
@@ -170,6 +171,35 @@ fn the_sweep_deletes_expired_keys_nobody_touches() {
     assert_eq!(info_field(&info, "expired_keys"), 200);
     assert!(info_field(&info, "expire_sweep_buckets") > 0);
     assert_eq!(c.cmds(&["EXISTS", "s0", "s3", "s1"]), Reply::Int(2));
+    server.shutdown();
+}
+
+#[test]
+fn the_sweep_rests_without_keys_that_expire_and_wakes_for_one() {
+    let dir = scratch("expire-sweep-rest");
+    // 8 MiB: 7 data ranges of 64 buckets, so one pass over a shard's buckets takes seconds.
+    let server = Server::start(&dir.path().join("data"), &["--size", "8M", "--shards", "2"]);
+    let mut c = server.client();
+    assert_eq!(c.cmds(&["SET", "plain", "no expiry"]), ok());
+    let swept = |c: &mut Client| info_field(&c.cmds(&["INFO", "stats"]), "expire_sweep_buckets");
+    // The start's pass visits every bucket once (7 × 64 over the two shards), then rests.
+    let mut last = swept(&mut c);
+    let rested = eventually(Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = swept(&mut c);
+        let still = now == last && now >= 7 * 64;
+        last = now;
+        still
+    });
+    assert!(rested, "the sweep kept visiting buckets: {last}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(swept(&mut c), last, "a resting sweep visits nothing (and reads nothing)");
+    // A key with an expiry wakes it, and nobody but the sweep deletes it.
+    assert_eq!(c.cmds(&["SET", "brief", "v", "PX", "100"]), ok());
+    let gone = eventually(Duration::from_secs(30), || c.cmds(&["DBSIZE"]) == Reply::Int(1));
+    assert!(gone, "the sweep woke and deleted the expired key");
+    assert!(swept(&mut c) > last);
+    assert_eq!(info_field(&c.cmds(&["INFO", "stats"]), "expired_keys"), 1);
     server.shutdown();
 }
 
