@@ -358,12 +358,25 @@ pub fn info_field(info: &Reply, field: &str) -> u64 {
 }
 
 /// `n` distinct ports that were free a moment ago on 127.0.0.1 (bound to port 0 together,
-/// then released), for servers that must know each other's port before they start.
+/// then released), for servers that must know each other's port before they start. A port
+/// is handed out once per test process: tests run in parallel, and two servers given the same
+/// port before either listens would share it (SO_REUSEPORT) without noticing.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners.iter().map(|l| l.local_addr().expect("local address").port()).collect()
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().expect("the port list");
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        assert!(held.len() < 1000, "no free loopback ports left");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("local address").port();
+        held.push(listener); // held until all are chosen: no port twice in this call
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// The path of an outside program (searched on PATH, then in the sbin directories where
