@@ -189,13 +189,10 @@ pub fn current() -> Option<&'static Cluster> {
     CLUSTER.get()
 }
 
-/// `host:port` with an IPv6 host in brackets.
+/// `host:port`, without brackets around an IPv6 host: Redis writes MOVED and CLUSTER NODES
+/// so, and clients split at the last `:`.
 fn address(node: &Node) -> String {
-    if node.host.contains(':') {
-        format!("[{}]:{}", node.host, node.port)
-    } else {
-        format!("{}:{}", node.host, node.port)
-    }
+    format!("{}:{}", node.host, node.port)
 }
 
 /// In cluster mode, the error that answers `argv` instead of running it here (see
