@@ -67,43 +67,52 @@ pub fn compare(title: &str, settings: &Settings, env: &Env) -> Result<Comparison
     .exclusive(settings.verify)
     .ring(settings.ring_ops);
     let versions = settings.verify.then(|| Arc::new(Versions::new(settings.dataset_blocks)));
-    let mut sides = Vec::new();
-    eprintln!("corebuf ...");
-    let mut core =
-        runners::corebuf::run(settings, &dataset, &plan, versions.clone(), Access::Read)?;
-    lru_simulation(settings, &plan, &mut core)?;
-    sides.push(core);
-    if settings.corebuf_get {
-        eprintln!("corebuf-get ...");
-        sides.push(runners::corebuf::run(
-            settings,
-            &dataset,
-            &plan,
-            versions.clone(),
-            Access::Get,
-        )?);
-    }
-    for baseline in &settings.baselines {
-        let side = match baseline {
-            Baseline::Raw => {
-                eprintln!("raw io_uring ...");
-                runners::raw::run(settings, &dataset, &plan, versions.clone())?
-            }
-            Baseline::Pread => {
-                eprintln!("pread ...");
-                runners::pread::run(settings, &dataset, &plan, versions.clone())?
-            }
-            Baseline::Lru => {
-                eprintln!("mutex-lru ...");
-                runners::lru::run(settings, &dataset, &plan, versions.clone())?
-            }
-            Baseline::None => continue,
-        };
-        sides.push(side);
-        if *baseline == Baseline::Raw && settings.fio {
-            run_fio(settings, &dataset, &mut sides, &mut notes);
+    let rounds = settings.rounds.unwrap_or(1).max(1);
+    let mut done: Vec<(Option<f64>, Vec<SideReport>)> = Vec::new();
+    for round in 0..rounds {
+        if rounds > 1 {
+            eprintln!("round {} of {rounds}", round + 1);
         }
+        // Odd rounds run the baselines first, so a disk that speeds up or slows down over
+        // the run favours no side.
+        let baselines_first = round % 2 == 1;
+        let mut others = Vec::new();
+        if baselines_first {
+            run_baselines(settings, &dataset, &plan, &versions, &mut others, &mut notes)?;
+        }
+        let mut sides = run_corebuf(settings, &dataset, &plan, &versions)?;
+        if !baselines_first {
+            run_baselines(settings, &dataset, &plan, &versions, &mut others, &mut notes)?;
+        }
+        sides.extend(others);
+        let key = round_key(&sides);
+        if rounds > 1 {
+            if let Some((what, value)) = &key {
+                eprintln!("  round {}: {what} {value:.2}x", round + 1);
+            }
+        }
+        done.push((key.map(|(_, v)| v), sides));
     }
+    let sides = if rounds == 1 {
+        done.pop().map(|(_, sides)| sides).unwrap_or_default()
+    } else {
+        let what = done
+            .first()
+            .and_then(|(_, sides)| round_key(sides))
+            .map(|(what, _)| what)
+            .unwrap_or_else(|| "corebuf ops/s".into());
+        let values: Vec<String> =
+            done.iter().map(|(v, _)| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"))).collect();
+        done.sort_by(|a, b| a.0.unwrap_or(0.0).total_cmp(&b.0.unwrap_or(0.0)));
+        notes.push(format!(
+            "{rounds} rounds on the same dataset, corebuf and the baselines in turn (corebuf \
+             first in odd rounds, last in even ones); {what} per round: {}; the table shows \
+             the median round",
+            values.join(", ")
+        ));
+        let median = done.len() / 2;
+        done.swap_remove(median).1
+    };
     if settings.fio && !settings.baselines.contains(&Baseline::Raw) {
         notes.push("--fio runs beside the raw baseline, which this comparison does not run".into());
     }
@@ -120,6 +129,75 @@ pub fn compare(title: &str, settings: &Settings, env: &Env) -> Result<Comparison
         sides,
         ratios,
         notes,
+    })
+}
+
+/// The corebuf sides of one round (`corebuf`, and `corebuf-get` when asked for).
+fn run_corebuf(
+    settings: &Settings,
+    dataset: &Dataset,
+    plan: &Plan,
+    versions: &Option<Arc<Versions>>,
+) -> Result<Vec<SideReport>> {
+    eprintln!("corebuf ...");
+    let mut core = runners::corebuf::run(settings, dataset, plan, versions.clone(), Access::Read)?;
+    lru_simulation(settings, plan, &mut core)?;
+    let mut sides = vec![core];
+    if settings.corebuf_get {
+        eprintln!("corebuf-get ...");
+        sides.push(runners::corebuf::run(settings, dataset, plan, versions.clone(), Access::Get)?);
+    }
+    Ok(sides)
+}
+
+/// Every baseline of one round, appended to `sides`.
+fn run_baselines(
+    settings: &Settings,
+    dataset: &Dataset,
+    plan: &Plan,
+    versions: &Option<Arc<Versions>>,
+    sides: &mut Vec<SideReport>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    for baseline in &settings.baselines {
+        let side = match baseline {
+            Baseline::Raw => {
+                eprintln!("raw io_uring ...");
+                runners::raw::run(settings, dataset, plan, versions.clone())?
+            }
+            Baseline::Pread => {
+                eprintln!("pread ...");
+                runners::pread::run(settings, dataset, plan, versions.clone())?
+            }
+            Baseline::Lru => {
+                eprintln!("mutex-lru ...");
+                runners::lru::run(settings, dataset, plan, versions.clone())?
+            }
+            Baseline::None => continue,
+        };
+        sides.push(side);
+        if *baseline == Baseline::Raw && settings.fio {
+            run_fio(settings, dataset, sides, notes);
+        }
+    }
+    Ok(())
+}
+
+/// What orders the rounds of a comparison: corebuf's device IOPS over the raw baseline's
+/// where there is one (the miss and write targets), else corebuf's ops/s over the first
+/// baseline's.
+fn round_key(sides: &[SideReport]) -> Option<(String, f64)> {
+    let core = sides.first()?;
+    if let Some(raw) = sides.iter().find(|s| s.side == "raw-io_uring") {
+        if let (Some(c), Some(r)) = (core.device_iops, raw.device_iops) {
+            if r > 0.0 {
+                return Some(("corebuf device IOPS / raw-io_uring IOPS".into(), c / r));
+            }
+        }
+    }
+    let other = sides.iter().find(|s| !s.side.starts_with("corebuf"))?;
+    (other.ops_per_sec > 0.0).then(|| {
+        (format!("corebuf ops/s / {} ops/s", other.side), core.ops_per_sec / other.ops_per_sec)
     })
 }
 

@@ -253,6 +253,11 @@ pub struct Args {
     /// (falling back to the async read on a miss). Local path only.
     #[arg(long)]
     pub corebuf_get: bool,
+    /// Run corebuf and the baselines this many times in turn on the same dataset (corebuf
+    /// first, then the baselines first, alternating) and report the median round: a shared
+    /// disk's speed drifts within seconds. Default 1 (5 for `--scenario miss`).
+    #[arg(long)]
+    pub rounds: Option<usize>,
 }
 
 /// How much memory the pread baseline's page cache may use.
@@ -343,6 +348,8 @@ pub struct Settings {
     pub pread_memory: PreadMemory,
     /// Whether the side `corebuf-get` runs too.
     pub corebuf_get: bool,
+    /// Alternating rounds of every side (`None`: 1, or the scenario's own).
+    pub rounds: Option<usize>,
 }
 
 /// A trace to replay.
@@ -435,6 +442,9 @@ impl Settings {
         if self.corebuf_get && self.path_mode != PathMode::Local {
             return usage("--corebuf-get needs --path-mode local (get reaches the own partition)");
         }
+        if self.rounds == Some(0) {
+            return usage("--rounds 0: give at least 1");
+        }
         if self.sample_every == 0 {
             return usage("--sample-every 0: give 1 to time every operation");
         }
@@ -525,6 +535,7 @@ pub fn settings_from(args: &Args, host: &Host) -> Result<Settings> {
         sample_every: args.sample_every,
         pread_memory: args.pread_memory,
         corebuf_get: args.corebuf_get,
+        rounds: args.rounds,
     };
     Ok(settings)
 }

@@ -30,11 +30,12 @@ fn is_empty(dir: &Path) -> bool {
 #[test]
 fn bad_arguments_fail_fast_with_a_clear_message_and_write_nothing() {
     let dir = scratch();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--cache", "100T", "--dataset", "200T"], "MemAvailable"),
         (&["--dataset", "0"], "dataset is empty"),
         (&["--shards", "0"], "at least one shard"),
         (&["--theta", "1.5"], "0 < θ < 1"),
+        (&["--rounds", "0"], "--rounds 0"),
     ];
     for (args, expected) in cases {
         let out = bench(dir.path(), args);
@@ -110,6 +111,73 @@ fn a_verified_smoke_run_reports_every_side_in_json() {
     let left: Vec<_> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, ["report.json"]);
+}
+
+#[test]
+fn rounds_alternate_the_sides_and_report_the_median_round() {
+    let dir = scratch();
+    let json = dir.path().join("report.json");
+    let out = bench(
+        dir.path(),
+        &[
+            "--smoke",
+            "--baselines",
+            "raw",
+            "--duration",
+            "0.3",
+            "--rounds",
+            "3",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Round 2 runs the baseline first.
+    let err = stderr(&out);
+    let order: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("corebuf ...") || l.starts_with("raw io_uring ..."))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "corebuf ...",
+            "raw io_uring ...",
+            "raw io_uring ...",
+            "corebuf ...",
+            "corebuf ...",
+            "raw io_uring ..."
+        ],
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let c = &report["comparisons"][0];
+    let names: Vec<&str> =
+        c["sides"].as_array().unwrap().iter().map(|s| s["side"].as_str().unwrap()).collect();
+    assert_eq!(names, ["corebuf", "raw-io_uring"], "corebuf stays first whatever ran first");
+    let note = c["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .find(|n| n.starts_with("3 rounds"))
+        .unwrap_or_else(|| panic!("a note lists the rounds: {c}"));
+    // The three per-round ratios, and the table's ratio is their median.
+    let per_round: Vec<f64> = note
+        .split("per round: ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .unwrap()
+        .split(", ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(per_round.len(), 3, "{note}");
+    let mut sorted = per_round.clone();
+    sorted.sort_by(f64::total_cmp);
+    let sides = c["sides"].as_array().unwrap();
+    let shown =
+        sides[0]["device_iops"].as_f64().unwrap() / sides[1]["device_iops"].as_f64().unwrap();
+    assert!((shown - sorted[1]).abs() < 0.006, "table {shown:.3} vs median {}: {note}", sorted[1]);
 }
 
 #[test]

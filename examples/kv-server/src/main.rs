@@ -11,8 +11,11 @@
 //! ```
 
 mod cluster;
+mod cmds;
 mod cmdtable;
 mod format;
+mod glob;
+mod keyspace;
 mod lock;
 mod logrec;
 mod resp;
