@@ -10,7 +10,9 @@
 //! redis-cli -p 7379 set greeting hello
 //! ```
 
+mod cluster;
 mod cmds;
+mod cmdtable;
 mod format;
 mod glob;
 mod keyspace;
@@ -80,6 +82,11 @@ struct Args {
     /// `spin_before_park`): cross-shard messages to a parked shard wait for a thread wake-up.
     #[arg(long, default_value_t = 0)]
     spin_us: u64,
+    /// Cluster mode: every node of a static Redis Cluster, `HOST:PORT,HOST:PORT,...` (the same
+    /// list on each node). The 16384 slots are split evenly over them in this order; this node
+    /// is the one at --bind and --port (which must not be 0).
+    #[arg(long)]
+    cluster_nodes: Option<String>,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -251,6 +258,19 @@ fn run(args: Args) -> Result<(), String> {
     }
     // Every shard binds the port with SO_REUSEPORT, which would also let a second server
     // share it silently: first make sure nobody listens there.
+    if let Some(list) = &args.cluster_nodes {
+        let layout = cluster::Cluster::parse(list, &args.bind, args.port)?;
+        let me = layout.myself();
+        log(format!(
+            "cluster mode: node {} of {}, slots {}-{}, id {}",
+            layout.me + 1,
+            layout.nodes.len(),
+            me.slots.start,
+            me.slots.end.saturating_sub(1),
+            me.id
+        ));
+        cluster::install(layout)?;
+    }
     probe_port(&args.bind, args.port)?;
     create_if_absent(&args.path, args.size)?;
     let file = OpenOptions::new()

@@ -692,6 +692,12 @@ impl Conn {
             let n = String::from_utf8_lossy(name).into_owned();
             arity_error_named(this, &n)
         };
+        // Cluster mode: a key of another node's slot is redirected, keys of several slots are
+        // refused (before the command runs, as Redis does).
+        if let Some(e) = crate::cluster::redirect(argv) {
+            self.push_raw(|out| resp::error(out, &e));
+            return Flow::Continue;
+        }
         match name {
             b"get" => {
                 if args.len() != 1 {
@@ -792,7 +798,12 @@ impl Conn {
                 [_] => self.push_raw(|out| resp::error(out, "ERR DB index is out of range")),
                 _ => return arity_error(self),
             },
-            b"command" => self.push_raw(|out| resp::array(out, 0)),
+            b"command" => self.push_raw(|out| crate::cmdtable::reply(out, args)),
+            b"cluster" | b"readonly" | b"readwrite" | b"asking" => {
+                self.run_batch().await;
+                let reply = crate::cluster::command(&self.kv, name, args).await;
+                self.wbuf.extend_from_slice(&reply);
+            }
             b"config" => {
                 let sub = args.first().map(|s| s.to_ascii_lowercase());
                 match sub.as_deref() {
@@ -1002,9 +1013,10 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
     if want("server") {
         let _ = write!(
             s,
-            "# Server\r\nredis_version:7.0.0\r\ncorebuf_kv_version:{}\r\nredis_mode:standalone\r\n\
+            "# Server\r\nredis_version:7.0.0\r\ncorebuf_kv_version:{}\r\nredis_mode:{}\r\n\
              process_id:{}\r\nuptime_in_seconds:{}\r\nshards:{}\r\nexecutor:glommio thread-per-core\r\n\r\n",
             env!("CARGO_PKG_VERSION"),
+            crate::cluster::mode_name(),
             std::process::id(),
             geo.started.elapsed().as_secs(),
             parts.len()
@@ -1079,6 +1091,9 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
             sum(|p| p.records_repaired),
             sum(|p| p.free_blocks_loaded),
         );
+    }
+    if want("cluster") {
+        s.push_str(&crate::cluster::info_section());
     }
     if want("cache") || want("corebuf") {
         let (hits, misses) = (sum(|p| p.cache_hits), sum(|p| p.cache_misses));

@@ -33,6 +33,8 @@ use crate::lock::BucketLocks;
 use crate::logrec;
 use crate::stop::StopSignal;
 
+mod keys_walk;
+
 /// A session of this shard's cache partition.
 type Sess = Session<DmaDevice>;
 

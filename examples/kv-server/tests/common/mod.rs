@@ -43,10 +43,16 @@ impl Server {
 
     /// Starts a server; `Err(stderr)` if it exits before listening.
     pub fn try_start(path: &Path, args: &[&str]) -> Result<Server, String> {
+        Server::try_start_on(path, 0, args)
+    }
+
+    /// Starts a server on 127.0.0.1:`port` (0: any free port); `Err(stderr)` if it exits
+    /// before listening.
+    pub fn try_start_on(path: &Path, port: u16, args: &[&str]) -> Result<Server, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_corebuf-kv"))
             .arg("--path")
             .arg(path)
-            .args(["--port", "0", "--bind", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -349,4 +355,45 @@ pub fn info_field(info: &Reply, field: &str) -> u64 {
         .trim()
         .parse()
         .expect("an integer field")
+}
+
+/// `n` distinct ports that were free a moment ago on 127.0.0.1 (bound to port 0 together,
+/// then released), for servers that must know each other's port before they start. A port
+/// is handed out once per test process: tests run in parallel, and two servers given the same
+/// port before either listens would share it (SO_REUSEPORT) without noticing.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().expect("the port list");
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        assert!(held.len() < 1000, "no free loopback ports left");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("local address").port();
+        held.push(listener); // held until all are chosen: no port twice in this call
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+/// The path of an outside program (searched on PATH, then in the sbin directories where
+/// Debian puts daemons such as nutcracker), or `None` after printing why the caller skips.
+pub fn outside_tool(name: &str, why: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+    }
+    eprintln!(
+        "SKIPPED {why}: {name} is not installed (examples/kv-server/scripts/install-clients.sh \
+         installs it)"
+    );
+    None
 }
