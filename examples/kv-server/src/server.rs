@@ -661,7 +661,7 @@ impl Conn {
         resp::integer(&mut out, 2);
         resp::bulk(&mut out, b"id");
         resp::integer(&mut out, self.id as i64);
-        for (k, v) in [("mode", "standalone"), ("role", "master")] {
+        for (k, v) in [("mode", crate::cluster::mode_name()), ("role", "master")] {
             resp::bulk(&mut out, k.as_bytes());
             resp::bulk(&mut out, v.as_bytes());
         }

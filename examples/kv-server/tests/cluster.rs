@@ -65,6 +65,13 @@ impl Cluster {
     }
 }
 
+/// The `mode` field of `HELLO 2`'s server map.
+fn hello_mode(c: &mut common::Client) -> String {
+    let Reply::Array(map) = c.cmds(&["HELLO", "2"]) else { panic!("HELLO answers a map") };
+    let at = map.iter().position(|r| r == &common::bulk("mode")).expect("a mode field");
+    text(map[at + 1].clone())
+}
+
 fn text(reply: Reply) -> String {
     String::from_utf8(reply.bytes().expect("a bulk reply")).expect("utf-8")
 }
@@ -160,6 +167,7 @@ fn every_node_describes_the_same_layout() {
             assert!(info.contains(line), "{line} in\n{info}");
         }
         assert!(text(c.cmds(&["INFO", "cluster"])).contains("cluster_enabled:1"));
+        assert!(hello_mode(&mut c) == "cluster", "HELLO says how the node runs");
         let myid = text(c.cmds(&["CLUSTER", "MYID"]));
         assert!(myid.len() == 40 && myid.bytes().all(|b| b.is_ascii_hexdigit()), "{myid}");
 
@@ -248,6 +256,7 @@ fn a_node_must_be_in_its_list_and_on_a_fixed_port() {
         Reply::Error("ERR This instance has cluster support disabled".into())
     );
     assert!(text(c.cmds(&["INFO"])).contains("cluster_enabled:0"));
+    assert_eq!(hello_mode(&mut c), "standalone");
     assert!(c.cmds(&["CLUSTER", "KEYSLOT", "foo"]).is_error_with("disabled"));
 }
 
