@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{bulk, free_ports, ok, outside_tool, scratch, Reply, Server};
+use common::{bulk, free_ports, ok, outside_tool, scratch, three_nodes, Reply, Server};
 
 /// CRC16-XMODEM, written again here so the test does not trust the server's copy.
 fn key_slot(key: &str) -> u16 {
@@ -37,21 +37,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(name: &str, shards: &str) -> Cluster {
+    fn start(name: &str, shards: usize) -> Cluster {
         let dir = scratch(name);
-        let ports = free_ports(3);
-        let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let list = list.join(",");
-        let nodes = ports
-            .iter()
-            .map(|&port| {
-                let path = dir.path().join(format!("node-{port}"));
-                let args = ["--size", "8M", "--shards", shards, "--cache-bytes", "2M"];
-                let args: Vec<&str> = args.into_iter().chain(["--cluster-nodes", &list]).collect();
-                Server::try_start_on(&path, port, &args)
-                    .unwrap_or_else(|e| panic!("node {port} did not start: {e}"))
-            })
-            .collect();
+        let (nodes, ports) = three_nodes(dir.path(), true, shards);
         Cluster { nodes, ports, _dir: dir }
     }
 
@@ -78,7 +66,7 @@ fn text(reply: Reply) -> String {
 
 #[test]
 fn keys_are_served_by_their_slot_owner_and_redirected_elsewhere() {
-    let cluster = Cluster::start("cluster-moved", "2");
+    let cluster = Cluster::start("cluster-moved", 2);
     let mut clients: Vec<_> = cluster.nodes.iter().map(Server::client).collect();
     let mut seen_owner = [false; 3];
     for i in 0..60 {
@@ -157,7 +145,7 @@ fn keys_are_served_by_their_slot_owner_and_redirected_elsewhere() {
 
 #[test]
 fn every_node_describes_the_same_layout() {
-    let cluster = Cluster::start("cluster-layout", "1");
+    let cluster = Cluster::start("cluster-layout", 1);
     let ranges = [(0, 5460), (5461, 10921), (10922, 16383)];
     let mut ids: Option<Vec<String>> = None;
     for (n, server) in cluster.nodes.iter().enumerate() {
@@ -263,7 +251,7 @@ fn a_node_must_be_in_its_list_and_on_a_fixed_port() {
 #[test]
 fn redis_cli_follows_redirects() {
     let Some(cli) = outside_tool("redis-cli", "redis_cli_follows_redirects") else { return };
-    let cluster = Cluster::start("cluster-cli", "1");
+    let cluster = Cluster::start("cluster-cli", 1);
     let run = |port: u16, args: &[&str]| {
         let out = Command::new(&cli)
             .args(["-c", "-h", "127.0.0.1", "-p", &port.to_string()])

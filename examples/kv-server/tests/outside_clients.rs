@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_ports, outside_tool, scratch, Client, Reply, Server};
+use common::{free_ports, outside_tool, scratch, three_nodes, Client, Reply, Server};
 
 /// Every operation the model script drives, each checked against its model: the server must
 /// serve them all.
@@ -85,25 +85,6 @@ fn run_model(python: &Path, port: u16, mode: &str, seed: u64, commands: &str) {
     assert!(stdout.contains("2000 operations checked"), "{stdout}");
 }
 
-/// Three plain nodes, or the three nodes of a cluster, on free loopback ports.
-fn three_nodes(dir: &Path, cluster: bool) -> (Vec<Server>, Vec<u16>) {
-    let ports = free_ports(3);
-    let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let list = list.join(",");
-    let nodes = ports
-        .iter()
-        .map(|&port| {
-            let mut args = vec!["--size", "8M", "--shards", "1", "--cache-bytes", "2M"];
-            if cluster {
-                args.extend(["--cluster-nodes", &list]);
-            }
-            Server::try_start_on(&dir.join(format!("node-{port}")), port, &args)
-                .unwrap_or_else(|e| panic!("node {port} did not start: {e}"))
-        })
-        .collect();
-    (nodes, ports)
-}
-
 /// redis-benchmark's default test list without the list, set, hash, sorted-set and stream
 /// tests.
 fn redis_benchmark_tests(_: &mut Client) -> String {
@@ -152,7 +133,7 @@ fn redis_benchmark_cluster_mode_spreads_over_three_nodes() {
     let test = "redis_benchmark_cluster_mode_spreads_over_three_nodes";
     let Some(bench) = outside_tool("redis-benchmark", test) else { return };
     let dir = scratch("bench-cluster");
-    let (nodes, ports) = three_nodes(dir.path(), true);
+    let (nodes, ports) = three_nodes(dir.path(), true, 1);
     let mut first = nodes[0].client();
     let tests = redis_benchmark_tests(&mut first);
     let out = run(
@@ -204,7 +185,7 @@ fn redis_py_cluster_client_matches_a_model_on_three_nodes() {
     let test = "redis_py_cluster_client_matches_a_model_on_three_nodes";
     let Some(python) = python_with_redis(test) else { return };
     let dir = scratch("py-cluster");
-    let (nodes, ports) = three_nodes(dir.path(), true);
+    let (nodes, ports) = three_nodes(dir.path(), true, 1);
     let commands = model_commands(&mut nodes[0].client());
     run_model(&python, ports[2], "cluster", 2, &commands);
     for node in &nodes {
@@ -229,7 +210,7 @@ fn twemproxy_spreads_keys_over_three_nodes() {
     let Some(nutcracker) = outside_tool("nutcracker", test) else { return };
     let Some(python) = python_with_redis(test) else { return };
     let dir = scratch("twemproxy");
-    let (nodes, ports) = three_nodes(dir.path(), false);
+    let (nodes, ports) = three_nodes(dir.path(), false, 1);
     // The documented configuration, on free ports.
     let [listen, stats] = free_ports(2)[..] else { unreachable!("two ports") };
     let documented = Path::new(env!("CARGO_MANIFEST_DIR")).join("twemproxy/nutcracker.yml");

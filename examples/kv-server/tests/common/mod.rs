@@ -397,3 +397,25 @@ pub fn outside_tool(name: &str, why: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// Three plain nodes, or the three nodes of a cluster (`--cluster-nodes` listing all three in
+/// port order), on free loopback ports, each with `shards` shards and an 8 MiB data file in
+/// `dir`. Returns the nodes and their ports.
+pub fn three_nodes(dir: &Path, cluster: bool, shards: usize) -> (Vec<Server>, Vec<u16>) {
+    let ports = free_ports(3);
+    let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let list = list.join(",");
+    let shards = shards.to_string();
+    let nodes = ports
+        .iter()
+        .map(|&port| {
+            let mut args = vec!["--size", "8M", "--shards", &shards, "--cache-bytes", "2M"];
+            if cluster {
+                args.extend(["--cluster-nodes", &list]);
+            }
+            Server::try_start_on(&dir.join(format!("node-{port}")), port, &args)
+                .unwrap_or_else(|e| panic!("node {port} did not start: {e}"))
+        })
+        .collect();
+    (nodes, ports)
+}
