@@ -23,8 +23,9 @@ pub const MAX_VALUE: usize = 64 << 10;
 
 /// The magic at offset 0 of every block the server writes.
 pub const MAGIC: [u8; 4] = *b"CBKV";
-/// The format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build reads and writes (2: records may carry an expiry; version 1
+/// files are refused with a message saying so).
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Block kinds (byte 6 of the common header).
 pub mod kind {
@@ -50,8 +51,10 @@ pub const RECORD_AREA: usize = BLOCK_SIZE - RECORD_BLOCK_HEADER;
 pub const EXTENT_HEADER: usize = 48;
 /// Value bytes one extent block carries.
 pub const EXTENT_PAYLOAD: usize = BLOCK_SIZE - EXTENT_HEADER;
-/// Fixed bytes of a record before the key.
+/// Fixed bytes of a record before its expiry (if any) and key.
 pub const RECORD_HEADER: usize = 16;
+/// Bytes of a record's expiry field (present when [`rflags::EXPIRES`] is set).
+pub const EXPIRY_BYTES: usize = 8;
 /// An inline record (header + key + value) at most this long stays in the bucket chain;
 /// a longer value goes to extent blocks.
 pub const INLINE_RECORD_MAX: usize = RECORD_AREA / 2;
@@ -62,6 +65,15 @@ pub mod rtype {
     pub const INLINE: u8 = 1;
     /// The value lives in extent blocks listed after the key.
     pub const EXTENTS: u8 = 2;
+}
+
+/// Record flags (byte 1 of a record).
+pub mod rflags {
+    /// An 8-byte absolute expiry (unix milliseconds) follows the record header, before the key.
+    pub const EXPIRES: u8 = 1;
+    /// The bits this build knows; the others (bit 1 is reserved for chunked large values) make
+    /// the record corrupt to this build.
+    pub const KNOWN: u8 = EXPIRES;
 }
 
 /// A format or integrity problem: what is wrong and where.
@@ -366,6 +378,13 @@ impl Superblock {
         }
         let version = get_u16(data, 4);
         if version != FORMAT_VERSION {
+            if version == 1 {
+                return Err(format!(
+                    "the data file has format version 1 (corebuf-kv before key expiry); this \
+                     build reads version {FORMAT_VERSION} only: export the keys with the older \
+                     build (e.g. SCAN + GET with redis-cli) and load them into a new file"
+                ));
+            }
             return Err(format!(
                 "the data file has format version {version}; this build reads version \
                  {FORMAT_VERSION} only"
@@ -494,6 +513,8 @@ pub struct RecordRef {
     pub key: (usize, usize),
     /// Value length.
     pub value_len: usize,
+    /// Absolute expiry, unix milliseconds; 0 when the record has none.
+    pub expires: u64,
     /// Inline value (offset) or extents (tag, block offsets within the range).
     pub body: Body,
 }
@@ -523,14 +544,20 @@ pub fn extent_count(len: usize) -> usize {
     len.div_ceil(EXTENT_PAYLOAD)
 }
 
+/// Bytes of a record before its key: the header, and the expiry field if it has one
+/// (`expires != 0`).
+pub fn record_prefix_len(expires: u64) -> usize {
+    RECORD_HEADER + if expires != 0 { EXPIRY_BYTES } else { 0 }
+}
+
 /// Length of an inline record.
-pub fn inline_record_len(key: usize, value: usize) -> usize {
-    RECORD_HEADER + key + value
+pub fn inline_record_len(key: usize, value: usize, expires: u64) -> usize {
+    record_prefix_len(expires) + key + value
 }
 
 /// Length of an extent record.
-pub fn extent_record_len(key: usize, extents: usize) -> usize {
-    RECORD_HEADER + key + 10 + 2 * extents
+pub fn extent_record_len(key: usize, extents: usize, expires: u64) -> usize {
+    record_prefix_len(expires) + key + 10 + 2 * extents
 }
 
 /// Reads the record block fields of a checked head or overflow block, validating the
@@ -570,17 +597,35 @@ pub fn parse_record(block: u64, data: &[u8], at: usize, end: usize) -> Result<Re
         return Err(corrupt(block, format!("truncated record at offset {at}")));
     }
     let rtype = data[at];
+    let flags = data[at + 1];
     let key_len = get_u16(data, at + 2) as usize;
     let value_len = get_u32(data, at + 4) as usize;
     let version = get_u64(data, at + 8);
-    let key = (at + RECORD_HEADER, key_len);
+    if flags & !rflags::KNOWN != 0 {
+        return Err(corrupt(block, format!("record at {at}: unknown flags {flags:#04x}")));
+    }
+    let expires = if flags & rflags::EXPIRES != 0 {
+        if at + RECORD_HEADER + EXPIRY_BYTES > end {
+            return Err(corrupt(block, format!("truncated record at offset {at}")));
+        }
+        match get_u64(data, at + RECORD_HEADER) {
+            0 => return Err(corrupt(block, format!("record at {at}: expiry flag with time 0"))),
+            t => t,
+        }
+    } else {
+        0
+    };
+    let key_at = at + record_prefix_len(expires);
+    let key = (key_at, key_len);
     if key_len > MAX_KEY || value_len > MAX_VALUE {
         return Err(corrupt(block, format!("record at {at}: key {key_len} / value {value_len}")));
     }
     let (len, body) = match rtype {
-        rtype::INLINE => (inline_record_len(key_len, value_len), Body::Inline(at + 16 + key_len)),
+        rtype::INLINE => {
+            (inline_record_len(key_len, value_len, expires), Body::Inline(key_at + key_len))
+        }
         rtype::EXTENTS => {
-            let meta = at + RECORD_HEADER + key_len;
+            let meta = key_at + key_len;
             if meta + 10 > end {
                 return Err(corrupt(block, format!("truncated extent record at {at}")));
             }
@@ -590,43 +635,57 @@ pub fn parse_record(block: u64, data: &[u8], at: usize, end: usize) -> Result<Re
                 return Err(corrupt(block, format!("extent record at {at}: {n} extents")));
             }
             let list = (0..n).map(|i| get_u16(data, meta + 10 + 2 * i)).collect();
-            (extent_record_len(key_len, n), Body::Extents(tag, list))
+            (extent_record_len(key_len, n, expires), Body::Extents(tag, list))
         }
         other => return Err(corrupt(block, format!("record type {other} at offset {at}"))),
     };
     if at + len > end {
         return Err(corrupt(block, format!("record at {at} overruns the record area")));
     }
-    Ok(RecordRef { offset: at, len, rtype, version, key, value_len, body })
+    Ok(RecordRef { offset: at, len, rtype, version, key, value_len, expires, body })
 }
 
-/// Encodes an inline record.
-pub fn encode_inline(key: &[u8], value: &[u8], version: u64) -> Vec<u8> {
-    let mut r = vec![0u8; inline_record_len(key.len(), value.len())];
-    r[0] = rtype::INLINE;
-    put_u16(&mut r, 2, key.len() as u16);
-    put_u32(&mut r, 4, value.len() as u32);
-    put_u64(&mut r, 8, version);
-    r[16..16 + key.len()].copy_from_slice(key);
-    r[16 + key.len()..].copy_from_slice(value);
+/// Writes a record's header, expiry field and key into `r`; returns where the key ends.
+fn put_record_head(
+    r: &mut [u8],
+    rt: u8,
+    key: &[u8],
+    value_len: usize,
+    version: u64,
+    expires: u64,
+) -> usize {
+    r[0] = rt;
+    r[1] = if expires != 0 { rflags::EXPIRES } else { 0 };
+    put_u16(r, 2, key.len() as u16);
+    put_u32(r, 4, value_len as u32);
+    put_u64(r, 8, version);
+    if expires != 0 {
+        put_u64(r, RECORD_HEADER, expires);
+    }
+    let key_at = record_prefix_len(expires);
+    r[key_at..key_at + key.len()].copy_from_slice(key);
+    key_at + key.len()
+}
+
+/// Encodes an inline record (`expires`: unix milliseconds, 0 for none).
+pub fn encode_inline(key: &[u8], value: &[u8], version: u64, expires: u64) -> Vec<u8> {
+    let mut r = vec![0u8; inline_record_len(key.len(), value.len(), expires)];
+    let at = put_record_head(&mut r, rtype::INLINE, key, value.len(), version, expires);
+    r[at..].copy_from_slice(value);
     r
 }
 
-/// Encodes an extent record.
+/// Encodes an extent record (`expires`: unix milliseconds, 0 for none).
 pub fn encode_extents(
     key: &[u8],
     value_len: usize,
     version: u64,
+    expires: u64,
     tag: u64,
     list: &[u16],
 ) -> Vec<u8> {
-    let mut r = vec![0u8; extent_record_len(key.len(), list.len())];
-    r[0] = rtype::EXTENTS;
-    put_u16(&mut r, 2, key.len() as u16);
-    put_u32(&mut r, 4, value_len as u32);
-    put_u64(&mut r, 8, version);
-    r[16..16 + key.len()].copy_from_slice(key);
-    let meta = 16 + key.len();
+    let mut r = vec![0u8; extent_record_len(key.len(), list.len(), expires)];
+    let meta = put_record_head(&mut r, rtype::EXTENTS, key, value_len, version, expires);
     put_u64(&mut r, meta, tag);
     put_u16(&mut r, meta + 8, list.len() as u16);
     for (i, &b) in list.iter().enumerate() {
@@ -776,16 +835,19 @@ mod tests {
         other[..8].copy_from_slice(b"SQLite f");
         assert!(Superblock::decode(0, &other).unwrap_err().contains("not a corebuf-kv"));
         let mut future = sb.encode();
-        put_u16(&mut future, 4, 2);
-        assert!(Superblock::decode(1, &future).unwrap_err().contains("format version 2"));
+        put_u16(&mut future, 4, 3);
+        assert!(Superblock::decode(1, &future).unwrap_err().contains("format version 3"));
+        let mut old = sb.encode();
+        put_u16(&mut old, 4, 1);
+        assert!(Superblock::decode(1, &old).unwrap_err().contains("before key expiry"));
     }
 
     #[test]
     fn record_blocks_append_parse_and_remove() {
         let mut data = vec![0u8; BLOCK_SIZE];
         init_record_block(&mut data, kind::HEAD, 300, 0, 17);
-        let a = encode_inline(b"alpha", b"one", 10);
-        let b = encode_extents(b"beta", 9000, 11, 0xABCD, &[70, 71, 72]);
+        let a = encode_inline(b"alpha", b"one", 10, 0);
+        let b = encode_extents(b"beta", 9000, 11, 0, 0xABCD, &[70, 71, 72]);
         append_record(&mut data, &a);
         append_record(&mut data, &b);
         seal(&mut data);
@@ -834,5 +896,47 @@ mod tests {
         // A wrong length with the right tag is corruption even in the cache.
         put_u32(&mut data, 44, 9000);
         assert!(check_extent(900, &data, 77, 5, 2, 7).is_err());
+    }
+
+    #[test]
+    fn records_with_an_expiry_carry_it_after_the_header() {
+        let expires = 1_700_000_000_123u64;
+        let r = encode_inline(b"key", b"value", 42, expires);
+        assert_eq!(r.len(), 16 + 8 + 3 + 5);
+        assert_eq!(r[0], rtype::INLINE);
+        assert_eq!(r[1], rflags::EXPIRES, "byte 1 is the flags byte, bit 0 = expiry");
+        assert_eq!(&r[16..24], &expires.to_le_bytes(), "little-endian unix ms at offset 16");
+        assert_eq!(&r[24..27], b"key");
+        assert_eq!(&r[27..], b"value");
+        let plain = encode_inline(b"key", b"value", 42, 0);
+        assert_eq!(plain.len(), 16 + 3 + 5);
+        assert_eq!(plain[1], 0, "no expiry: no flag, no field");
+
+        let mut data = vec![0u8; BLOCK_SIZE];
+        init_record_block(&mut data, kind::HEAD, 300, 0, 17);
+        append_record(&mut data, &r);
+        append_record(&mut data, &plain);
+        let ext = encode_extents(b"big", 9000, 43, expires + 1, 0xABCD, &[70, 71, 72]);
+        append_record(&mut data, &ext);
+        seal(&mut data);
+        let rbk = parse_record_block(300, &data, 17).unwrap();
+        let recs = records(300, &data, &rbk).unwrap();
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[0].expires, expires);
+        let Body::Inline(at) = recs[0].body else { panic!("inline") };
+        assert_eq!(&data[at..at + 5], b"value");
+        assert_eq!(&data[recs[0].key.0..recs[0].key.0 + 3], b"key");
+        assert_eq!(recs[1].expires, 0);
+        assert_eq!(recs[2].expires, expires + 1);
+        assert_eq!(&data[recs[2].key.0..recs[2].key.0 + 3], b"big");
+        assert_eq!(recs[2].body, Body::Extents(0xABCD, vec![70, 71, 72]));
+
+        // Flag bits this build does not know (bit 1: chunked values, later) are refused.
+        let mut bad = data.clone();
+        bad[RECORD_BLOCK_HEADER + 1] |= 2;
+        assert!(parse_record(300, &bad, RECORD_BLOCK_HEADER, RECORD_BLOCK_HEADER + r.len())
+            .unwrap_err()
+            .what
+            .contains("unknown flags"));
     }
 }

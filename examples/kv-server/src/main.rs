@@ -10,7 +10,10 @@
 //! redis-cli -p 7379 set greeting hello
 //! ```
 
+mod cmds;
 mod format;
+mod glob;
+mod keyspace;
 mod lock;
 mod logrec;
 mod resp;

@@ -17,29 +17,43 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
+use crate::cmds::{self, Read, Shape, Update};
 use crate::format::{MAX_KEY, MAX_VALUE};
+use crate::keyspace;
 use crate::resp::{self, Parsed};
-use crate::store::{Cond, Fsync, InfoPart, KvShard};
+use crate::store::{self, Cond, Fsync, InfoPart, KvShard};
 
 /// Operations that run on a key's owner shard (everything in them is `Send`).
 #[derive(Debug)]
 pub enum Op {
     /// GET / MGET element.
     Get(Key),
-    /// SET / MSET pair.
-    Set(Vec<u8>, Vec<u8>, Cond),
+    /// SET / MSET pair, with its condition and expiry (unix ms, 0 = none).
+    Set(Vec<u8>, Vec<u8>, Cond, u64),
     /// DEL of one key.
     Del(Vec<u8>),
     /// EXISTS of one key.
     Exists(Vec<u8>),
+    /// A read of one key (TTL, TYPE, STRLEN, GETRANGE, ...).
+    Read(Vec<u8>, Read),
+    /// A read-modify-write of one key, atomic under its bucket lock (INCR, APPEND, EXPIRE,
+    /// SET ... GET, ...).
+    Update(Vec<u8>, Update),
 }
 
 impl Op {
-    fn key(&self) -> &[u8] {
+    /// The key the operation is for (its owner shard runs it).
+    pub fn key(&self) -> &[u8] {
         match self {
             Op::Get(k) => k.as_bytes(),
-            Op::Set(k, _, _) | Op::Del(k) | Op::Exists(k) => k,
+            Op::Set(k, ..) | Op::Del(k) | Op::Exists(k) | Op::Read(k, _) | Op::Update(k, _) => k,
         }
+    }
+
+    /// Whether it may change the key (its answer then waits for the log under `--fsync
+    /// always`).
+    fn writes(&self) -> bool {
+        matches!(self, Op::Set(..) | Op::Del(..) | Op::Update(..))
     }
 }
 
@@ -78,7 +92,7 @@ impl Key {
 }
 
 /// An operation's result.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum OpOut {
     /// A value or nil.
     Value(Option<Vec<u8>>),
@@ -86,38 +100,61 @@ pub enum OpOut {
     Local(Range<usize>),
     /// Whether it took effect (set, deleted, exists).
     Done(bool),
+    /// An integer reply.
+    Int(i64),
+    /// A status reply (`+string`).
+    Status(&'static str),
+    /// A key's value with its expiry (RENAME reads its source with this).
+    Entry(Option<store::Entry>),
     /// An error message (with its `ERR` prefix).
     Err(String),
+}
+
+/// Runs one operation on its owner (this shard). Returns its result and whether it wrote.
+async fn run_op(kv: &KvShard, op: Op) -> OpOut {
+    let result = match op {
+        Op::Get(k) => kv.get(k.as_bytes()).await.map(OpOut::Value),
+        Op::Set(k, v, c, e) => kv.set(&k, &v, e, c).await.map(OpOut::Done),
+        Op::Del(k) => kv.del(&k).await.map(OpOut::Done),
+        Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
+        Op::Read(k, r) => {
+            kv.get_entry(&k).await.map(|e| cmds::read(r, e.as_ref(), store::now_ms()))
+        }
+        Op::Update(k, u) => kv.update(&k, |live, now| cmds::apply(&u, live, now)).await,
+    };
+    result.unwrap_or_else(|e| OpOut::Err(e.to_string()))
+}
+
+/// Under `--fsync always`, waits until the log holds this shard's writes durable; if that
+/// fails, the answers of the writes (`wrote`: their indexes in `out`) become the error.
+async fn commit_writes(kv: &KvShard, out: &mut [OpOut], wrote: &[usize]) {
+    if wrote.is_empty() || kv.geo.fsync != Fsync::Always {
+        return;
+    }
+    // One commit for the group, shared with every other group waiting on this shard.
+    if let Err(e) = kv.log_commit().await {
+        // Never acknowledge what may not be durable.
+        eprintln!("corebuf-kv: shard {}: {e}", kv.shard.id());
+        let failed = format!("ERR {e}");
+        for &i in wrote {
+            if !matches!(out[i], OpOut::Err(_)) {
+                out[i] = OpOut::Err(failed.clone());
+            }
+        }
+    }
 }
 
 /// Runs operations in order on this shard (their owner).
 pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
     let mut out = Vec::with_capacity(ops.len());
-    let mut wrote = false;
+    let mut wrote = Vec::new();
     for op in ops {
-        wrote |= matches!(op, Op::Set(..) | Op::Del(..));
-        let result = match op {
-            Op::Get(k) => kv.get(k.as_bytes()).await.map(OpOut::Value),
-            Op::Set(k, v, c) => kv.set(&k, &v, c).await.map(OpOut::Done),
-            Op::Del(k) => kv.del(&k).await.map(OpOut::Done),
-            Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
-        };
-        out.push(result.unwrap_or_else(|e| OpOut::Err(e.to_string())));
-    }
-    // fsync always: the group's writes are answered once the log has them durable; one
-    // commit for the group, shared with every other group waiting on this shard.
-    if wrote && kv.geo.fsync == Fsync::Always {
-        if let Err(e) = kv.log_commit().await {
-            // Never acknowledge what may not be durable.
-            eprintln!("corebuf-kv: shard {}: {e}", kv.shard.id());
-            let failed = format!("ERR {e}");
-            for o in out.iter_mut() {
-                if matches!(o, OpOut::Done(_)) {
-                    *o = OpOut::Err(failed.clone());
-                }
-            }
+        if op.writes() {
+            wrote.push(out.len());
         }
+        out.push(run_op(&kv, op).await);
     }
+    commit_writes(&kv, &mut out, &wrote).await;
     out
 }
 
@@ -125,34 +162,28 @@ pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
 /// in order. GET values go to `values` (the connection's buffer, reused from batch to batch):
 /// a GET of an inline value whose blocks are cached allocates nothing.
 async fn exec_local(kv: &KvShard, ops: &mut Vec<Op>, out: &mut Vec<OpOut>, values: &mut Vec<u8>) {
-    let mut wrote = false;
+    // Empty (no allocation) unless the batch writes.
+    let mut wrote = Vec::new();
     for op in ops.drain(..) {
-        wrote |= matches!(op, Op::Set(..) | Op::Del(..));
+        if op.writes() {
+            wrote.push(out.len());
+        }
         let result = match op {
             Op::Get(k) => {
                 let start = values.len();
-                kv.get_into(k.as_bytes(), values).await.map(|found| match found {
-                    true => OpOut::Local(start..values.len()),
-                    false => OpOut::Value(None),
-                })
+                kv.get_into(k.as_bytes(), values)
+                    .await
+                    .map(|found| match found {
+                        true => OpOut::Local(start..values.len()),
+                        false => OpOut::Value(None),
+                    })
+                    .unwrap_or_else(|e| OpOut::Err(e.to_string()))
             }
-            Op::Set(k, v, c) => kv.set(&k, &v, c).await.map(OpOut::Done),
-            Op::Del(k) => kv.del(&k).await.map(OpOut::Done),
-            Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
+            op => run_op(kv, op).await,
         };
-        out.push(result.unwrap_or_else(|e| OpOut::Err(e.to_string())));
+        out.push(result);
     }
-    if wrote && kv.geo.fsync == Fsync::Always {
-        if let Err(e) = kv.log_commit().await {
-            eprintln!("corebuf-kv: shard {}: {e}", kv.shard.id());
-            let failed = format!("ERR {e}");
-            for o in out.iter_mut() {
-                if matches!(o, OpOut::Done(_)) {
-                    *o = OpOut::Err(failed.clone());
-                }
-            }
-        }
-    }
+    commit_writes(kv, out, &wrote).await;
 }
 
 /// How to render a reply from operation results.
@@ -163,6 +194,8 @@ enum Item {
     SetReply(usize),
     Count(Range<usize>),
     AllOk(Range<usize>),
+    /// The result as it is (bulk, nil, integer, status or error).
+    Reply(usize),
 }
 
 /// Capacity of the local GET value buffer a connection keeps between batches at most.
@@ -200,13 +233,26 @@ struct Conn {
     local_out: Vec<OpOut>,
     /// Values of the local GETs of the current batch.
     values: Vec<u8>,
+    /// CLIENT ID: unique in the process.
+    id: u64,
+    /// CLIENT SETNAME.
+    name: Option<Vec<u8>>,
+    /// The peer, for CLIENT INFO / LIST.
+    peer: String,
+    /// When the connection was accepted.
+    since: std::time::Instant,
 }
+
+/// The last CLIENT ID given out (ids start at 1, as Redis's).
+static CLIENT_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Binds this shard's listener on `addr` (SO_REUSEPORT: every shard binds the same port) and
 /// spawns its accept loop. Returns the bound address.
 pub fn listen(kv: Rc<KvShard>, addr: &str) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(io::Error::from)?;
     let local = listener.local_addr().map_err(io::Error::from)?;
+    // After the log replay, before the first client: the expiry sweep of this shard.
+    kv.start_sweep();
     glommio::spawn_local(accept_loop(kv, listener)).detach();
     Ok(local)
 }
@@ -257,7 +303,12 @@ async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
                 local_ops: Vec::new(),
                 local_out: Vec::new(),
                 values: Vec::new(),
+                id: CLIENT_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+                name: None,
+                peer: String::new(),
+                since: std::time::Instant::now(),
             };
+            conn.peer = conn.stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             conn.serve().await;
             drop(conn);
             kv2.counters.connections.set(kv2.counters.connections.get() - 1);
@@ -460,15 +511,23 @@ impl Conn {
                     OpOut::Value(Some(v)) => resp::bulk(out, v),
                     OpOut::Value(None) => resp::null(out),
                     OpOut::Err(e) => resp::error(out, e),
-                    OpOut::Done(_) => resp::error(out, "ERR internal: unexpected result"),
+                    _ => resp::error(out, "ERR internal: unexpected result"),
                 },
                 Item::SetReply(i) => match get(i) {
                     OpOut::Done(true) => resp::simple(out, "OK"),
                     OpOut::Done(false) => resp::null(out),
                     OpOut::Err(e) => resp::error(out, e),
-                    OpOut::Value(_) | OpOut::Local(_) => {
-                        resp::error(out, "ERR internal: unexpected result")
-                    }
+                    _ => resp::error(out, "ERR internal: unexpected result"),
+                },
+                Item::Reply(i) => match get(i) {
+                    OpOut::Local(range) => resp::bulk(out, &values[range.clone()]),
+                    OpOut::Value(Some(v)) => resp::bulk(out, v),
+                    OpOut::Value(None) => resp::null(out),
+                    OpOut::Done(b) => resp::integer(out, *b as i64),
+                    OpOut::Int(n) => resp::integer(out, *n),
+                    OpOut::Status(s) => resp::simple(out, s),
+                    OpOut::Err(e) => resp::error(out, e),
+                    OpOut::Entry(_) => resp::error(out, "ERR internal: unexpected result"),
                 },
                 Item::Count(range) | Item::AllOk(range)
                     if range.clone().any(|i| matches!(get(i), OpOut::Err(_))) =>
@@ -493,6 +552,121 @@ impl Conn {
         }
     }
 
+    /// CLIENT subcommands: the ones clients send on connect, and a minimal INFO / LIST.
+    fn client_command(&mut self, args: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let sub = args[0].to_ascii_lowercase();
+        let arity = |out: &mut Vec<u8>, sub: &[u8]| {
+            let sub = String::from_utf8_lossy(sub);
+            resp::error(out, &format!("ERR wrong number of arguments for 'client|{sub}' command"));
+        };
+        match (sub.as_slice(), args.len()) {
+            (b"setname", 2) => {
+                if args[1].iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
+                    resp::error(
+                        &mut out,
+                        "ERR Client names cannot contain spaces, newlines or special characters.",
+                    );
+                } else {
+                    self.name = (!args[1].is_empty()).then(|| args[1].to_vec());
+                    resp::simple(&mut out, "OK");
+                }
+            }
+            (b"getname", 1) => match &self.name {
+                Some(n) => resp::bulk(&mut out, n),
+                None => resp::null(&mut out),
+            },
+            (b"id", 1) => resp::integer(&mut out, self.id as i64),
+            (b"info", 1) => resp::bulk(&mut out, self.client_line().as_bytes()),
+            // Only this connection's line: connections live on every shard.
+            (b"list", _) => resp::bulk(&mut out, self.client_line().as_bytes()),
+            (b"setinfo", 3) | (b"no-evict", 2) | (b"no-touch", 2) => resp::simple(&mut out, "OK"),
+            (b"reply", 2) if args[1].eq_ignore_ascii_case(b"on") => resp::simple(&mut out, "OK"),
+            (
+                b"setname" | b"getname" | b"id" | b"info" | b"setinfo" | b"no-evict" | b"no-touch",
+                _,
+            ) => arity(&mut out, &sub),
+            _ => resp::error(
+                &mut out,
+                &format!(
+                    "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+                    String::from_utf8_lossy(args[0])
+                ),
+            ),
+        }
+        out
+    }
+
+    /// This connection as a CLIENT INFO line.
+    fn client_line(&self) -> String {
+        let name = self.name.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+        format!(
+            "id={} addr={} laddr= fd=0 name={name} age={} idle=0 flags=N db=0 sub=0 psub=0 \
+             ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 obl=0 oll=0 omem=0 \
+             tot-mem=0 events=r cmd=client|info user=default redir=-1 resp=2 shard={}\n",
+            self.id,
+            self.peer,
+            self.since.elapsed().as_secs(),
+            self.kv.shard.id()
+        )
+    }
+
+    /// HELLO [protover [AUTH user pass] [SETNAME name]]: RESP2 only; the server map as an
+    /// array of pairs, as Redis answers in RESP2.
+    fn hello(&mut self, args: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(v) = args.first() {
+            match cmds::parse_int(v) {
+                Some(2) => {}
+                Some(3) => {
+                    resp::error(&mut out, "NOPROTO unsupported protocol version");
+                    return out;
+                }
+                _ => {
+                    resp::error(&mut out, "ERR Protocol version is not an integer or out of range");
+                    return out;
+                }
+            }
+        }
+        let mut i = 1;
+        let mut name = None;
+        while i < args.len() {
+            match args[i].to_ascii_lowercase().as_slice() {
+                // No users or passwords: the default user takes any password, as a Redis
+                // without requirepass does.
+                b"auth" if i + 2 < args.len() => i += 3,
+                b"setname" if i + 1 < args.len() => {
+                    name = Some(args[i + 1].to_vec());
+                    i += 2;
+                }
+                _ => {
+                    let opt = String::from_utf8_lossy(args[i]);
+                    resp::error(&mut out, &format!("ERR Syntax error in HELLO option '{opt}'"));
+                    return out;
+                }
+            }
+        }
+        if let Some(n) = name {
+            self.name = (!n.is_empty()).then_some(n);
+        }
+        resp::array(&mut out, 14);
+        for (k, v) in [("server", "redis"), ("version", "7.0.0")] {
+            resp::bulk(&mut out, k.as_bytes());
+            resp::bulk(&mut out, v.as_bytes());
+        }
+        resp::bulk(&mut out, b"proto");
+        resp::integer(&mut out, 2);
+        resp::bulk(&mut out, b"id");
+        resp::integer(&mut out, self.id as i64);
+        for (k, v) in [("mode", "standalone"), ("role", "master")] {
+            resp::bulk(&mut out, k.as_bytes());
+            resp::bulk(&mut out, v.as_bytes());
+        }
+        resp::bulk(&mut out, b"modules");
+        resp::array(&mut out, 0);
+        out
+    }
+
     /// Handles one command.
     async fn command(&mut self, argv: &[&[u8]]) -> Flow {
         let mut name_buf = [0u8; 16];
@@ -505,12 +679,15 @@ impl Conn {
             b"?"
         };
         let args = &argv[1..];
-        let arity_error = |this: &mut Self| {
-            let n = String::from_utf8_lossy(name).into_owned();
+        let arity_error_named = |this: &mut Self, n: &str| {
             this.push_raw(|out| {
                 resp::error(out, &format!("ERR wrong number of arguments for '{n}' command"))
             });
             Flow::Continue
+        };
+        let arity_error = |this: &mut Self| {
+            let n = String::from_utf8_lossy(name).into_owned();
+            arity_error_named(this, &n)
         };
         match name {
             b"get" => {
@@ -524,43 +701,17 @@ impl Conn {
                 let i = self.push_op(Op::Get(Key::new(args[0])));
                 self.items.push(Item::Bulk(i));
             }
-            b"set" => {
-                if args.len() < 2 {
-                    return arity_error(self);
-                }
-                let mut cond = Cond::Always;
-                for opt in &args[2..] {
-                    match opt.to_ascii_lowercase().as_slice() {
-                        b"nx" if cond == Cond::Always => cond = Cond::Nx,
-                        b"xx" if cond == Cond::Always => cond = Cond::Xx,
-                        b"ex" | b"px" | b"exat" | b"pxat" | b"keepttl" => {
-                            self.push_raw(|out| {
-                                resp::error(out, "ERR key expiry is not supported by corebuf-kv")
-                            });
-                            return Flow::Continue;
-                        }
-                        _ => {
-                            self.push_raw(|out| resp::error(out, "ERR syntax error"));
-                            return Flow::Continue;
-                        }
-                    }
-                }
-                if let Err(e) = check_key(args[0]).and_then(|()| check_value(args[1])) {
-                    self.push_raw(|out| resp::error(out, &e));
-                    return Flow::Continue;
-                }
-                let i = self.push_op(Op::Set(args[0].to_vec(), args[1].to_vec(), cond));
-                self.items.push(Item::SetReply(i));
-            }
             b"setnx" => {
                 if args.len() != 2 {
                     return arity_error(self);
                 }
-                if let Err(e) = check_key(args[0]).and_then(|()| check_value(args[1])) {
+                let checked =
+                    check_key(args[0]).and_then(|()| check_value_len(args[1].len(), Growth::Set));
+                if let Err(e) = checked {
                     self.push_raw(|out| resp::error(out, &e));
                     return Flow::Continue;
                 }
-                let i = self.push_op(Op::Set(args[0].to_vec(), args[1].to_vec(), Cond::Nx));
+                let i = self.push_op(Op::Set(args[0].to_vec(), args[1].to_vec(), Cond::Nx, 0));
                 self.items.push(Item::Count(i..i + 1));
             }
             b"del" | b"unlink" | b"exists" => {
@@ -607,16 +758,16 @@ impl Conn {
                 if args.is_empty() || !args.len().is_multiple_of(2) {
                     return arity_error(self);
                 }
-                let bad = args
-                    .chunks(2)
-                    .find_map(|kv| check_key(kv[0]).and_then(|()| check_value(kv[1])).err());
+                let bad = args.chunks(2).find_map(|kv| {
+                    check_key(kv[0]).and_then(|()| check_value_len(kv[1].len(), Growth::Set)).err()
+                });
                 if let Some(e) = bad {
                     self.push_raw(|out| resp::error(out, &e));
                     return Flow::Continue;
                 }
                 let start = self.ops.len();
                 for kv in args.chunks(2) {
-                    self.push_op(Op::Set(kv[0].to_vec(), kv[1].to_vec(), Cond::Always));
+                    self.push_op(Op::Set(kv[0].to_vec(), kv[1].to_vec(), Cond::Always, 0));
                 }
                 self.items.push(Item::AllOk(start..self.ops.len()));
             }
@@ -642,14 +793,52 @@ impl Conn {
             b"config" => {
                 let sub = args.first().map(|s| s.to_ascii_lowercase());
                 match sub.as_deref() {
-                    Some(b"get") => self.push_raw(|out| resp::array(out, 0)),
+                    Some(b"get") if args.len() >= 2 => {
+                        let reply = keyspace::config_get(&self.kv.geo, &args[1..]);
+                        self.push_raw(|out| out.extend_from_slice(&reply));
+                    }
+                    Some(b"get") => return arity_error_named(self, "config|get"),
                     Some(b"set") | Some(b"resetstat") | Some(b"rewrite") => self.push_raw(|out| {
                         resp::error(out, "ERR CONFIG SET is not supported by corebuf-kv")
                     }),
                     _ => self.push_raw(|out| resp::error(out, "ERR unknown CONFIG subcommand")),
                 }
             }
-            b"client" => self.push_raw(|out| resp::simple(out, "OK")),
+            b"client" => {
+                if args.is_empty() {
+                    return arity_error(self);
+                }
+                let reply = self.client_command(args);
+                self.push_raw(|out| out.extend_from_slice(&reply));
+            }
+            b"hello" => {
+                let reply = self.hello(args);
+                self.push_raw(|out| out.extend_from_slice(&reply));
+            }
+            b"time" => {
+                if !args.is_empty() {
+                    return arity_error(self);
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                self.push_raw(|out| {
+                    resp::array(out, 2);
+                    resp::bulk(out, now.as_secs().to_string().as_bytes());
+                    resp::bulk(out, now.subsec_micros().to_string().as_bytes());
+                });
+            }
+            b"msetnx" | b"rename" | b"renamenx" | b"keys" | b"scan" | b"randomkey"
+            | b"flushall" | b"flushdb" | b"save" => {
+                // Commands that visit several shards one step after another: the pending
+                // batch goes first, so replies stay in order.
+                if !keyspace::arity_ok(name, args.len()) {
+                    return arity_error(self);
+                }
+                self.run_batch().await;
+                let reply = keyspace::run(&self.kv, name, args).await;
+                self.push_raw(|out| out.extend_from_slice(&reply));
+            }
             b"dbsize" => {
                 if !args.is_empty() {
                     return arity_error(self);
@@ -683,46 +872,77 @@ impl Conn {
                 return Flow::Close;
             }
             _ => {
-                let shown = String::from_utf8_lossy(&raw[..raw.len().min(64)]).into_owned();
-                let first: Vec<String> = args
-                    .iter()
-                    .take(3)
-                    .map(|a| format!("'{}'", String::from_utf8_lossy(&a[..a.len().min(32)])))
-                    .collect();
-                self.push_raw(|out| {
-                    resp::error(
-                        out,
-                        &format!(
-                            "ERR unknown command '{shown}', with args beginning with: {}",
-                            first.join(" ")
-                        ),
-                    )
-                });
+                if let Some(parsed) = cmds::parse(name, args, store::now_ms()) {
+                    match parsed {
+                        Ok((op, shape)) => {
+                            let i = self.push_op(op);
+                            self.items.push(match shape {
+                                Shape::SetReply => Item::SetReply(i),
+                                Shape::Reply => Item::Reply(i),
+                            });
+                        }
+                        Err(e) => self.push_raw(|out| resp::error(out, &e)),
+                    }
+                    return Flow::Continue;
+                }
+                let message = unknown_command(raw, args);
+                self.push_raw(|out| resp::error(out, &message));
             }
         }
         Flow::Continue
     }
 }
 
-fn check_key(key: &[u8]) -> Result<(), String> {
+/// Redis 7's reply to an unknown command: the name and the first arguments (up to about 128
+/// bytes), each quoted and followed by a space.
+fn unknown_command(raw: &[u8], args: &[&[u8]]) -> String {
+    let name = String::from_utf8_lossy(&raw[..raw.len().min(128)]).into_owned();
+    let mut shown = String::new();
+    for a in args {
+        if shown.len() >= 128 {
+            break;
+        }
+        let room = 128 - shown.len();
+        shown.push_str(&format!("'{}' ", String::from_utf8_lossy(&a[..a.len().min(room)])));
+    }
+    format!("ERR unknown command '{name}', with args beginning with: {shown}")
+}
+
+/// Refuses a key longer than [`MAX_KEY`].
+pub fn check_key(key: &[u8]) -> Result<(), String> {
     if key.len() > MAX_KEY {
         return Err(format!("ERR key too long ({} bytes; the limit is {MAX_KEY})", key.len()));
     }
     Ok(())
 }
 
-fn check_value(value: &[u8]) -> Result<(), String> {
-    if value.len() > MAX_VALUE {
-        return Err(format!(
-            "ERR value too large ({} bytes; the limit is {MAX_VALUE} bytes)",
-            value.len()
-        ));
+/// How a value reaches its length (the error wording differs, as Redis's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Growth {
+    /// A value given whole (SET, MSET, GETSET, ...).
+    Set,
+    /// A value that grows in place (APPEND, SETRANGE): Redis's proto-max-bulk-len wording.
+    Grow,
+}
+
+/// The one place that enforces the value size limit ([`MAX_VALUE`]).
+pub fn check_value_len(len: usize, growth: Growth) -> Result<(), String> {
+    if len <= MAX_VALUE {
+        return Ok(());
     }
-    Ok(())
+    Err(match growth {
+        Growth::Set => {
+            format!("ERR value too large ({len} bytes; the limit is {MAX_VALUE} bytes)")
+        }
+        Growth::Grow => format!(
+            "ERR string exceeds maximum allowed size (proto-max-bulk-len): corebuf-kv values \
+             are limited to {MAX_VALUE} bytes"
+        ),
+    })
 }
 
 /// Runs `f` on every shard concurrently (locally for this one) and collects the results.
-async fn on_every_shard<T, F, Fut>(kv: &Rc<KvShard>, f: F) -> Vec<Result<T, String>>
+pub async fn on_every_shard<T, F, Fut>(kv: &Rc<KvShard>, f: F) -> Vec<Result<T, String>>
 where
     T: Send + 'static,
     F: Fn(Rc<KvShard>) -> Fut + Send + Clone + 'static,
@@ -824,7 +1044,8 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
             s,
             "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
              keyspace_hits:{}\r\nkeyspace_misses:{}\r\nkey_operations:{}\r\nremote_batches:{}\r\n\
-             protocol_errors:{}\r\nout_of_space_errors:{}\r\n\r\n",
+             protocol_errors:{}\r\nout_of_space_errors:{}\r\nexpired_keys:{}\r\n\
+             expire_sweep_buckets:{}\r\n\r\n",
             sum(|p| p.connections_total),
             sum(|p| p.commands),
             sum(|p| p.hits),
@@ -833,6 +1054,8 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
             sum(|p| p.remote_batches),
             sum(|p| p.protocol_errors),
             sum(|p| p.out_of_space),
+            sum(|p| p.expired_keys),
+            sum(|p| p.sweep_buckets),
         );
     }
     if want("storage") {

@@ -158,6 +158,50 @@ pub enum Cond {
     Xx,
 }
 
+/// The wall clock in unix milliseconds: expiry stamps are absolute wall-clock times, as
+/// Redis's, so they mean the same after a restart.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether a record with expiry `expires` (unix ms, 0 = none) has expired at `now`.
+#[inline]
+pub fn expired(expires: u64, now: u64) -> bool {
+    expires != 0 && expires <= now
+}
+
+/// A key's live value: its bytes and its expiry (unix ms, 0 = none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Vec<u8>,
+    /// Absolute expiry in unix milliseconds, 0 for none.
+    pub expires: u64,
+}
+
+/// What a read-modify-write ([`KvShard::update`]) does to its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Nothing (a key found expired is still deleted: it was expired before).
+    Keep,
+    /// Sets the value with this expiry (unix ms, 0 = none; a time already past deletes).
+    Set(Vec<u8>, u64),
+    /// Deletes the key.
+    Del,
+}
+
+/// Buckets the expiry sweep may visit per tick when their head block is cached; a bucket whose
+/// head is not cached costs [`SWEEP_MISS_COST`] of this budget (it is read from the device).
+pub const SWEEP_BUDGET_PER_TICK: u64 = 64;
+/// Budget units a sweep visit to a bucket whose head is not cached costs.
+pub const SWEEP_MISS_COST: u64 = 8;
+/// Expired keys the sweep deletes per tick at most.
+pub const SWEEP_DELETES_PER_TICK: u64 = 256;
+/// The sweep's period.
+pub const SWEEP_PERIOD: Duration = Duration::from_millis(100);
+
 /// A range's free-space bitmap and key count, once loaded.
 #[derive(Debug, Clone)]
 struct RangeAlloc {
@@ -270,6 +314,10 @@ pub struct Counters {
     pub out_of_space: Cell<u64>,
     /// Protocol errors.
     pub protocol_errors: Cell<u64>,
+    /// Expired keys deleted (by a write that found them expired, or by the sweep).
+    pub expired_keys: Cell<u64>,
+    /// Buckets the expiry sweep visited.
+    pub sweep_buckets: Cell<u64>,
 }
 
 /// Records whose blocks replay starts reading ahead of the one it applies.
@@ -319,6 +367,8 @@ pub struct KvShard {
     replaying: Cell<bool>,
     /// The record being encoded (kept to reuse its capacity).
     log_buf: RefCell<Vec<u8>>,
+    /// The next bucket id the expiry sweep visits.
+    sweep_cursor: Cell<u64>,
 }
 
 impl fmt::Debug for KvShard {
@@ -427,6 +477,10 @@ pub struct InfoPart {
     pub out_of_space: u64,
     /// Protocol errors.
     pub protocol_errors: u64,
+    /// Expired keys deleted.
+    pub expired_keys: u64,
+    /// Buckets the expiry sweep visited.
+    pub sweep_buckets: u64,
     /// Records appended to this shard's log.
     pub log_appends: u64,
     /// Group commits of the log (one flush each).
@@ -462,6 +516,7 @@ impl KvShard {
             stop_tx,
             replaying: Cell::new(false),
             log_buf: RefCell::new(Vec::new()),
+            sweep_cursor: Cell::new(0),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&kv)));
         glommio::spawn_local(Rc::clone(&kv).committer_loop()).detach();
@@ -540,8 +595,9 @@ impl KvShard {
         }
     }
 
-    /// Walks `loc`'s chain for the newest record of `key`: `None` if there is none, else
-    /// whether it is an extent record (`true`) or inline, its value then appended to `out`.
+    /// Walks `loc`'s chain for the newest record of `key`: `None` if there is none or it has
+    /// expired, else whether it is an extent record (`true`) or inline, its value then appended
+    /// to `out`.
     async fn newest_inline_into(
         &self,
         sess: &Sess,
@@ -550,7 +606,7 @@ impl KvShard {
         out: &mut Vec<u8>,
     ) -> KvResult<Option<bool>> {
         let start = out.len();
-        let mut best: Option<(u64, bool)> = None;
+        let mut best: Option<(u64, bool, u64)> = None;
         let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
         loop {
             let buf = sess.read(block).await?;
@@ -565,12 +621,12 @@ impl KvShard {
                     let rec = format::parse_record(block, &data, at, end)?;
                     at += rec.len;
                     count += 1;
-                    let newer = best.is_none_or(|(version, _)| rec.version > version);
+                    let newer = best.is_none_or(|(version, _, _)| rec.version > version);
                     if !newer || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
                         continue;
                     }
                     out.truncate(start);
-                    best = Some((rec.version, matches!(rec.body, Body::Extents(..))));
+                    best = Some((rec.version, matches!(rec.body, Body::Extents(..)), rec.expires));
                     if let Body::Inline(at) = rec.body {
                         out.extend_from_slice(&data[at..at + rec.value_len]);
                     }
@@ -593,40 +649,147 @@ impl KvShard {
             block = next.0;
             expect_tag = Some(next.1);
         }
-        Ok(best.map(|(_, extent)| extent))
+        match best {
+            // The clock is read only for keys that have an expiry.
+            Some((_, _, expires)) if expired(expires, now_ms()) => {
+                out.truncate(start);
+                Ok(None)
+            }
+            best => Ok(best.map(|(_, extent, _)| extent)),
+        }
     }
 
     /// The value of `key`.
     pub async fn get(&self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
+        Ok(self.get_entry(key).await?.map(|e| e.value))
+    }
+
+    /// The live value of `key` with its expiry (`None` if absent or expired).
+    pub async fn get_entry(&self, key: &[u8]) -> KvResult<Option<Entry>> {
         self.counters.ops.set(self.counters.ops.get() + 1);
         let loc = self.geo.locate(key);
-        let _lock = self.locks.read(loc.bucket_id).await;
-        let sess = self.shard.partition().session().await;
-        let (_, mut hits) = self.walk(&sess, &loc, key, true).await?;
+        let entry = {
+            let _lock = self.locks.read(loc.bucket_id).await;
+            let sess = self.shard.partition().session().await;
+            self.read_locked(&sess, &loc, key).await?.0
+        };
+        let live = entry.filter(|e| !expired(e.expires, now_ms()));
+        let c = &self.counters;
+        match live {
+            Some(_) => c.hits.set(c.hits.get() + 1),
+            None => c.misses.set(c.misses.get() + 1),
+        }
+        Ok(live)
+    }
+
+    /// The newest complete record of `key` (expired or not), and whether any record of it is
+    /// in the chain. The caller holds the bucket's lock.
+    async fn read_locked(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        key: &[u8],
+    ) -> KvResult<(Option<Entry>, bool)> {
+        let (_, mut hits) = self.walk(sess, loc, key, true).await?;
+        let present = !hits.is_empty();
         hits.sort_by_key(|h| std::cmp::Reverse(h.rec.version));
         for hit in hits {
+            let expires = hit.rec.expires;
             match &hit.rec.body {
                 Body::Inline(_) => {
-                    self.counters.hits.set(self.counters.hits.get() + 1);
-                    return Ok(hit.inline);
+                    let value = hit.inline.expect("the walk copies inline values");
+                    return Ok((Some(Entry { value, expires }), present));
                 }
                 Body::Extents(tag, list) => {
-                    let value =
-                        self.read_extents(&sess, &loc, *tag, list, hit.rec.value_len).await?;
-                    if value.is_some() {
-                        self.counters.hits.set(self.counters.hits.get() + 1);
-                        return Ok(value);
+                    let value = self.read_extents(sess, loc, *tag, list, hit.rec.value_len).await?;
+                    if let Some(value) = value {
+                        return Ok((Some(Entry { value, expires }), present));
                     }
                     // Unfinished before a crash: an older version (if any) is the value.
                 }
             }
         }
-        self.counters.misses.set(self.counters.misses.get() + 1);
-        Ok(None)
+        Ok((None, present))
     }
 
-    /// Sets `key` to `value` (if `cond` holds). Returns whether it was set.
-    pub async fn set(&self, key: &[u8], value: &[u8], cond: Cond) -> KvResult<bool> {
+    /// Reads `key` under its bucket's write lock, lets `f` decide from its live value (if any)
+    /// and the clock what to write and what to answer, and makes that change, logged, before
+    /// the lock is released: a read-modify-write that no other operation on the key can
+    /// interleave with. An expired key is passed as absent and deleted (and logged) whatever
+    /// `f` decides. `f` may run twice (a retry after space was freed).
+    pub async fn update<R>(
+        &self,
+        key: &[u8],
+        mut f: impl FnMut(Option<&Entry>, u64) -> (Write, R),
+    ) -> KvResult<R> {
+        self.counters.ops.set(self.counters.ops.get() + 1);
+        let loc = self.geo.locate(key);
+        let mut retried = false;
+        loop {
+            let result = async {
+                let _token = self.begin_write()?;
+                self.ensure_loaded(loc.range).await?;
+                let _lock = self.locks.write(loc.bucket_id).await;
+                if self.frozen.get() {
+                    return Err(KvError::ShuttingDown);
+                }
+                let now = now_ms();
+                let (entry, present) = {
+                    let sess = self.shard.partition().session().await;
+                    self.read_locked(&sess, &loc, key).await?
+                };
+                let live = entry.filter(|e| !expired(e.expires, now));
+                let (write, answer) = f(live.as_ref(), now);
+                let deleting = !matches!(write, Write::Keep);
+                match write {
+                    Write::Set(value, expires) if !expired(expires, now) => {
+                        self.set_locked(&loc, key, &value, expires, Cond::Always).await?;
+                        self.log_record(logrec::Op::Set, key, &value, expires).await?;
+                    }
+                    Write::Set(..) | Write::Del | Write::Keep if present => {
+                        if deleting || live.is_none() {
+                            if live.is_none() {
+                                let c = &self.counters;
+                                c.expired_keys.set(c.expired_keys.get() + 1);
+                            }
+                            self.del_locked(&loc, key).await?;
+                            self.log_record(logrec::Op::Del, key, &[], 0).await?;
+                        }
+                    }
+                    Write::Set(..) | Write::Del | Write::Keep => {}
+                }
+                Ok(answer)
+            }
+            .await;
+            match result {
+                Err(KvError::OutOfSpace(_)) if !retried && self.jobs_pending() => {
+                    retried = true;
+                    self.settle().await?;
+                }
+                Err(KvError::OutOfSpace(r)) => {
+                    self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
+                    return Err(KvError::OutOfSpace(r));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sets `key` to `value` with expiry `expires` (unix ms, 0 = none) if `cond` holds.
+    /// Returns whether it was set. A time already past deletes the key (if `cond` holds).
+    pub async fn set(&self, key: &[u8], value: &[u8], expires: u64, cond: Cond) -> KvResult<bool> {
+        if expires != 0 && expired(expires, now_ms()) {
+            return self
+                .update(key, |live, _| {
+                    let holds = match cond {
+                        Cond::Always => true,
+                        Cond::Nx => live.is_none(),
+                        Cond::Xx => live.is_some(),
+                    };
+                    (if holds { Write::Del } else { Write::Keep }, holds)
+                })
+                .await;
+        }
         self.counters.ops.set(self.counters.ops.get() + 1);
         let loc = self.geo.locate(key);
         let mut retried = false;
@@ -635,11 +798,11 @@ impl KvShard {
                 let _token = self.begin_write()?;
                 self.ensure_loaded(loc.range).await?;
                 let _lock = self.locks.write(loc.bucket_id).await;
-                let set = self.set_locked(&loc, key, value, cond).await;
+                let set = self.set_locked(&loc, key, value, expires, cond).await;
                 if let Ok(true) = set {
                     // After the change is in the cache, under the bucket lock: the log's
                     // order is the order of the changes (see corebuf::ShardLog's contract).
-                    self.log_record(logrec::Op::Set, key, value).await?;
+                    self.log_record(logrec::Op::Set, key, value, expires).await?;
                 }
                 set
             };
@@ -658,22 +821,32 @@ impl KvShard {
         }
     }
 
-    async fn set_locked(&self, loc: &Loc, key: &[u8], value: &[u8], cond: Cond) -> KvResult<bool> {
+    async fn set_locked(
+        &self,
+        loc: &Loc,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+        cond: Cond,
+    ) -> KvResult<bool> {
         if self.frozen.get() {
             return Err(KvError::ShuttingDown);
         }
         let sess = self.shard.partition().session().await;
         let (chain, hits) = self.walk(&sess, loc, key, false).await?;
         let existed = !hits.is_empty();
+        let newest = hits.iter().max_by_key(|h| h.rec.version).cloned();
+        // NX / XX look at the live key: an expired one counts as absent.
+        // (The clock is read only when the record has an expiry: SET is benchmarked.)
+        let live = newest.as_ref().is_some_and(|n| n.rec.expires == 0 || n.rec.expires > now_ms());
         match cond {
-            Cond::Nx if existed => return Ok(false),
-            Cond::Xx if !existed => return Ok(false),
+            Cond::Nx if live => return Ok(false),
+            Cond::Xx if !live => return Ok(false),
             _ => {}
         }
         let version = self.id();
-        let newest = hits.iter().max_by_key(|h| h.rec.version).cloned();
-        if format::inline_record_len(key.len(), value.len()) <= format::INLINE_RECORD_MAX {
-            let record = format::encode_inline(key, value, version);
+        if format::inline_record_len(key.len(), value.len(), expires) <= format::INLINE_RECORD_MAX {
+            let record = format::encode_inline(key, value, version, expires);
             if let Some(n) = &newest {
                 let used = chain[n.chain_index].used;
                 if used - n.rec.len + record.len() <= RECORD_AREA {
@@ -700,7 +873,7 @@ impl KvShard {
             let blocks = self.alloc(loc.range, n)?;
             let tag = format::mix64(self.id());
             let written = self.write_extents(&sess, loc, tag, &blocks, value).await;
-            let record = format::encode_extents(key, value.len(), version, tag, &blocks);
+            let record = format::encode_extents(key, value.len(), version, expires, tag, &blocks);
             let inserted = match written {
                 Ok(()) => self.insert(&sess, loc, &chain, &record).await,
                 Err(e) => Err(e),
@@ -721,7 +894,8 @@ impl KvShard {
         Ok(true)
     }
 
-    /// Deletes `key`; returns whether it existed.
+    /// Deletes `key`; returns whether it existed (an expired key is deleted too, but did not
+    /// exist for the caller).
     pub async fn del(&self, key: &[u8]) -> KvResult<bool> {
         self.counters.ops.set(self.counters.ops.get() + 1);
         let loc = self.geo.locate(key);
@@ -731,31 +905,42 @@ impl KvShard {
         if self.frozen.get() {
             return Err(KvError::ShuttingDown);
         }
-        let newest = {
+        let Some(expires) = self.del_locked(&loc, key).await? else { return Ok(false) };
+        self.log_record(logrec::Op::Del, key, &[], 0).await?;
+        let live = !expired(expires, now_ms());
+        if !live {
+            let c = &self.counters;
+            c.expired_keys.set(c.expired_keys.get() + 1);
+        }
+        Ok(live)
+    }
+
+    /// Removes every record of `key` (the caller holds the bucket's write lock); returns the
+    /// newest record's expiry if there was one (not logged: the caller logs).
+    async fn del_locked(&self, loc: &Loc, key: &[u8]) -> KvResult<Option<u64>> {
+        let (newest, expires) = {
             let sess = self.shard.partition().session().await;
-            let (_, hits) = self.walk(&sess, &loc, key, false).await?;
-            let Some(newest) = hits.iter().map(|h| h.rec.version).max() else { return Ok(false) };
+            let (_, hits) = self.walk(&sess, loc, key, false).await?;
+            let Some(newest) = hits.iter().max_by_key(|h| h.rec.version) else { return Ok(None) };
+            let (version, expires) = (newest.rec.version, newest.rec.expires);
             if hits.len() > 1 {
                 // An older record awaits its cleanup. Remove it first and make that durable,
                 // so that a crash cannot leave the older value behind the deleted newer one.
-                self.remove_where(&sess, &loc, |k, v| k == key && v < newest, true).await?;
-            }
-            if hits.len() > 1 {
-                Some(newest)
+                self.remove_where(&sess, loc, |k, v| k == key && v < version, true).await?;
+                (Some(version), expires)
             } else {
-                self.remove_where(&sess, &loc, |k, _| k == key, true).await?;
-                None
+                self.remove_where(&sess, loc, |k, _| k == key, true).await?;
+                (None, expires)
             }
         };
         if newest.is_some() {
             self.barrier().await.map_err(KvError::Engine)?;
             let sess = self.shard.partition().session().await;
-            self.remove_where(&sess, &loc, |k, _| k == key, true).await?;
+            self.remove_where(&sess, loc, |k, _| k == key, true).await?;
         }
         self.add_keys(loc.range, -1);
         self.note_write();
-        self.log_record(logrec::Op::Del, key, &[]).await?;
-        Ok(true)
+        Ok(Some(expires))
     }
 
     /// Whether `key` exists.
@@ -781,6 +966,190 @@ impl KvShard {
             }
         }
         Ok(total)
+    }
+
+    /// The live keys of buckets `buckets` (bucket indexes within the range) of `range`, which
+    /// this shard owns. Each bucket is read under its lock, so a key present for the whole
+    /// call is listed once, whatever writes run meanwhile.
+    pub async fn live_keys(
+        &self,
+        range: u64,
+        buckets: std::ops::Range<u64>,
+    ) -> KvResult<Vec<Vec<u8>>> {
+        {
+            // After a crash, the range is repaired first (records of unfinished writes go).
+            let _token = self.begin_write()?;
+            self.ensure_loaded(range).await?;
+        }
+        let mut out = Vec::new();
+        for bucket in buckets {
+            let loc = Self::bucket_loc(range, bucket);
+            let now = now_ms();
+            for (key, expires) in self.bucket_keys(&loc).await? {
+                if !expired(expires, now) {
+                    out.push(key);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn bucket_loc(range: u64, bucket: u64) -> Loc {
+        Loc {
+            range,
+            head: range * RANGE_BLOCKS + 1 + bucket,
+            bucket_id: range * BUCKETS_PER_RANGE + bucket,
+        }
+    }
+
+    /// Every key of a bucket with its newest record's expiry, read under the bucket's lock.
+    async fn bucket_keys(&self, loc: &Loc) -> KvResult<Vec<(Vec<u8>, u64)>> {
+        let _lock = self.locks.read(loc.bucket_id).await;
+        let sess = self.shard.partition().session().await;
+        let mut newest: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
+        loop {
+            let buf = sess.read(block).await?;
+            let next = {
+                let data = buf.data();
+                let Some((rbk, _)) = self.check_chain_block(loc, block, &data, expect_tag)? else {
+                    break;
+                };
+                for rec in format::records(block, &data, &rbk)? {
+                    let key = &data[rec.key.0..rec.key.0 + rec.key.1];
+                    match newest.get_mut(key) {
+                        Some(seen) if seen.0 >= rec.version => {}
+                        Some(seen) => *seen = (rec.version, rec.expires),
+                        None => {
+                            newest.insert(key.to_vec(), (rec.version, rec.expires));
+                        }
+                    }
+                }
+                rbk.next
+            };
+            drop(buf);
+            blocks += 1;
+            if next.0 == 0 {
+                break;
+            }
+            self.check_link(loc, block, next.0)?;
+            if blocks > RANGE_BLOCKS {
+                return Err(format::corrupt(loc.head, "bucket chain loops").into());
+            }
+            block = next.0;
+            expect_tag = Some(next.1);
+        }
+        Ok(newest.into_iter().map(|(k, (_, e))| (k, e)).collect())
+    }
+
+    /// FLUSHALL on this shard: removes every record of every range it owns, then checkpoints,
+    /// so that neither the data file nor a log replay brings a removed key back. Returns the
+    /// keys removed.
+    pub async fn flush_owned(&self) -> KvResult<u64> {
+        let mut removed = 0;
+        for range in 1..self.geo.ranges {
+            if !self.shard.owns(range * RANGE_BLOCKS) {
+                continue;
+            }
+            let _token = self.begin_write()?;
+            self.ensure_loaded(range).await?;
+            for bucket in 0..BUCKETS_PER_RANGE {
+                let loc = Self::bucket_loc(range, bucket);
+                let _lock = self.locks.write(loc.bucket_id).await;
+                let sess = self.shard.partition().session().await;
+                removed += self.remove_where(&sess, &loc, |_, _| true, true).await? as u64;
+            }
+            self.with_alloc(range, |a| a.keys = 0);
+            self.note_write();
+        }
+        self.checkpoint().await.map_err(KvError::Engine)?;
+        Ok(removed)
+    }
+
+    /// A checkpoint (SAVE): every dirty block of every shard written back and the device
+    /// flushed, then this shard's log start moves past what that covered.
+    pub async fn checkpoint(&self) -> Result<(), String> {
+        match self.shard.log() {
+            Some(log) => log.checkpoint().await.map_err(|e| format!("checkpoint failed: {e}")),
+            None => self.barrier().await,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The expiry sweep.
+
+    /// Starts this shard's expiry sweep: every [`SWEEP_PERIOD`], a bounded number of its
+    /// buckets is visited in turn and their expired keys deleted (and logged), so keys nobody
+    /// touches again go too. Stops when the server stops.
+    pub fn start_sweep(self: &Rc<Self>) {
+        let kv = Rc::clone(self);
+        glommio::spawn_local(async move {
+            loop {
+                let stop = kv.stop.wait();
+                let slept = futures_lite::future::or(
+                    async {
+                        glommio::timer::sleep(SWEEP_PERIOD).await;
+                        true
+                    },
+                    async {
+                        stop.await;
+                        false
+                    },
+                )
+                .await;
+                if !slept || kv.frozen.get() {
+                    break;
+                }
+                if let Err(e) = kv.sweep_tick().await {
+                    if matches!(e, KvError::ShuttingDown) {
+                        break;
+                    }
+                    eprintln!("corebuf-kv: shard {}: expiry sweep: {e}", kv.shard.id());
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// The next owned bucket id at or after `from` (wrapping), or `None` if none is owned.
+    fn next_owned_bucket(&self, from: u64) -> Option<u64> {
+        let (first, end) = (BUCKETS_PER_RANGE, self.geo.ranges * BUCKETS_PER_RANGE);
+        let mut id = if from < first || from >= end { first } else { from };
+        for _ in 0..self.geo.ranges {
+            let range = id / BUCKETS_PER_RANGE;
+            if self.shard.owns(range * RANGE_BLOCKS) {
+                return Some(id);
+            }
+            id = (range + 1) * BUCKETS_PER_RANGE;
+            if id >= end {
+                id = first;
+            }
+        }
+        None
+    }
+
+    /// One tick of the sweep: visits buckets from the cursor until the budget is spent.
+    async fn sweep_tick(&self) -> KvResult<()> {
+        let (mut budget, mut deleted) = (SWEEP_BUDGET_PER_TICK, 0);
+        // Every visit costs at least 1: at most SWEEP_BUDGET_PER_TICK buckets per tick.
+        while budget > 0 && deleted < SWEEP_DELETES_PER_TICK {
+            let Some(id) = self.next_owned_bucket(self.sweep_cursor.get()) else { break };
+            self.sweep_cursor.set(id + 1);
+            let loc = Self::bucket_loc(id / BUCKETS_PER_RANGE, id % BUCKETS_PER_RANGE);
+            let cached = self.shard.partition().get(loc.head).is_some();
+            budget = budget.saturating_sub(if cached { 1 } else { SWEEP_MISS_COST });
+            let c = &self.counters;
+            c.sweep_buckets.set(c.sweep_buckets.get() + 1);
+            let now = now_ms();
+            for (key, expires) in self.bucket_keys(&loc).await? {
+                if expired(expires, now) {
+                    // Under the write lock: deleted only if still expired then.
+                    self.update(&key, |_, _| (Write::Keep, ())).await?;
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1328,14 +1697,20 @@ impl KvShard {
     // The write-ahead log.
 
     /// Appends the record of a change just made in the cache (nothing while replaying).
-    async fn log_record(&self, op: logrec::Op, key: &[u8], value: &[u8]) -> KvResult<()> {
+    async fn log_record(
+        &self,
+        op: logrec::Op,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+    ) -> KvResult<()> {
         if self.replaying.get() {
             return Ok(());
         }
         let Some(log) = self.shard.log() else { return Ok(()) };
         // Taken out of the cell for the await: another task may log meanwhile.
         let mut buf = std::mem::take(&mut *self.log_buf.borrow_mut());
-        logrec::encode(&mut buf, op, key, value);
+        logrec::encode(&mut buf, op, key, value, expires);
         let appended = log.append(&buf).await;
         *self.log_buf.borrow_mut() = buf;
         appended.map(|_| ()).map_err(|e| KvError::Engine(format!("log append: {e}")))
@@ -1383,8 +1758,8 @@ impl KvShard {
         let mut prefetched = 0;
         for (i, record) in records.iter().enumerate() {
             while prefetched < records.len() && prefetched < i + REPLAY_PREFETCH_RECORDS {
-                if let Ok((_, key, _)) = logrec::decode(&records[prefetched].payload) {
-                    let loc = self.geo.locate(key);
+                if let Ok(rec) = logrec::decode(&records[prefetched].payload) {
+                    let loc = self.geo.locate(rec.key);
                     if ranges_prefetched.insert(loc.range) {
                         let _ =
                             self.shard.partition().prefetch(loc.range * RANGE_BLOCKS, POOL_START);
@@ -1393,8 +1768,9 @@ impl KvShard {
                 }
                 prefetched += 1;
             }
-            let (op, key, value) = logrec::decode(&record.payload)
+            let rec = logrec::decode(&record.payload)
                 .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
+            let key = rec.key;
             let owner = self.owner_of_key(key);
             if owner != self.shard.id() {
                 return Err(format!(
@@ -1403,8 +1779,11 @@ impl KvShard {
                     self.shard.id()
                 ));
             }
-            let applied = match op {
-                logrec::Op::Set => self.set(key, value, Cond::Always).await.map(|_| ()),
+            // A value whose expiry has passed since is deleted instead (`set` does that).
+            let applied = match rec.op {
+                logrec::Op::Set => {
+                    self.set(key, rec.value, rec.expires, Cond::Always).await.map(|_| ())
+                }
                 logrec::Op::Del => self.del(key).await.map(|_| ()),
             };
             applied.map_err(|e| format!("replaying the log record at {}: {e}", record.lsn))?;
@@ -1673,6 +2052,8 @@ impl KvShard {
             jobs: ((self.jobs.borrow().len() + self.due.borrow().len()) as u64, c.jobs_run.get()),
             out_of_space: c.out_of_space.get(),
             protocol_errors: c.protocol_errors.get(),
+            expired_keys: c.expired_keys.get(),
+            sweep_buckets: c.sweep_buckets.get(),
             log_appends: log.log.appends,
             log_commits: log.log.commits,
             log_checkpoints: log.checkpoints,

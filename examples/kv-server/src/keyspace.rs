@@ -1,0 +1,355 @@
+//! Commands that visit several shards one step after another: MSETNX, RENAME / RENAMENX across
+//! shards, KEYS, SCAN, RANDOMKEY, FLUSHALL / FLUSHDB, SAVE; and CONFIG GET's answers.
+//!
+//! What they guarantee across shards (each key's own operation is atomic on its owner):
+//! - MSETNX checks every key, then sets them all: all or nothing against its own checks, but
+//!   not isolated from other connections writing those keys between the two steps.
+//! - RENAME reads the source on its owner, writes the destination on its owner, then deletes
+//!   the source there if it still holds what was copied. A crash between the last two steps
+//!   leaves both keys (never neither); a concurrent write of the source between the steps
+//!   keeps the new source (the destination has the value read in step one).
+//! - SCAN's cursor is a global bucket position (`range * 64 + bucket`, 0 = start): keys never
+//!   move between buckets and each bucket is read whole under its lock, so a key present for
+//!   the whole scan is returned (exactly once); keys written during it may or may not be.
+
+use std::rc::Rc;
+
+use crate::cmds::{self, Read, Update};
+use crate::format::{BUCKETS_PER_RANGE, RANGE_BLOCKS};
+use crate::glob;
+use crate::resp;
+use crate::server::{exec_ops, on_every_shard, Op, OpOut};
+use crate::store::{Cond, Geometry, KvShard};
+
+/// Buckets SCAN visits per call when COUNT is not given (Redis's default COUNT is 10 keys).
+pub const SCAN_COUNT_DEFAULT: u64 = 10;
+/// Most buckets one SCAN call visits, whatever COUNT says (bounds one reply's work).
+pub const SCAN_COUNT_MAX: u64 = 1 << 16;
+
+/// Whether `n` arguments suit command `name` (one of [`run`]'s).
+pub fn arity_ok(name: &[u8], n: usize) -> bool {
+    match name {
+        b"msetnx" => n >= 2 && n.is_multiple_of(2),
+        b"rename" | b"renamenx" => n == 2,
+        b"keys" => n == 1,
+        b"scan" => n >= 1,
+        b"randomkey" | b"save" => n == 0,
+        b"flushall" | b"flushdb" => n <= 1,
+        _ => false,
+    }
+}
+
+/// Runs one of these commands; returns its reply.
+pub async fn run(kv: &Rc<KvShard>, name: &[u8], args: &[&[u8]]) -> Vec<u8> {
+    let result = match name {
+        b"msetnx" => msetnx(kv, args).await,
+        b"rename" => rename(kv, args[0], args[1], false).await,
+        b"renamenx" => rename(kv, args[0], args[1], true).await,
+        b"keys" => keys(kv, args[0]).await,
+        b"scan" => scan(kv, args).await,
+        b"randomkey" => random_key(kv).await,
+        b"flushall" | b"flushdb" => flush_all(kv, args).await,
+        b"save" => save(kv).await,
+        _ => Err(format!(
+            "ERR internal: {} is not a keyspace command",
+            String::from_utf8_lossy(name)
+        )),
+    };
+    result.unwrap_or_else(|e| {
+        let mut out = Vec::new();
+        resp::error(&mut out, &e);
+        out
+    })
+}
+
+/// Runs `ops` on their owners (grouped by owner, the groups concurrently; each owner in
+/// order), waiting for their log commit under `--fsync always`; results in `ops`' order.
+async fn run_grouped(kv: &Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
+    let n = ops.len();
+    let mut groups: Vec<(usize, Vec<usize>, Vec<Op>)> = Vec::new();
+    for (i, op) in ops.into_iter().enumerate() {
+        let owner = kv.owner_of_key(op.key());
+        match groups.iter_mut().find(|g| g.0 == owner) {
+            Some(g) => {
+                g.1.push(i);
+                g.2.push(op);
+            }
+            None => groups.push((owner, vec![i], vec![op])),
+        }
+    }
+    let me = kv.shard.id();
+    let mut tasks = Vec::new();
+    for (owner, idx, ops) in groups {
+        let (kv, shard) = (Rc::clone(kv), Rc::clone(&kv.shard));
+        tasks.push((
+            idx,
+            glommio::spawn_local(async move {
+                if owner == me {
+                    return Ok(exec_ops(kv, ops).await);
+                }
+                shard
+                    .run_on(owner, move |_| async move { exec_ops(KvShard::current(), ops).await })
+                    .await
+                    .map_err(|e| e.to_string())
+            }),
+        ));
+    }
+    let mut out: Vec<Option<OpOut>> = (0..n).map(|_| None).collect();
+    for (idx, task) in tasks {
+        match task.await {
+            Ok(outs) => idx.into_iter().zip(outs).for_each(|(i, o)| out[i] = Some(o)),
+            Err(e) => {
+                for i in idx {
+                    out[i] = Some(OpOut::Err(format!("ERR shard unavailable: {e}")));
+                }
+            }
+        }
+    }
+    out.into_iter().map(|o| o.unwrap_or(OpOut::Err("ERR internal: no result".into()))).collect()
+}
+
+/// One operation on its owner.
+async fn run_one(kv: &Rc<KvShard>, op: Op) -> Result<OpOut, String> {
+    match run_grouped(kv, vec![op]).await.pop() {
+        Some(OpOut::Err(e)) => Err(e),
+        Some(out) => Ok(out),
+        None => Err("ERR internal: no result".into()),
+    }
+}
+
+fn integer(n: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    resp::integer(&mut out, n);
+    out
+}
+
+fn simple(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    resp::simple(&mut out, s);
+    out
+}
+
+async fn msetnx(kv: &Rc<KvShard>, args: &[&[u8]]) -> Result<Vec<u8>, String> {
+    for pair in args.chunks(2) {
+        crate::server::check_key(pair[0])?;
+        crate::server::check_value_len(pair[1].len(), crate::server::Growth::Set)?;
+    }
+    let checks = args.chunks(2).map(|p| Op::Exists(p[0].to_vec())).collect();
+    for out in run_grouped(kv, checks).await {
+        match out {
+            OpOut::Done(false) => {}
+            OpOut::Done(true) => return Ok(integer(0)),
+            OpOut::Err(e) => return Err(e),
+            other => return Err(format!("ERR internal: unexpected {other:?}")),
+        }
+    }
+    let sets =
+        args.chunks(2).map(|p| Op::Set(p[0].to_vec(), p[1].to_vec(), Cond::Always, 0)).collect();
+    if let Some(OpOut::Err(e)) =
+        run_grouped(kv, sets).await.into_iter().find(|o| matches!(o, OpOut::Err(_)))
+    {
+        return Err(e);
+    }
+    Ok(integer(1))
+}
+
+async fn rename(kv: &Rc<KvShard>, src: &[u8], dst: &[u8], nx: bool) -> Result<Vec<u8>, String> {
+    crate::server::check_key(src)?;
+    crate::server::check_key(dst)?;
+    let OpOut::Entry(entry) = run_one(kv, Op::Read(src.to_vec(), Read::Entry)).await? else {
+        return Err("ERR internal: RENAME read no entry".into());
+    };
+    let Some(entry) = entry else { return Err("ERR no such key".into()) };
+    let done = |set: bool| if nx { integer(set as i64) } else { simple("OK") };
+    if src == dst {
+        // RENAME k k: OK; RENAMENX k k: 0 (the destination exists), as Redis.
+        return Ok(done(false));
+    }
+    let cond = if nx { Cond::Nx } else { Cond::Always };
+    let set = Op::Set(dst.to_vec(), entry.value.clone(), cond, entry.expires);
+    match run_one(kv, set).await? {
+        OpOut::Done(true) => {}
+        OpOut::Done(false) => return Ok(done(false)),
+        other => return Err(format!("ERR internal: unexpected {other:?}")),
+    }
+    run_one(kv, Op::Update(src.to_vec(), Update::DelIf(entry.value, entry.expires))).await?;
+    Ok(done(true))
+}
+
+/// Every live key matching `pattern`, from every shard.
+async fn keys(kv: &Rc<KvShard>, pattern: &[u8]) -> Result<Vec<u8>, String> {
+    let pattern = pattern.to_vec();
+    let parts = on_every_shard(kv, move |kv| {
+        let pattern = pattern.clone();
+        async move {
+            let mut found = Vec::new();
+            for range in 1..kv.geo.ranges {
+                if !kv.shard.owns(range * RANGE_BLOCKS) {
+                    continue;
+                }
+                let keys =
+                    kv.live_keys(range, 0..BUCKETS_PER_RANGE).await.map_err(|e| e.to_string())?;
+                found.extend(keys.into_iter().filter(|k| glob::matches(&pattern, k)));
+            }
+            Ok::<_, String>(found)
+        }
+    })
+    .await;
+    let mut all = Vec::new();
+    for part in parts {
+        all.extend(part??);
+    }
+    let mut out = Vec::new();
+    resp::array(&mut out, all.len());
+    for k in &all {
+        resp::bulk(&mut out, k);
+    }
+    Ok(out)
+}
+
+/// The live keys of buckets `first..end` (global bucket ids), each range's part on its owner.
+async fn keys_of_buckets(kv: &Rc<KvShard>, first: u64, end: u64) -> Result<Vec<Vec<u8>>, String> {
+    let mut keys = Vec::new();
+    let mut id = first;
+    while id < end {
+        let range = id / BUCKETS_PER_RANGE;
+        let stop = end.min((range + 1) * BUCKETS_PER_RANGE);
+        let buckets = id % BUCKETS_PER_RANGE..(stop - 1) % BUCKETS_PER_RANGE + 1;
+        let owner = kv.shard.owner_of(range * RANGE_BLOCKS);
+        let part = if owner == kv.shard.id() {
+            kv.live_keys(range, buckets).await.map_err(|e| e.to_string())?
+        } else {
+            kv.shard
+                .run_on(owner, move |_| async move {
+                    KvShard::current().live_keys(range, buckets).await.map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| format!("ERR shard unavailable: {e}"))??
+        };
+        keys.extend(part);
+        id = stop;
+    }
+    Ok(keys)
+}
+
+/// `SCAN cursor [MATCH pattern] [COUNT buckets] [TYPE type]`.
+async fn scan(kv: &Rc<KvShard>, args: &[&[u8]]) -> Result<Vec<u8>, String> {
+    let cursor = std::str::from_utf8(args[0])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or("ERR invalid cursor")?;
+    let (mut pattern, mut count, mut only_strings) = (None, SCAN_COUNT_DEFAULT, true);
+    let mut i = 1;
+    while i < args.len() {
+        let opt = args[i].to_ascii_lowercase();
+        let Some(value) = args.get(i + 1) else { return Err(cmds::SYNTAX.into()) };
+        match opt.as_slice() {
+            b"match" => pattern = Some(value.to_vec()),
+            b"count" => match cmds::parse_int(value) {
+                Some(n) if n >= 1 => count = (n as u64).min(SCAN_COUNT_MAX),
+                Some(_) => return Err(cmds::SYNTAX.into()),
+                None => return Err(cmds::NOT_INTEGER.into()),
+            },
+            b"type" => only_strings = value.eq_ignore_ascii_case(b"string"),
+            _ => return Err(cmds::SYNTAX.into()),
+        }
+        i += 2;
+    }
+    let (first, end) = (BUCKETS_PER_RANGE, kv.geo.ranges * BUCKETS_PER_RANGE);
+    let start = if cursor == 0 { first } else { cursor };
+    let mut found = Vec::new();
+    let next = if start < first || start >= end {
+        0 // a cursor this file never gave out: the scan is over
+    } else {
+        let stop = end.min(start + count);
+        found = keys_of_buckets(kv, start, stop).await?;
+        if stop == end {
+            0
+        } else {
+            stop
+        }
+    };
+    found.retain(|k| only_strings && pattern.as_ref().is_none_or(|p| glob::matches(p, k)));
+    let mut out = Vec::new();
+    resp::array(&mut out, 2);
+    resp::bulk(&mut out, next.to_string().as_bytes());
+    resp::array(&mut out, found.len());
+    for k in &found {
+        resp::bulk(&mut out, k);
+    }
+    Ok(out)
+}
+
+/// A random live key: the first non-empty range from a random one on (not uniform over keys).
+async fn random_key(kv: &Rc<KvShard>) -> Result<Vec<u8>, String> {
+    let data_ranges = kv.geo.ranges - 1;
+    let seed = crate::format::mix64(crate::store::now_ms() ^ ((kv.shard.id() as u64) << 48));
+    for step in 0..data_ranges {
+        let range = 1 + (seed % data_ranges + step) % data_ranges;
+        let first = range * BUCKETS_PER_RANGE;
+        let keys = keys_of_buckets(kv, first, first + BUCKETS_PER_RANGE).await?;
+        if !keys.is_empty() {
+            let key = &keys[(crate::format::mix64(seed) % keys.len() as u64) as usize];
+            let mut out = Vec::new();
+            resp::bulk(&mut out, key);
+            return Ok(out);
+        }
+    }
+    let mut out = Vec::new();
+    resp::null(&mut out);
+    Ok(out)
+}
+
+/// FLUSHALL / FLUSHDB [ASYNC|SYNC]: both run synchronously; answered once every shard has
+/// removed its keys and checkpointed.
+async fn flush_all(kv: &Rc<KvShard>, args: &[&[u8]]) -> Result<Vec<u8>, String> {
+    if let Some(mode) = args.first() {
+        if !mode.eq_ignore_ascii_case(b"async") && !mode.eq_ignore_ascii_case(b"sync") {
+            return Err(cmds::SYNTAX.into());
+        }
+    }
+    let parts =
+        on_every_shard(kv, |kv| async move { kv.flush_owned().await.map_err(|e| e.to_string()) })
+            .await;
+    for part in parts {
+        part?.map_err(|e| e.to_string())?;
+    }
+    Ok(simple("OK"))
+}
+
+/// SAVE: a checkpoint on every shard (everything written back and flushed; the logs emptied).
+async fn save(kv: &Rc<KvShard>) -> Result<Vec<u8>, String> {
+    let parts = on_every_shard(kv, |kv| async move { kv.checkpoint().await }).await;
+    for part in parts {
+        part?.map_err(|e| format!("ERR {e}"))?;
+    }
+    Ok(simple("OK"))
+}
+
+/// CONFIG GET pattern [pattern ...]: pairs for the known parameters that match.
+pub fn config_get(geo: &Geometry, patterns: &[&[u8]]) -> Vec<u8> {
+    let fsync = geo.fsync.to_string();
+    let known: [(&str, &str); 7] = [
+        ("save", ""),
+        ("appendonly", "yes"),
+        ("appendfsync", &fsync),
+        ("databases", "1"),
+        ("maxmemory", "0"),
+        ("maxmemory-policy", "noeviction"),
+        ("proto-max-bulk-len", "1048576"),
+    ];
+    let hits: Vec<(&str, &str)> = known
+        .iter()
+        .filter(|(name, _)| {
+            patterns.iter().any(|p| glob::matches(&p.to_ascii_lowercase(), name.as_bytes()))
+        })
+        .copied()
+        .collect();
+    let mut out = Vec::new();
+    resp::array(&mut out, 2 * hits.len());
+    for (name, value) in hits {
+        resp::bulk(&mut out, name.as_bytes());
+        resp::bulk(&mut out, value.as_bytes());
+    }
+    out
+}
