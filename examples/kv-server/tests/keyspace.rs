@@ -69,7 +69,7 @@ fn keys_and_scan_return_every_key_present_throughout_concurrent_writes() {
                 let cmds: Vec<Vec<Vec<u8>>> = (0..200)
                     .map(|i| {
                         let key = format!("churn:{}", (round * 200 + i) % 3000).into_bytes();
-                        if (round + i) % 3 == 0 {
+                        if (round + i).is_multiple_of(3) {
                             vec![b"DEL".to_vec(), key]
                         } else {
                             vec![b"SET".to_vec(), key, vec![b'x'; ((round * 7 + i) % 900) as usize]]
