@@ -1035,6 +1035,33 @@ mod tests {
     }
 
     #[test]
+    fn manifests_and_chunk_keys_are_pinned() {
+        let m = Manifest::new(100 << 20, 0x0102_0304_0506_0708, 8096);
+        assert_eq!(m.count, (100u64 << 20).div_ceil(8096) as u32);
+        let b = m.encode();
+        assert_eq!(b[0], MANIFEST_VERSION);
+        assert_eq!(&b[1..4], &[0, 0, 0]);
+        assert_eq!(get_u32(&b, 4), 8096);
+        assert_eq!(get_u64(&b, 8), 100 << 20);
+        assert_eq!(get_u64(&b, 16), 0x0102_0304_0506_0708);
+        assert_eq!(get_u32(&b, 24), m.count);
+        assert_eq!(&b[28..], &[0, 0, 0, 0]);
+        assert_eq!(Manifest::decode(&b), Ok(m));
+        assert_eq!(m.chunk_len(0), 8096);
+        assert_eq!(m.chunk_len(m.count - 1), ((100 << 20) - 8096 * (m.count as u64 - 1)) as usize);
+        let mut bad = b;
+        put_u32(&mut bad, 24, m.count + 1);
+        assert!(Manifest::decode(&bad).is_err(), "a count that does not match the length");
+        assert!(Manifest::decode(&b[..31]).is_err());
+        let k = chunk_key(0x0102_0304_0506_0708, 5);
+        assert_eq!(k, [8, 7, 6, 5, 4, 3, 2, 1, 5, 0, 0, 0]);
+        let r = encode_inline_with(&k, b"chunk", 9, 0, rflags::CHUNK);
+        assert_eq!(r[1], rflags::CHUNK, "byte 1 bit 2: a chunk record");
+        let r = encode_inline_with(b"user", &b, 9, 77, rflags::MANIFEST);
+        assert_eq!(r[1], rflags::MANIFEST | rflags::EXPIRES, "bit 1: a manifest; bit 0: expiry");
+    }
+
+    #[test]
     fn records_with_an_expiry_carry_it_after_the_header() {
         let expires = 1_700_000_000_123u64;
         let r = encode_inline(b"key", b"value", 42, expires);
@@ -1067,9 +1094,16 @@ mod tests {
         assert_eq!(&data[recs[2].key.0..recs[2].key.0 + 3], b"big");
         assert_eq!(recs[2].body, Body::Extents(0xABCD, vec![70, 71, 72]));
 
-        // Flag bits this build does not know (bit 1: chunked values, later) are refused.
+        // Flag bits this build does not know (bit 3 and up) are refused, and so is a record
+        // that says it is a manifest and a chunk at once.
         let mut bad = data.clone();
-        bad[RECORD_BLOCK_HEADER + 1] |= 2;
+        bad[RECORD_BLOCK_HEADER + 1] |= 8;
+        assert!(parse_record(300, &bad, RECORD_BLOCK_HEADER, RECORD_BLOCK_HEADER + r.len())
+            .unwrap_err()
+            .what
+            .contains("unknown flags"));
+        let mut bad = data.clone();
+        bad[RECORD_BLOCK_HEADER + 1] |= rflags::MANIFEST | rflags::CHUNK;
         assert!(parse_record(300, &bad, RECORD_BLOCK_HEADER, RECORD_BLOCK_HEADER + r.len())
             .unwrap_err()
             .what
