@@ -132,7 +132,7 @@ pub fn parse(name: &[u8], args: &[&[u8]], now: u64) -> Option<Result<(Op, Shape)
         check_key(args[0])?;
         Ok(args[0].to_vec())
     };
-    let upd = |args: &[&[u8]], u: Update| Ok((Op::Update(key(args)?, u), Shape::Reply));
+    let upd = |args: &[&[u8]], u: Update| Ok((Op::Update(key(args)?, Box::new(u)), Shape::Reply));
     let rd = |args: &[&[u8]], r: Read| Ok((Op::Read(key(args)?, r), Shape::Reply));
     let n = args.len();
     let parsed = match name {
@@ -303,7 +303,7 @@ fn parse_set(args: &[&[u8]], now: u64) -> Result<(Op, Shape), String> {
         (Ttl::At(at), false) => (Op::Set(key, value, cond, at.max(1) as u64), Shape::SetReply),
         (ttl, get) => {
             let shape = if get { Shape::Reply } else { Shape::SetReply };
-            (Op::Update(key, Update::Set { value, cond, ttl, get }), shape)
+            (Op::Update(key, Box::new(Update::Set { value, cond, ttl, get })), shape)
         }
     })
 }

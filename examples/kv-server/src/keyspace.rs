@@ -217,8 +217,8 @@ async fn rename(kv: &Rc<KvShard>, src: &[u8], dst: &[u8], nx: bool) -> Result<Ve
         other => return Err(format!("ERR internal: unexpected {other:?}")),
     }
     // The source's manifest is removed, not its chunks: the destination names them now.
-    let del = Op::Update(src.to_vec(), Update::DelIf(entry.value, entry.expires));
-    run_one(kv, del).await?;
+    let del_if = Box::new(Update::DelIf(entry.value, entry.expires));
+    run_one(kv, Op::Update(src.to_vec(), del_if)).await?;
     Ok(done(true))
 }
 

@@ -42,8 +42,8 @@ pub enum Op {
     /// A read of one key (TTL, TYPE, STRLEN, GETRANGE, ...).
     Read(Vec<u8>, Read),
     /// A read-modify-write of one key, atomic under its bucket lock (INCR, APPEND, EXPIRE,
-    /// SET ... GET, ...).
-    Update(Vec<u8>, Update),
+    /// SET ... GET, ...). Boxed: an `Op` stays as small as a GET's inline key needs.
+    Update(Vec<u8>, Box<Update>),
 }
 
 impl Op {
@@ -66,6 +66,9 @@ impl Op {
         matches!(self, Op::Set(..) | Op::SetManifest(..) | Op::Del(..) | Op::Update(..))
     }
 }
+
+// Batches move operations around: the rarer ones must not make every GET's larger.
+const _: () = assert!(std::mem::size_of::<Op>() <= 64);
 
 /// Bytes of a key kept inside a [`Key`] without a heap allocation.
 const KEY_INLINE_BYTES: usize = 46;
@@ -209,9 +212,9 @@ fn with_key(out: OpOut, key: &[u8]) -> OpOut {
 
 /// Runs a read-modify-write on its owner; one that grows past a record, or changes a large
 /// value in place, takes the large-value path from here ([`large::edit`]).
-async fn run_update(kv: &Rc<KvShard>, k: Vec<u8>, u: Update) -> OpOut {
+async fn run_update(kv: &Rc<KvShard>, k: Vec<u8>, u: Box<Update>) -> OpOut {
     let me = kv.shard.id();
-    let fresh = match &u {
+    let fresh = match &*u {
         Update::SetLarge { manifest, .. } => Some(*manifest),
         _ => None,
     };
@@ -226,7 +229,7 @@ async fn run_update(kv: &Rc<KvShard>, k: Vec<u8>, u: Update) -> OpOut {
     if out != OpOut::Grow {
         return out;
     }
-    match &u {
+    match &*u {
         Update::Append(data) => large::edit(kv, &k, large::Edit::Append(data)).await,
         Update::SetRange(offset, data) => {
             large::edit(kv, &k, large::Edit::SetRange(*offset as u64, data)).await
@@ -952,9 +955,12 @@ impl Conn {
             let at = if name == b"mset" { i / 2 } else { 0 };
             ops[at] = match std::mem::replace(&mut ops[at], Op::Exists(Vec::new())) {
                 Op::Set(k, _, cond, expires) => Op::SetManifest(k, m, cond, expires, true),
-                Op::Update(k, Update::Set { cond, ttl, get, .. }) => {
-                    Op::Update(k, Update::SetLarge { manifest: m, cond, ttl, get })
-                }
+                Op::Update(k, u) => match *u {
+                    Update::Set { cond, ttl, get, .. } => {
+                        Op::Update(k, Box::new(Update::SetLarge { manifest: m, cond, ttl, get }))
+                    }
+                    u => Op::Update(k, Box::new(u)),
+                },
                 other => other,
             };
         }
