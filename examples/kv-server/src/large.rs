@@ -173,7 +173,10 @@ async fn finish_chunks(
         Ok(()) => Ok(*m),
         Err(e) => {
             discard(kv, m).await;
-            Err(e)
+            Err(match e {
+                KvError::OutOfSpace(r) => KvError::ChunkOutOfSpace(r),
+                e => e,
+            })
         }
     }
 }

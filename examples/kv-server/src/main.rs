@@ -256,8 +256,8 @@ fn run(args: Args) -> Result<(), String> {
         // Without a log, acknowledged writes would not be durable.
         return Err(format!("--log-size {}: at least 64K", args.log_size));
     }
-    if !(4096..=format::MAX_VALUE as u32).contains(&args.chunk_bytes) {
-        return Err(format!("--chunk-bytes {}: 4096 to {}", args.chunk_bytes, format::MAX_VALUE));
+    if !(1024..=format::MAX_VALUE as u32).contains(&args.chunk_bytes) {
+        return Err(format!("--chunk-bytes {}: 1024 to {}", args.chunk_bytes, format::MAX_VALUE));
     }
     // A chunk's log record (header, 12-byte key, the chunk) must fit the log's largest record:
     // at most half the region's data area (the engine's rule, corebuf_shard::log::LogConfig).

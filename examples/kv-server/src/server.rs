@@ -918,7 +918,7 @@ impl Conn {
             b"mset" => {
                 let ops = stand_in
                     .chunks(2)
-                    .map(|p| Op::Set(p[0].to_vec(), Vec::new(), Cond::Always, 0))
+                    .map(|p| Op::Set(p[0].to_vec(), p[1].to_vec(), Cond::Always, 0))
                     .collect::<Vec<_>>();
                 let n = ops.len();
                 Ok((ops, Item::AllOk(0..n)))

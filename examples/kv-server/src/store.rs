@@ -121,6 +121,8 @@ pub enum KvError {
     Engine(String),
     /// The key's range has no free block left.
     OutOfSpace(u64),
+    /// A chunk of a large value hashes to a range with no free block left.
+    ChunkOutOfSpace(u64),
     /// The server is shutting down.
     ShuttingDown,
 }
@@ -134,6 +136,11 @@ impl fmt::Display for KvError {
                 f,
                 "ERR out of space: region {r} of the data file (where this key hashes) is full; \
                  delete keys or use a larger --size"
+            ),
+            KvError::ChunkOutOfSpace(r) => write!(
+                f,
+                "ERR out of space: region {r} of the data file, where a chunk of this large value \
+                 hashes, is full; nothing was stored (delete keys or use a larger --size)"
             ),
             KvError::ShuttingDown => write!(f, "ERR the server is shutting down"),
         }
