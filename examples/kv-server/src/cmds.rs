@@ -2,8 +2,9 @@
 //! connection, and what the op does to the key's live value on its owner shard ([`apply`],
 //! [`read`]), under the key's bucket lock. Replies and error texts are Redis 7's.
 
-use crate::format::MAX_VALUE;
-use crate::server::{check_key, check_value_len, Growth, Op, OpOut};
+use crate::format::{Manifest, MAX_VALUE};
+use crate::large::LargeRef;
+use crate::server::{check_key, check_value_len, damaged_manifest, Growth, Op, OpOut};
 use crate::store::{Cond, Entry, Write};
 
 /// Redis's reply when an argument or a stored value is not a 64-bit integer.
@@ -67,6 +68,17 @@ pub enum Update {
     Set {
         /// The value.
         value: Vec<u8>,
+        /// NX / XX.
+        cond: Cond,
+        /// Its expiry.
+        ttl: Ttl,
+        /// Answer the old value (GET) rather than OK / nil.
+        get: bool,
+    },
+    /// SET of a large value (its chunks written): as [`Update::Set`] with the manifest.
+    SetLarge {
+        /// The new value's manifest.
+        manifest: Manifest,
         /// NX / XX.
         cond: Cond,
         /// Its expiry.
@@ -346,7 +358,9 @@ fn parse_expire(name: &[u8], args: &[&[u8]], now: u64) -> Result<Update, String>
     Ok(Update::Expire(at, c))
 }
 
-/// What a read answers, from the key's live value.
+/// What a read answers, from the key's live value. A large value's bytes are not here: its
+/// length comes from its manifest, and GETRANGE answers a [`OpOut::Large`] range that the
+/// connection streams (its key filled in by the caller).
 pub fn read(r: Read, live: Option<&Entry>, now: u64) -> OpOut {
     match (r, live) {
         (Read::Ttl { .. } | Read::ExpireTime { .. }, None) => OpOut::Int(-2),
@@ -360,7 +374,16 @@ pub fn read(r: Read, live: Option<&Entry>, now: u64) -> OpOut {
             OpOut::Int(if millis { ms } else { (ms + 500) / 1000 })
         }
         (Read::Type, e) => OpOut::Status(if e.is_some() { "string" } else { "none" }),
-        (Read::Strlen, e) => OpOut::Int(e.map_or(0, |e| e.value.len() as i64)),
+        (Read::Strlen, e) => OpOut::Int(e.map_or(0, |e| e.len() as i64)),
+        (Read::GetRange(start, end), Some(e)) if e.manifest => match e.large() {
+            Some(m) => {
+                let (from, len) = getrange_span(m.total_len, start, end);
+                let mut large = LargeRef::whole(Vec::new(), m);
+                (large.start, large.len, large.range) = (from, len, Some((start, end)));
+                OpOut::Large(Box::new(large))
+            }
+            None => OpOut::Err(damaged_manifest(b"")),
+        },
         (Read::GetRange(start, end), e) => {
             OpOut::Value(Some(e.map_or(&[][..], |e| getrange(&e.value, start, end)).to_vec()))
         }
@@ -368,26 +391,67 @@ pub fn read(r: Read, live: Option<&Entry>, now: u64) -> OpOut {
     }
 }
 
-/// GETRANGE's slice, as Redis 7 computes it (negative indexes count from the end).
-pub fn getrange(value: &[u8], start: i64, end: i64) -> &[u8] {
-    let len = value.len() as i64;
+/// The value of `live` as an answer: its bytes, or a large value to stream (whose chunks the
+/// caller's own removal frees only after the reply, so it is not read again).
+fn value_answer(live: Option<&Entry>) -> OpOut {
+    match live {
+        Some(e) if e.manifest => match e.large() {
+            Some(m) => {
+                let mut large = LargeRef::whole(Vec::new(), m);
+                large.reread = false;
+                OpOut::Large(Box::new(large))
+            }
+            None => OpOut::Err(damaged_manifest(b"")),
+        },
+        live => OpOut::Value(live.map(|e| e.value.clone())),
+    }
+}
+
+/// The same value as `e` with expiry `expires` (a large value keeps its manifest).
+fn retime(e: &Entry, expires: u64) -> Write {
+    if e.manifest {
+        Write::Large(e.value.clone(), expires)
+    } else {
+        Write::Set(e.value.clone(), expires)
+    }
+}
+
+/// GETRANGE's span of a value of `len` bytes: (first byte, byte count), as [`getrange`].
+pub fn getrange_span(len: u64, start: i64, end: i64) -> (u64, u64) {
+    let len = len as i64;
     if start < 0 && end < 0 && start > end {
-        return &[];
+        return (0, 0);
     }
     let start = if start < 0 { (len + start).max(0) } else { start };
     let end = if end < 0 { (len + end).max(0) } else { end };
     let end = end.min(len - 1);
     if len == 0 || start > end {
-        return &[];
+        return (0, 0);
     }
-    &value[start as usize..=end as usize]
+    (start as u64, (end - start + 1) as u64)
+}
+
+/// GETRANGE's slice, as Redis 7 computes it (negative indexes count from the end).
+pub fn getrange(value: &[u8], start: i64, end: i64) -> &[u8] {
+    let (from, len) = getrange_span(value.len() as u64, start, end);
+    &value[from as usize..(from + len) as usize]
 }
 
 /// What an update does to the key's live value (`None`: absent or expired) at `now`: the
 /// write and the answer.
 pub fn apply(u: &Update, live: Option<&Entry>, now: u64) -> (Write, OpOut) {
     let keep_ttl = live.map_or(0, |e| e.expires);
+    let large = live.is_some_and(|e| e.manifest);
     match u {
+        Update::SetLarge { manifest, cond, ttl, get } => {
+            let set = Update::Set { value: Vec::new(), cond: *cond, ttl: *ttl, get: *get };
+            match apply(&set, live, now) {
+                (Write::Set(_, expires), answer) => {
+                    (Write::Large(manifest.encode().to_vec(), expires), answer)
+                }
+                other => other,
+            }
+        }
         Update::Set { value, cond, ttl, get } => {
             let holds = match cond {
                 Cond::Always => true,
@@ -400,28 +464,43 @@ pub fn apply(u: &Update, live: Option<&Entry>, now: u64) -> (Write, OpOut) {
                 Ttl::At(at) => (*at).max(1) as u64,
             };
             let write = if holds { Write::Set(value.clone(), expires) } else { Write::Keep };
-            let answer =
-                if *get { OpOut::Value(live.map(|e| e.value.clone())) } else { OpOut::Done(holds) };
+            let answer = if *get { value_answer(live) } else { OpOut::Done(holds) };
             (write, answer)
         }
         Update::GetDel => match live {
-            Some(e) => (Write::Del, OpOut::Value(Some(e.value.clone()))),
+            Some(_) => (Write::Del, value_answer(live)),
             None => (Write::Keep, OpOut::Value(None)),
         },
         Update::GetEx(ttl) => match (live, ttl) {
             (None, _) => (Write::Keep, OpOut::Value(None)),
-            (Some(e), Ttl::Keep) => (Write::Keep, OpOut::Value(Some(e.value.clone()))),
-            (Some(e), Ttl::Clear) if e.expires == 0 => {
-                (Write::Keep, OpOut::Value(Some(e.value.clone())))
-            }
-            (Some(e), Ttl::Clear) => {
-                (Write::Set(e.value.clone(), 0), OpOut::Value(Some(e.value.clone())))
-            }
-            (Some(e), Ttl::At(at)) => {
-                let write = Write::Set(e.value.clone(), (*at).max(1) as u64);
-                (write, OpOut::Value(Some(e.value.clone())))
-            }
+            (Some(_), Ttl::Keep) => (Write::Keep, value_answer(live)),
+            (Some(e), Ttl::Clear) if e.expires == 0 => (Write::Keep, value_answer(live)),
+            (Some(e), Ttl::Clear) => (retime(e, 0), value_answer(live)),
+            (Some(e), Ttl::At(at)) => (retime(e, (*at).max(1) as u64), value_answer(live)),
         },
+        // A large value is never a number (Redis's numbers are short strings).
+        Update::IncrBy(_) if large => (Write::Keep, OpOut::Err(NOT_INTEGER.into())),
+        Update::IncrByFloat(_) if large => (Write::Keep, OpOut::Err(NOT_FLOAT.into())),
+        // Past one record, or changing a large value: the large-value path (`large::edit`).
+        Update::Append(suffix)
+            if large || live.map_or(0, |e| e.value.len()) + suffix.len() > MAX_VALUE =>
+        {
+            let len = live.map_or(0, Entry::len) + suffix.len() as u64;
+            match check_value_len(usize::try_from(len).unwrap_or(usize::MAX), Growth::Grow) {
+                Ok(()) => (Write::Keep, OpOut::Grow),
+                Err(e) => (Write::Keep, OpOut::Err(e)),
+            }
+        }
+        Update::SetRange(offset, data)
+            if !data.is_empty()
+                && (large
+                    || live.map_or(0, |e| e.value.len()).max(offset + data.len()) > MAX_VALUE) =>
+        {
+            (Write::Keep, OpOut::Grow)
+        }
+        Update::SetRange(_, data) if data.is_empty() && large => {
+            (Write::Keep, OpOut::Int(live.map_or(0, Entry::len) as i64))
+        }
         Update::IncrBy(by) => {
             let current = match live {
                 None => 0,
@@ -476,7 +555,7 @@ pub fn apply(u: &Update, live: Option<&Entry>, now: u64) -> (Write, OpOut) {
                 value.resize(end, 0);
             }
             value[*offset..end].copy_from_slice(data);
-            debug_assert!(value.len() <= MAX_VALUE, "the parser checked the length");
+            debug_assert!(value.len() <= MAX_VALUE, "longer values take the large path");
             let len = value.len() as i64;
             (Write::Set(value, keep_ttl), OpOut::Int(len))
         }
@@ -493,12 +572,13 @@ pub fn apply(u: &Update, live: Option<&Entry>, now: u64) -> (Write, OpOut) {
             if *at <= now as i64 {
                 return (Write::Del, OpOut::Int(1));
             }
-            (Write::Set(e.value.clone(), *at as u64), OpOut::Int(1))
+            (retime(e, *at as u64), OpOut::Int(1))
         }
         Update::Persist => match live {
-            Some(e) if e.expires != 0 => (Write::Set(e.value.clone(), 0), OpOut::Int(1)),
+            Some(e) if e.expires != 0 => (retime(e, 0), OpOut::Int(1)),
             _ => (Write::Keep, OpOut::Int(0)),
         },
+        // (A manifest names a random tag: no plain value equals one by chance.)
         Update::DelIf(value, expires) => match live {
             Some(e) if &e.value == value && e.expires == *expires => {
                 (Write::Del, OpOut::Done(true))
@@ -553,11 +633,11 @@ mod tests {
 
     #[test]
     fn updates_keep_or_clear_the_ttl_as_redis() {
-        let live = Entry { value: b"41".to_vec(), expires: 5000 };
+        let live = Entry { value: b"41".to_vec(), expires: 5000, manifest: false };
         let (w, out) = apply(&Update::IncrBy(1), Some(&live), 1000);
         assert_eq!(w, Write::Set(b"42".to_vec(), 5000), "INCR keeps the TTL");
         assert_eq!(out, OpOut::Int(42));
-        let max = Entry { value: i64::MAX.to_string().into_bytes(), expires: 0 };
+        let max = Entry { value: i64::MAX.to_string().into_bytes(), expires: 0, manifest: false };
         let (w, out) = apply(&Update::IncrBy(1), Some(&max), 1000);
         assert_eq!(w, Write::Keep);
         assert_eq!(out, OpOut::Err("ERR increment or decrement would overflow".into()));
@@ -570,7 +650,7 @@ mod tests {
         assert_eq!(w, Write::Set(b"\0\0\0ab".to_vec(), 0), "padded with zero bytes");
         assert_eq!(out, OpOut::Int(5));
         let gt = ExpireCond { gt: true, ..ExpireCond::default() };
-        let no_ttl = Entry { value: b"v".to_vec(), expires: 0 };
+        let no_ttl = Entry { value: b"v".to_vec(), expires: 0, manifest: false };
         assert_eq!(apply(&Update::Expire(9000, gt), Some(&no_ttl), 1000).1, OpOut::Int(0));
         let lt = ExpireCond { lt: true, ..ExpireCond::default() };
         assert_eq!(apply(&Update::Expire(9000, lt), Some(&no_ttl), 1000).1, OpOut::Int(1));

@@ -18,8 +18,11 @@ pub const BUCKETS_PER_RANGE: u64 = 64;
 pub const POOL_START: u64 = 1 + BUCKETS_PER_RANGE;
 /// Longest key, bytes.
 pub const MAX_KEY: usize = 1024;
-/// Longest value, bytes (a documented limit; larger values get an error).
+/// Longest value one record holds, bytes (written in the superblock's geometry). A longer
+/// value is stored as chunks under a manifest (see [`Manifest`]).
 pub const MAX_VALUE: usize = 64 << 10;
+/// Longest value a client may store (Redis's `proto-max-bulk-len`): 512 MiB.
+pub const PROTO_MAX_BULK: usize = 512 << 20;
 
 /// The magic at offset 0 of every block the server writes.
 pub const MAGIC: [u8; 4] = *b"CBKV";
@@ -71,9 +74,13 @@ pub mod rtype {
 pub mod rflags {
     /// An 8-byte absolute expiry (unix milliseconds) follows the record header, before the key.
     pub const EXPIRES: u8 = 1;
-    /// The bits this build knows; the others (bit 1 is reserved for chunked large values) make
-    /// the record corrupt to this build.
-    pub const KNOWN: u8 = EXPIRES;
+    /// The record's value is a large-value manifest ([`super::Manifest`]), not the value.
+    pub const MANIFEST: u8 = 2;
+    /// An internal chunk record of a large value: invisible to every user-facing lookup (its
+    /// key is a chunk key, [`super::chunk_key`], in a name space of its own).
+    pub const CHUNK: u8 = 4;
+    /// The bits this build knows; the others make the record corrupt to this build.
+    pub const KNOWN: u8 = EXPIRES | MANIFEST | CHUNK;
 }
 
 /// A format or integrity problem: what is wrong and where.
@@ -304,6 +311,92 @@ pub fn mix64(mut x: u64) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Large values: the manifest a user key's record holds, and the chunk keys.
+
+/// Bytes of an encoded [`Manifest`].
+pub const MANIFEST_BYTES: usize = 32;
+/// The manifest layout version (byte 0 of a manifest).
+pub const MANIFEST_VERSION: u8 = 1;
+/// Bytes of a chunk key: the tag (8) and the chunk index (4).
+pub const CHUNK_KEY_BYTES: usize = 12;
+
+/// What a user key's record holds when its value is larger than one record ([`MAX_VALUE`]):
+/// the value is cut into `count` chunks of `chunk_bytes` (the last one shorter), chunk `i`
+/// stored as an internal chunk record under [`chunk_key`]`(tag, i)`. FORMAT.md, "Large values".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// The value's length in bytes.
+    pub total_len: u64,
+    /// The random per-write tag every chunk key of this value starts with.
+    pub tag: u64,
+    /// Bytes per chunk (the last chunk holds the rest).
+    pub chunk_bytes: u32,
+    /// Chunks: `ceil(total_len / chunk_bytes)`.
+    pub count: u32,
+}
+
+impl Manifest {
+    /// A manifest for a value of `total_len` bytes in chunks of `chunk_bytes`.
+    pub fn new(total_len: u64, tag: u64, chunk_bytes: u32) -> Manifest {
+        let count = total_len.div_ceil(chunk_bytes as u64) as u32;
+        Manifest { total_len, tag, chunk_bytes, count }
+    }
+
+    /// The 32-byte encoding (the record's value).
+    pub fn encode(&self) -> [u8; MANIFEST_BYTES] {
+        let mut b = [0u8; MANIFEST_BYTES];
+        b[0] = MANIFEST_VERSION;
+        put_u32(&mut b, 4, self.chunk_bytes);
+        put_u64(&mut b, 8, self.total_len);
+        put_u64(&mut b, 16, self.tag);
+        put_u32(&mut b, 24, self.count);
+        b
+    }
+
+    /// Decodes a manifest record's value; an error says what is wrong with it.
+    pub fn decode(b: &[u8]) -> Result<Manifest, String> {
+        if b.len() != MANIFEST_BYTES || b[0] != MANIFEST_VERSION {
+            return Err(format!(
+                "a large-value manifest of {} bytes, version {:?}",
+                b.len(),
+                b.first()
+            ));
+        }
+        let m = Manifest {
+            chunk_bytes: get_u32(b, 4),
+            total_len: get_u64(b, 8),
+            tag: get_u64(b, 16),
+            count: get_u32(b, 24),
+        };
+        let chunk_ok = (1..=MAX_VALUE as u32).contains(&m.chunk_bytes);
+        if !chunk_ok
+            || m.total_len > PROTO_MAX_BULK as u64
+            || m.count as u64 != m.total_len.div_ceil(m.chunk_bytes.max(1) as u64)
+        {
+            return Err(format!("an inconsistent large-value manifest {m:?}"));
+        }
+        Ok(m)
+    }
+
+    /// The byte length of chunk `index`.
+    pub fn chunk_len(&self, index: u32) -> usize {
+        let start = index as u64 * self.chunk_bytes as u64;
+        (self.total_len - start).min(self.chunk_bytes as u64) as usize
+    }
+}
+
+/// The key of chunk `index` of the large value with `tag`: the tag and the index,
+/// little-endian. It is hashed like any key (so chunks spread over ranges and shards), and it
+/// names a record only together with [`rflags::CHUNK`]: a user key with the same bytes is
+/// another key.
+pub fn chunk_key(tag: u64, index: u32) -> [u8; CHUNK_KEY_BYTES] {
+    let mut k = [0u8; CHUNK_KEY_BYTES];
+    put_u64(&mut k, 0, tag);
+    put_u32(&mut k, 8, index);
+    k
+}
+
+// ---------------------------------------------------------------------------------------------
 // Superblock.
 
 /// The superblock's fields (both copies, blocks 0 and 1, hold one of these; the valid copy
@@ -515,8 +608,22 @@ pub struct RecordRef {
     pub value_len: usize,
     /// Absolute expiry, unix milliseconds; 0 when the record has none.
     pub expires: u64,
+    /// The flags byte ([`rflags`]).
+    pub flags: u8,
     /// Inline value (offset) or extents (tag, block offsets within the range).
     pub body: Body,
+}
+
+impl RecordRef {
+    /// Whether this is an internal chunk record ([`rflags::CHUNK`]).
+    pub fn is_chunk(&self) -> bool {
+        self.flags & rflags::CHUNK != 0
+    }
+
+    /// Whether its value is a large-value manifest ([`rflags::MANIFEST`]).
+    pub fn is_manifest(&self) -> bool {
+        self.flags & rflags::MANIFEST != 0
+    }
 }
 
 /// Where a record's value is.
@@ -601,7 +708,7 @@ pub fn parse_record(block: u64, data: &[u8], at: usize, end: usize) -> Result<Re
     let key_len = get_u16(data, at + 2) as usize;
     let value_len = get_u32(data, at + 4) as usize;
     let version = get_u64(data, at + 8);
-    if flags & !rflags::KNOWN != 0 {
+    if flags & !rflags::KNOWN != 0 || flags & rflags::MANIFEST & (flags >> 1) != 0 {
         return Err(corrupt(block, format!("record at {at}: unknown flags {flags:#04x}")));
     }
     let expires = if flags & rflags::EXPIRES != 0 {
@@ -642,7 +749,7 @@ pub fn parse_record(block: u64, data: &[u8], at: usize, end: usize) -> Result<Re
     if at + len > end {
         return Err(corrupt(block, format!("record at {at} overruns the record area")));
     }
-    Ok(RecordRef { offset: at, len, rtype, version, key, value_len, expires, body })
+    Ok(RecordRef { offset: at, len, rtype, version, key, value_len, expires, flags, body })
 }
 
 /// Writes a record's header, expiry field and key into `r`; returns where the key ends.
@@ -653,9 +760,10 @@ fn put_record_head(
     value_len: usize,
     version: u64,
     expires: u64,
+    kind_flags: u8,
 ) -> usize {
     r[0] = rt;
-    r[1] = if expires != 0 { rflags::EXPIRES } else { 0 };
+    r[1] = kind_flags | if expires != 0 { rflags::EXPIRES } else { 0 };
     put_u16(r, 2, key.len() as u16);
     put_u32(r, 4, value_len as u32);
     put_u64(r, 8, version);
@@ -668,14 +776,28 @@ fn put_record_head(
 }
 
 /// Encodes an inline record (`expires`: unix milliseconds, 0 for none).
+#[cfg(test)]
 pub fn encode_inline(key: &[u8], value: &[u8], version: u64, expires: u64) -> Vec<u8> {
+    encode_inline_with(key, value, version, expires, 0)
+}
+
+/// Encodes an inline record with the kind flags `kind_flags` ([`rflags::MANIFEST`] or
+/// [`rflags::CHUNK`], or 0; the expiry flag follows from `expires`).
+pub fn encode_inline_with(
+    key: &[u8],
+    value: &[u8],
+    version: u64,
+    expires: u64,
+    kind_flags: u8,
+) -> Vec<u8> {
     let mut r = vec![0u8; inline_record_len(key.len(), value.len(), expires)];
-    let at = put_record_head(&mut r, rtype::INLINE, key, value.len(), version, expires);
+    let at = put_record_head(&mut r, rtype::INLINE, key, value.len(), version, expires, kind_flags);
     r[at..].copy_from_slice(value);
     r
 }
 
 /// Encodes an extent record (`expires`: unix milliseconds, 0 for none).
+#[cfg(test)]
 pub fn encode_extents(
     key: &[u8],
     value_len: usize,
@@ -684,8 +806,22 @@ pub fn encode_extents(
     tag: u64,
     list: &[u16],
 ) -> Vec<u8> {
+    encode_extents_with(key, value_len, version, expires, tag, list, 0)
+}
+
+/// Encodes an extent record with the kind flags `kind_flags` (as [`encode_inline_with`]).
+pub fn encode_extents_with(
+    key: &[u8],
+    value_len: usize,
+    version: u64,
+    expires: u64,
+    tag: u64,
+    list: &[u16],
+    kind_flags: u8,
+) -> Vec<u8> {
     let mut r = vec![0u8; extent_record_len(key.len(), list.len(), expires)];
-    let meta = put_record_head(&mut r, rtype::EXTENTS, key, value_len, version, expires);
+    let meta =
+        put_record_head(&mut r, rtype::EXTENTS, key, value_len, version, expires, kind_flags);
     put_u64(&mut r, meta, tag);
     put_u16(&mut r, meta + 8, list.len() as u16);
     for (i, &b) in list.iter().enumerate() {
@@ -899,6 +1035,33 @@ mod tests {
     }
 
     #[test]
+    fn manifests_and_chunk_keys_are_pinned() {
+        let m = Manifest::new(100 << 20, 0x0102_0304_0506_0708, 8096);
+        assert_eq!(m.count, (100u64 << 20).div_ceil(8096) as u32);
+        let b = m.encode();
+        assert_eq!(b[0], MANIFEST_VERSION);
+        assert_eq!(&b[1..4], &[0, 0, 0]);
+        assert_eq!(get_u32(&b, 4), 8096);
+        assert_eq!(get_u64(&b, 8), 100 << 20);
+        assert_eq!(get_u64(&b, 16), 0x0102_0304_0506_0708);
+        assert_eq!(get_u32(&b, 24), m.count);
+        assert_eq!(&b[28..], &[0, 0, 0, 0]);
+        assert_eq!(Manifest::decode(&b), Ok(m));
+        assert_eq!(m.chunk_len(0), 8096);
+        assert_eq!(m.chunk_len(m.count - 1), ((100 << 20) - 8096 * (m.count as u64 - 1)) as usize);
+        let mut bad = b;
+        put_u32(&mut bad, 24, m.count + 1);
+        assert!(Manifest::decode(&bad).is_err(), "a count that does not match the length");
+        assert!(Manifest::decode(&b[..31]).is_err());
+        let k = chunk_key(0x0102_0304_0506_0708, 5);
+        assert_eq!(k, [8, 7, 6, 5, 4, 3, 2, 1, 5, 0, 0, 0]);
+        let r = encode_inline_with(&k, b"chunk", 9, 0, rflags::CHUNK);
+        assert_eq!(r[1], rflags::CHUNK, "byte 1 bit 2: a chunk record");
+        let r = encode_inline_with(b"user", &b, 9, 77, rflags::MANIFEST);
+        assert_eq!(r[1], rflags::MANIFEST | rflags::EXPIRES, "bit 1: a manifest; bit 0: expiry");
+    }
+
+    #[test]
     fn records_with_an_expiry_carry_it_after_the_header() {
         let expires = 1_700_000_000_123u64;
         let r = encode_inline(b"key", b"value", 42, expires);
@@ -931,9 +1094,16 @@ mod tests {
         assert_eq!(&data[recs[2].key.0..recs[2].key.0 + 3], b"big");
         assert_eq!(recs[2].body, Body::Extents(0xABCD, vec![70, 71, 72]));
 
-        // Flag bits this build does not know (bit 1: chunked values, later) are refused.
+        // Flag bits this build does not know (bit 3 and up) are refused, and so is a record
+        // that says it is a manifest and a chunk at once.
         let mut bad = data.clone();
-        bad[RECORD_BLOCK_HEADER + 1] |= 2;
+        bad[RECORD_BLOCK_HEADER + 1] |= 8;
+        assert!(parse_record(300, &bad, RECORD_BLOCK_HEADER, RECORD_BLOCK_HEADER + r.len())
+            .unwrap_err()
+            .what
+            .contains("unknown flags"));
+        let mut bad = data.clone();
+        bad[RECORD_BLOCK_HEADER + 1] |= rflags::MANIFEST | rflags::CHUNK;
         assert!(parse_record(300, &bad, RECORD_BLOCK_HEADER, RECORD_BLOCK_HEADER + r.len())
             .unwrap_err()
             .what

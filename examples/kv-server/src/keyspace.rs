@@ -15,8 +15,9 @@
 use std::rc::Rc;
 
 use crate::cmds::{self, Read, Update};
-use crate::format::{BUCKETS_PER_RANGE, RANGE_BLOCKS};
+use crate::format::{BUCKETS_PER_RANGE, MAX_VALUE, PROTO_MAX_BULK, RANGE_BLOCKS};
 use crate::glob;
+use crate::large;
 use crate::resp;
 use crate::server::{exec_ops, on_every_shard, Op, OpOut};
 use crate::store::{Cond, Geometry, KvShard};
@@ -108,7 +109,7 @@ async fn run_grouped(kv: &Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
     out.into_iter().map(|o| o.unwrap_or(OpOut::Err("ERR internal: no result".into()))).collect()
 }
 
-/// One operation on its owner.
+/// One operation on its owner (its result as it is, chunks to free included).
 async fn run_one(kv: &Rc<KvShard>, op: Op) -> Result<OpOut, String> {
     match run_grouped(kv, vec![op]).await.pop() {
         Some(OpOut::Err(e)) => Err(e),
@@ -143,14 +144,52 @@ async fn msetnx(kv: &Rc<KvShard>, args: &[&[u8]]) -> Result<Vec<u8>, String> {
             other => return Err(format!("ERR internal: unexpected {other:?}")),
         }
     }
-    let sets =
-        args.chunks(2).map(|p| Op::Set(p[0].to_vec(), p[1].to_vec(), Cond::Always, 0)).collect();
-    if let Some(OpOut::Err(e)) =
-        run_grouped(kv, sets).await.into_iter().find(|o| matches!(o, OpOut::Err(_)))
-    {
-        return Err(e);
+    // Large values: their chunks first (from the request, not copied whole).
+    let mut sets = Vec::with_capacity(args.len() / 2);
+    for p in args.chunks(2) {
+        if p[1].len() <= MAX_VALUE {
+            sets.push(Op::Set(p[0].to_vec(), p[1].to_vec(), Cond::Always, 0));
+            continue;
+        }
+        match large::write_value(kv, p[1]).await {
+            Ok(m) => sets.push(Op::SetManifest(p[0].to_vec(), m, Cond::Always, 0, true)),
+            Err(e) => {
+                for op in &sets {
+                    if let Op::SetManifest(_, m, ..) = op {
+                        large::discard(kv, m).await;
+                    }
+                }
+                return Err(e.to_string());
+            }
+        }
     }
-    Ok(integer(1))
+    let mut error = None;
+    for out in run_grouped(kv, sets).await {
+        if let OpOut::Err(e) = settle(kv, out).await {
+            error.get_or_insert(e);
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(integer(1)),
+    }
+}
+
+/// Frees the chunks `out` says its operation left to free; returns the result itself.
+async fn settle(kv: &Rc<KvShard>, out: OpOut) -> OpOut {
+    let (out, orphan) = out.split();
+    if let Some(orphan) = orphan {
+        large::free_chunks(kv, orphan).await;
+    }
+    out
+}
+
+/// One operation on its owner, its chunks to free freed.
+async fn run_settled(kv: &Rc<KvShard>, op: Op) -> Result<OpOut, String> {
+    match settle(kv, run_one(kv, op).await?).await {
+        OpOut::Err(e) => Err(e),
+        out => Ok(out),
+    }
 }
 
 async fn rename(kv: &Rc<KvShard>, src: &[u8], dst: &[u8], nx: bool) -> Result<Vec<u8>, String> {
@@ -166,12 +205,18 @@ async fn rename(kv: &Rc<KvShard>, src: &[u8], dst: &[u8], nx: bool) -> Result<Ve
         return Ok(done(false));
     }
     let cond = if nx { Cond::Nx } else { Cond::Always };
-    let set = Op::Set(dst.to_vec(), entry.value.clone(), cond, entry.expires);
-    match run_one(kv, set).await? {
+    // A large value moves as its manifest: the chunks stay where they are.
+    let set = match entry.large() {
+        Some(m) => Op::SetManifest(dst.to_vec(), m, cond, entry.expires, false),
+        None if entry.manifest => return Err(crate::server::damaged_manifest(src)),
+        None => Op::Set(dst.to_vec(), entry.value.clone(), cond, entry.expires),
+    };
+    match run_settled(kv, set).await? {
         OpOut::Done(true) => {}
         OpOut::Done(false) => return Ok(done(false)),
         other => return Err(format!("ERR internal: unexpected {other:?}")),
     }
+    // The source's manifest is removed, not its chunks: the destination names them now.
     let del_if = Box::new(Update::DelIf(entry.value, entry.expires));
     run_one(kv, Op::Update(src.to_vec(), del_if)).await?;
     Ok(done(true))
@@ -327,6 +372,10 @@ async fn save(kv: &Rc<KvShard>) -> Result<Vec<u8>, String> {
     Ok(simple("OK"))
 }
 
+/// [`PROTO_MAX_BULK`] as CONFIG GET answers it.
+const PROTO_MAX_BULK_TEXT: &str = "536870912";
+const _: () = assert!(PROTO_MAX_BULK == 536_870_912);
+
 /// CONFIG GET pattern [pattern ...]: pairs for the known parameters that match.
 pub fn config_get(geo: &Geometry, patterns: &[&[u8]]) -> Vec<u8> {
     let fsync = geo.fsync.to_string();
@@ -337,7 +386,7 @@ pub fn config_get(geo: &Geometry, patterns: &[&[u8]]) -> Vec<u8> {
         ("databases", "1"),
         ("maxmemory", "0"),
         ("maxmemory-policy", "noeviction"),
-        ("proto-max-bulk-len", "1048576"),
+        ("proto-max-bulk-len", PROTO_MAX_BULK_TEXT),
     ];
     let hits: Vec<(&str, &str)> = known
         .iter()

@@ -10,12 +10,14 @@
 //! redis-cli -p 7379 set greeting hello
 //! ```
 
+mod chunks;
 mod cluster;
 mod cmds;
 mod cmdtable;
 mod format;
 mod glob;
 mod keyspace;
+mod large;
 mod lock;
 mod logrec;
 mod resp;
@@ -87,6 +89,11 @@ struct Args {
     /// is the one at --bind and --port (which must not be 0).
     #[arg(long)]
     cluster_nodes: Option<String>,
+    /// Bytes per chunk of a value larger than one record (64 KiB): the chunk size new large
+    /// values are written with (each manifest records its own, so it may change between
+    /// runs). Multiples of 4048 (an extent block's payload) waste no pool space.
+    #[arg(long, default_value_t = store::CHUNK_BYTES_DEFAULT)]
+    chunk_bytes: u32,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -256,6 +263,21 @@ fn run(args: Args) -> Result<(), String> {
         // Without a log, acknowledged writes would not be durable.
         return Err(format!("--log-size {}: at least 64K", args.log_size));
     }
+    if !(1024..=format::MAX_VALUE as u32).contains(&args.chunk_bytes) {
+        return Err(format!("--chunk-bytes {}: 1024 to {}", args.chunk_bytes, format::MAX_VALUE));
+    }
+    // A chunk's log record (header, 12-byte key, the chunk) must fit the log's largest record:
+    // at most half the region's data area (the engine's rule, corebuf_shard::log::LogConfig).
+    let record_max =
+        ((args.log_size / BLOCK_SIZE as u64).saturating_sub(2) * BLOCK_SIZE as u64) / 2 - 32;
+    if args.chunk_bytes as u64 + 64 > record_max {
+        return Err(format!(
+            "--chunk-bytes {} does not fit a record of a --log-size {} log (at most {} bytes)",
+            args.chunk_bytes,
+            args.log_size,
+            record_max - 64
+        ));
+    }
     // Every shard binds the port with SO_REUSEPORT, which would also let a second server
     // share it silently: first make sure nobody listens there.
     if let Some(list) = &args.cluster_nodes {
@@ -314,6 +336,8 @@ fn run(args: Args) -> Result<(), String> {
         max_clients_per_shard: args.max_clients.div_ceil(shards).max(1),
         started,
         path: args.path.display().to_string(),
+        chunk_bytes: args.chunk_bytes,
+        tag_seed: random_key().0,
     });
 
     let (stop_tx, stop_rx) = mpsc::channel::<String>();

@@ -10,11 +10,12 @@ use std::ops::Range;
 
 /// Most arguments in one command.
 pub const MAX_ARGS: usize = 1 << 16;
-/// Longest bulk string (a value longer than [`crate::format::MAX_VALUE`] but within this
-/// gets a clean `-ERR value too large`; beyond this the request is a protocol error).
-pub const MAX_BULK: usize = 1 << 20;
-/// Longest single request, bytes (the read buffer never holds more than this plus one read).
-pub const MAX_REQUEST: usize = 8 << 20;
+/// Longest bulk string: Redis's `proto-max-bulk-len`, 512 MiB (longer: `invalid bulk
+/// length`, a protocol error, as Redis answers).
+pub const MAX_BULK: usize = crate::format::PROTO_MAX_BULK;
+/// Longest single request, bytes: one value of the longest length plus 1 MiB of other
+/// arguments (the read buffer never holds more than this plus one read).
+pub const MAX_REQUEST: usize = MAX_BULK + (1 << 20);
 /// Longest inline command line.
 pub const MAX_INLINE: usize = 64 << 10;
 /// Longest `*N` / `$N` line: the digits of any allowed count and then some.
@@ -283,7 +284,7 @@ mod tests {
             b"*1000000\r\n",
             b"*1\r\n$-1\r\n",
             b"*1\r\n$99999999999\r\n",
-            b"*1\r\n$2000000\r\n",
+            b"*1\r\n$536870913\r\n",
             b"*1\r\n+OK\r\n",
             b"*1\r\n$3\r\nGETxx",
             b"*11111111111111111111111111111111111",

@@ -18,10 +18,11 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::cmds::{self, Read, Shape, Update};
-use crate::format::{MAX_KEY, MAX_VALUE};
+use crate::format::{rflags, Manifest, MAX_KEY, MAX_VALUE, PROTO_MAX_BULK};
 use crate::keyspace;
+use crate::large::{self, LargeRef, Orphan};
 use crate::resp::{self, Parsed};
-use crate::store::{self, Cond, Fsync, InfoPart, KvShard};
+use crate::store::{self, Cond, Fsync, Got, InfoPart, KvShard, Space};
 
 /// Operations that run on a key's owner shard (everything in them is `Send`).
 #[derive(Debug)]
@@ -30,6 +31,10 @@ pub enum Op {
     Get(Key),
     /// SET / MSET pair, with its condition and expiry (unix ms, 0 = none).
     Set(Vec<u8>, Vec<u8>, Cond, u64),
+    /// SET of a large value whose chunks are written: its manifest, condition and expiry, and
+    /// whether the chunks are this write's own (`fresh`: freed if the SET does not take
+    /// effect; RENAME moves a manifest whose chunks belong to the source).
+    SetManifest(Vec<u8>, Manifest, Cond, u64, bool),
     /// DEL of one key.
     Del(Vec<u8>),
     /// EXISTS of one key.
@@ -46,14 +51,19 @@ impl Op {
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Get(k) => k.as_bytes(),
-            Op::Set(k, ..) | Op::Del(k) | Op::Exists(k) | Op::Read(k, _) | Op::Update(k, _) => k,
+            Op::Set(k, ..)
+            | Op::SetManifest(k, ..)
+            | Op::Del(k)
+            | Op::Exists(k)
+            | Op::Read(k, _)
+            | Op::Update(k, _) => k,
         }
     }
 
     /// Whether it may change the key (its answer then waits for the log under `--fsync
     /// always`).
     fn writes(&self) -> bool {
-        matches!(self, Op::Set(..) | Op::Del(..) | Op::Update(..))
+        matches!(self, Op::Set(..) | Op::SetManifest(..) | Op::Del(..) | Op::Update(..))
     }
 }
 
@@ -101,6 +111,8 @@ pub enum OpOut {
     Value(Option<Vec<u8>>),
     /// A value found by a local GET, at this range of the connection's value buffer.
     Local(Range<usize>),
+    /// A large value (or a range of one) the connection streams from its chunks.
+    Large(Box<LargeRef>),
     /// Whether it took effect (set, deleted, exists).
     Done(bool),
     /// An integer reply.
@@ -111,21 +123,119 @@ pub enum OpOut {
     Entry(Option<store::Entry>),
     /// An error message (with its `ERR` prefix).
     Err(String),
+    /// The result, and a large value the operation removed (or wrote and did not keep): its
+    /// chunks are freed once the result is answered.
+    Freed(Box<OpOut>, Orphan),
+    /// APPEND / SETRANGE that needs the large-value path ([`large::edit`]); never answered.
+    Grow,
 }
 
-/// Runs one operation on its owner (this shard). Returns its result and whether it wrote.
-async fn run_op(kv: &KvShard, op: Op) -> OpOut {
-    let result = match op {
-        Op::Get(k) => kv.get(k.as_bytes()).await.map(OpOut::Value),
-        Op::Set(k, v, c, e) => kv.set(&k, &v, e, c).await.map(OpOut::Done),
-        Op::Del(k) => kv.del(&k).await.map(OpOut::Done),
-        Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
-        Op::Read(k, r) => {
-            kv.get_entry(&k).await.map(|e| cmds::read(r, e.as_ref(), store::now_ms()))
+impl OpOut {
+    /// `out`, and the chunks of `orphan` (if any) to free once it is answered.
+    fn freeing(out: OpOut, orphan: Option<Manifest>, owner: usize) -> OpOut {
+        match orphan {
+            Some(manifest) => OpOut::Freed(Box::new(out), Orphan { manifest, owner }),
+            None => out,
         }
-        Op::Update(k, u) => kv.update(&k, |live, now| cmds::apply(&u, live, now)).await,
+    }
+
+    /// The result without its chunks to free, and those.
+    pub fn split(self) -> (OpOut, Option<Orphan>) {
+        match self {
+            OpOut::Freed(out, orphan) => (*out, Some(orphan)),
+            out => (out, None),
+        }
+    }
+}
+
+/// The reply to a read of `key` whose live value is `entry`: a large value streams.
+fn entry_reply(key: &[u8], entry: Option<store::Entry>) -> OpOut {
+    match entry {
+        Some(e) if e.manifest => match e.large() {
+            Some(m) => OpOut::Large(Box::new(LargeRef::whole(key.to_vec(), m))),
+            None => OpOut::Err(damaged_manifest(key)),
+        },
+        e => OpOut::Value(e.map(|e| e.value)),
+    }
+}
+
+/// The error for a manifest that does not decode.
+pub fn damaged_manifest(key: &[u8]) -> String {
+    format!(
+        "ERR the large value of key '{}' has a damaged manifest",
+        String::from_utf8_lossy(&key[..key.len().min(128)])
+    )
+}
+
+/// Runs one operation on its owner (this shard).
+async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
+    let me = kv.shard.id();
+    let result = match op {
+        Op::Get(k) => kv.get_entry(k.as_bytes()).await.map(|e| entry_reply(k.as_bytes(), e)),
+        Op::Set(k, v, c, e) => kv
+            .set_full(&k, &v, e, c, 0)
+            .await
+            .map(|(done, orphan)| OpOut::freeing(OpOut::Done(done), orphan, me)),
+        Op::SetManifest(k, m, c, e, fresh) => {
+            match kv.set_full(&k, &m.encode(), e, c, rflags::MANIFEST).await {
+                Ok((true, replaced)) => Ok(OpOut::freeing(OpOut::Done(true), replaced, me)),
+                // Chunks no manifest names: freed again.
+                Ok((false, _)) => Ok(OpOut::freeing(OpOut::Done(false), fresh.then_some(m), me)),
+                Err(e) => Ok(OpOut::freeing(OpOut::Err(e.to_string()), fresh.then_some(m), me)),
+            }
+        }
+        Op::Del(k) => kv
+            .del_full(&k, Space::User)
+            .await
+            .map(|(done, orphan)| OpOut::freeing(OpOut::Done(done), orphan, me)),
+        Op::Exists(k) => kv.exists(&k).await.map(OpOut::Done),
+        Op::Read(k, r) => kv.get_entry(&k).await.map(|e| {
+            let out = cmds::read(r, e.as_ref(), store::now_ms());
+            with_key(out, &k)
+        }),
+        Op::Update(k, u) => return run_update(kv, k, u).await,
     };
     result.unwrap_or_else(|e| OpOut::Err(e.to_string()))
+}
+
+/// Names the key in a [`OpOut::Large`] the command code built without it.
+fn with_key(out: OpOut, key: &[u8]) -> OpOut {
+    match out {
+        OpOut::Large(mut large) => {
+            large.key = key.to_vec();
+            OpOut::Large(large)
+        }
+        OpOut::Freed(out, orphan) => OpOut::Freed(Box::new(with_key(*out, key)), orphan),
+        out => out,
+    }
+}
+
+/// Runs a read-modify-write on its owner; one that grows past a record, or changes a large
+/// value in place, takes the large-value path from here ([`large::edit`]).
+async fn run_update(kv: &Rc<KvShard>, k: Vec<u8>, u: Box<Update>) -> OpOut {
+    let me = kv.shard.id();
+    let fresh = match &*u {
+        Update::SetLarge { manifest, .. } => Some(*manifest),
+        _ => None,
+    };
+    let out = match kv.update_full(&k, |live, now| cmds::apply(&u, live, now)).await {
+        Ok((out, effects)) => {
+            // A fresh large value that was not written: its chunks go again.
+            let orphan = effects.orphan.or(fresh.filter(|_| !effects.wrote));
+            OpOut::freeing(with_key(out, &k), orphan, me)
+        }
+        Err(e) => OpOut::freeing(OpOut::Err(e.to_string()), fresh, me),
+    };
+    if out != OpOut::Grow {
+        return out;
+    }
+    match &*u {
+        Update::Append(data) => large::edit(kv, &k, large::Edit::Append(data)).await,
+        Update::SetRange(offset, data) => {
+            large::edit(kv, &k, large::Edit::SetRange(*offset as u64, data)).await
+        }
+        _ => OpOut::Err("ERR internal: only APPEND and SETRANGE grow".into()),
+    }
 }
 
 /// Under `--fsync always`, waits until the log holds this shard's writes durable; if that
@@ -161,10 +271,33 @@ pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
     out
 }
 
+/// Runs one operation on its key's owner (with its log commit under `--fsync always`).
+pub async fn run_one(kv: &Rc<KvShard>, op: Op) -> OpOut {
+    let owner = kv.owner_of_key(op.key());
+    let outs = if owner == kv.shard.id() {
+        exec_ops(Rc::clone(kv), vec![op]).await
+    } else {
+        match kv
+            .shard
+            .run_on(owner, move |_| async move { exec_ops(KvShard::current(), vec![op]).await })
+            .await
+        {
+            Ok(outs) => outs,
+            Err(e) => return OpOut::Err(format!("ERR shard unavailable: {e}")),
+        }
+    };
+    outs.into_iter().next().unwrap_or(OpOut::Err("ERR internal: no result".into()))
+}
+
 /// Runs this shard's own operations of a batch (it owns their keys), draining `ops` into `out`
 /// in order. GET values go to `values` (the connection's buffer, reused from batch to batch):
 /// a GET of an inline value whose blocks are cached allocates nothing.
-async fn exec_local(kv: &KvShard, ops: &mut Vec<Op>, out: &mut Vec<OpOut>, values: &mut Vec<u8>) {
+async fn exec_local(
+    kv: &Rc<KvShard>,
+    ops: &mut Vec<Op>,
+    out: &mut Vec<OpOut>,
+    values: &mut Vec<u8>,
+) {
     // Empty (no allocation) unless the batch writes.
     let mut wrote = Vec::new();
     for op in ops.drain(..) {
@@ -174,13 +307,21 @@ async fn exec_local(kv: &KvShard, ops: &mut Vec<Op>, out: &mut Vec<OpOut>, value
         let result = match op {
             Op::Get(k) => {
                 let start = values.len();
-                kv.get_into(k.as_bytes(), values)
-                    .await
-                    .map(|found| match found {
-                        true => OpOut::Local(start..values.len()),
-                        false => OpOut::Value(None),
-                    })
-                    .unwrap_or_else(|e| OpOut::Err(e.to_string()))
+                match kv.get_into(k.as_bytes(), values).await {
+                    Ok(Got::Value) => OpOut::Local(start..values.len()),
+                    Ok(Got::Missing) => OpOut::Value(None),
+                    Ok(Got::Manifest) => {
+                        let m = Manifest::decode(&values[start..]);
+                        values.truncate(start);
+                        match m {
+                            Ok(m) => {
+                                OpOut::Large(Box::new(LargeRef::whole(k.as_bytes().to_vec(), m)))
+                            }
+                            Err(_) => OpOut::Err(damaged_manifest(k.as_bytes())),
+                        }
+                    }
+                    Err(e) => OpOut::Err(e.to_string()),
+                }
             }
             op => run_op(kv, op).await,
         };
@@ -211,6 +352,10 @@ const BATCH_OPS: usize = 256;
 const WRITE_HIGH: usize = 1 << 20;
 /// Bytes read from the socket at a time (also the read buffer an idle connection keeps).
 const READ_CHUNK: usize = 16 << 10;
+/// Bytes read from the socket at a time at most, while a long request arrives.
+const READ_LONG_MAX: usize = 1 << 20;
+/// Times a read of a large value starts over when the value was replaced under it.
+const LARGE_READ_ATTEMPTS_MAX: usize = 8;
 /// Reply buffer capacity an idle connection keeps at most.
 const WRITE_KEEP: usize = 64 << 10;
 
@@ -244,6 +389,9 @@ struct Conn {
     peer: String,
     /// When the connection was accepted.
     since: std::time::Instant,
+    /// A reply could not be completed (a large value's stream broke): the connection closes
+    /// without answering more.
+    broken: bool,
 }
 
 /// The last CLIENT ID given out (ids start at 1, as Redis's).
@@ -310,6 +458,7 @@ async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
                 name: None,
                 peer: String::new(),
                 since: std::time::Instant::now(),
+                broken: false,
             };
             conn.peer = conn.stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             conn.serve().await;
@@ -325,15 +474,16 @@ impl Conn {
     async fn serve(&mut self) {
         loop {
             let flow = self.process().await;
-            if self.flush().await.is_err() || flow == Flow::Close {
+            if self.broken || self.flush().await.is_err() || flow == Flow::Close {
                 return;
             }
             if self.kv.stop.is_set() {
                 return;
             }
-            // Read straight into the buffer's spare room.
+            // Read straight into the buffer's spare room: more at a time while a long request
+            // (a large value) is arriving.
             let len = self.rbuf.len();
-            self.rbuf.resize(len + READ_CHUNK, 0);
+            self.rbuf.resize(len + READ_CHUNK.max(len.min(READ_LONG_MAX)), 0);
             let kv = Rc::clone(&self.kv);
             let stream = &mut self.stream;
             let room = &mut self.rbuf[len..];
@@ -388,7 +538,7 @@ impl Conn {
                         large = args.iter().map(slice).collect();
                         &large
                     };
-                    if self.command(argv).await == Flow::Close {
+                    if self.command(argv).await == Flow::Close || self.broken {
                         flow = Flow::Close;
                         break;
                     }
@@ -415,6 +565,10 @@ impl Conn {
     /// Writes the buffered replies (under `--fsync always` their writes were committed to the
     /// log by their owners before the results came back).
     async fn flush(&mut self) -> Result<(), ()> {
+        if self.broken {
+            self.wbuf.clear();
+            return Err(());
+        }
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -503,56 +657,365 @@ impl Conn {
                 }
             }
         }
-        let out = &mut self.wbuf;
-        let values = &self.values;
-        let get = |i: usize| results[i].as_ref().unwrap_or(&OpOut::Done(false));
-        for item in self.items.drain(..) {
-            match item {
-                Item::Raw(bytes) => out.extend_from_slice(&bytes),
-                Item::Bulk(i) => match get(i) {
-                    OpOut::Local(range) => resp::bulk(out, &values[range.clone()]),
-                    OpOut::Value(Some(v)) => resp::bulk(out, v),
-                    OpOut::Value(None) => resp::null(out),
-                    OpOut::Err(e) => resp::error(out, e),
-                    _ => resp::error(out, "ERR internal: unexpected result"),
-                },
-                Item::SetReply(i) => match get(i) {
-                    OpOut::Done(true) => resp::simple(out, "OK"),
-                    OpOut::Done(false) => resp::null(out),
-                    OpOut::Err(e) => resp::error(out, e),
-                    _ => resp::error(out, "ERR internal: unexpected result"),
-                },
-                Item::Reply(i) => match get(i) {
-                    OpOut::Local(range) => resp::bulk(out, &values[range.clone()]),
-                    OpOut::Value(Some(v)) => resp::bulk(out, v),
-                    OpOut::Value(None) => resp::null(out),
-                    OpOut::Done(b) => resp::integer(out, *b as i64),
-                    OpOut::Int(n) => resp::integer(out, *n),
-                    OpOut::Status(s) => resp::simple(out, s),
-                    OpOut::Err(e) => resp::error(out, e),
-                    OpOut::Entry(_) => resp::error(out, "ERR internal: unexpected result"),
-                },
-                Item::Count(range) | Item::AllOk(range)
-                    if range.clone().any(|i| matches!(get(i), OpOut::Err(_))) =>
-                {
-                    let Some(OpOut::Err(e)) = range.map(get).find(|o| matches!(o, OpOut::Err(_)))
-                    else {
-                        unreachable!("an error was found just above")
-                    };
-                    resp::error(out, e);
+        let mut items = std::mem::take(&mut self.items);
+        for item in items.drain(..) {
+            // Chunks that results of this reply free go after it is answered (and after any
+            // large value before it has been streamed).
+            let mut frees = Vec::new();
+            let idx = match &item {
+                Item::Bulk(i) | Item::SetReply(i) | Item::Reply(i) => *i..*i + 1,
+                Item::Count(range) | Item::AllOk(range) => range.clone(),
+                Item::Raw(_) => 0..0,
+            };
+            for i in idx {
+                if let Some(r) = results.get_mut(i) {
+                    if let Some(OpOut::Freed(..)) = r {
+                        let (out, orphan) = r.take().expect("just matched").split();
+                        *r = Some(out);
+                        frees.extend(orphan);
+                    }
                 }
-                Item::Count(range) => {
-                    let n = range.map(get).filter(|o| matches!(o, OpOut::Done(true))).count();
-                    resp::integer(out, n as i64);
+            }
+            let large = if self.broken { None } else { self.render(item, &results) };
+            if let Some(large) = large {
+                if self.stream_large(*large).await.is_err() {
+                    // The connection is closed (or a chunk vanished mid-reply): the rest of
+                    // this batch is not answered; the frees still run.
+                    self.broken = true;
                 }
-                Item::AllOk(_) => resp::simple(out, "OK"),
+            }
+            for orphan in frees {
+                large::free_chunks(&self.kv, orphan).await;
             }
         }
+        self.items = items;
         results.clear();
         self.results = results;
         if self.values.capacity() > VALUES_KEEP {
             self.values = Vec::new(); // a batch of large values: do not keep 16 MiB per idle connection
         }
+    }
+
+    /// Renders one reply into the write buffer; a large value is returned to be streamed.
+    fn render(&mut self, item: Item, results: &[Option<OpOut>]) -> Option<Box<LargeRef>> {
+        let out = &mut self.wbuf;
+        let values = &self.values;
+        let get = |i: usize| results[i].as_ref().unwrap_or(&OpOut::Done(false));
+        match item {
+            Item::Raw(bytes) => out.extend_from_slice(&bytes),
+            Item::Bulk(i) => match get(i) {
+                OpOut::Local(range) => resp::bulk(out, &values[range.clone()]),
+                OpOut::Value(Some(v)) => resp::bulk(out, v),
+                OpOut::Value(None) => resp::null(out),
+                OpOut::Large(large) => return Some(large.clone()),
+                OpOut::Err(e) => resp::error(out, e),
+                _ => resp::error(out, "ERR internal: unexpected result"),
+            },
+            Item::SetReply(i) => match get(i) {
+                OpOut::Done(true) => resp::simple(out, "OK"),
+                OpOut::Done(false) => resp::null(out),
+                OpOut::Err(e) => resp::error(out, e),
+                _ => resp::error(out, "ERR internal: unexpected result"),
+            },
+            Item::Reply(i) => match get(i) {
+                OpOut::Local(range) => resp::bulk(out, &values[range.clone()]),
+                OpOut::Value(Some(v)) => resp::bulk(out, v),
+                OpOut::Value(None) => resp::null(out),
+                OpOut::Large(large) => return Some(large.clone()),
+                OpOut::Done(b) => resp::integer(out, *b as i64),
+                OpOut::Int(n) => resp::integer(out, *n),
+                OpOut::Status(s) => resp::simple(out, s),
+                OpOut::Err(e) => resp::error(out, e),
+                OpOut::Entry(_) | OpOut::Freed(..) | OpOut::Grow => {
+                    resp::error(out, "ERR internal: unexpected result")
+                }
+            },
+            Item::Count(range) | Item::AllOk(range)
+                if range.clone().any(|i| matches!(get(i), OpOut::Err(_))) =>
+            {
+                let Some(OpOut::Err(e)) = range.map(get).find(|o| matches!(o, OpOut::Err(_)))
+                else {
+                    unreachable!("an error was found just above")
+                };
+                resp::error(out, e);
+            }
+            Item::Count(range) => {
+                let n = range.map(get).filter(|o| matches!(o, OpOut::Done(true))).count();
+                resp::integer(out, n as i64);
+            }
+            Item::AllOk(_) => resp::simple(out, "OK"),
+        }
+        None
+    }
+
+    /// Streams a large value (or a range of one) as one bulk reply: the replies queued before
+    /// it are written first, then its chunks window by window ([`large::WINDOW_BYTES_MAX`] in
+    /// memory). Its chunks are pinned meanwhile, so a concurrent overwrite or DEL frees them
+    /// only afterwards. A value replaced before the pin is read again; a chunk found missing
+    /// before the reply starts gives an error naming the key. `Err`: the reply broke off (the
+    /// connection closes).
+    async fn stream_large(&mut self, mut large: LargeRef) -> Result<(), ()> {
+        for _ in 0..LARGE_READ_ATTEMPTS_MAX {
+            if large.len == 0 {
+                resp::bulk(&mut self.wbuf, b"");
+                return Ok(());
+            }
+            let m = large.manifest;
+            let cs = m.chunk_bytes as u64;
+            let chunks = (large.start / cs) as u32..((large.start + large.len - 1) / cs) as u32 + 1;
+            let pin = match large::PinGuard::pin(&self.kv, &m).await {
+                Ok(pin) => pin,
+                Err(e) => {
+                    resp::error(&mut self.wbuf, &e.to_string());
+                    return Ok(());
+                }
+            };
+            let missing = match &pin {
+                None => Ok(Some(chunks.start)), // being freed: the value was replaced
+                Some(_) => large::missing_chunk(&self.kv, &m, chunks.clone()).await,
+            };
+            match missing {
+                Ok(None) => {}
+                Ok(Some(index)) => {
+                    if let Some(pin) = pin {
+                        pin.release().await;
+                    }
+                    if !large.reread {
+                        resp::error(&mut self.wbuf, &large::missing_error(&large.key, &m, index));
+                        return Ok(());
+                    }
+                    match self.reread(&large).await {
+                        Some(newer) if newer.manifest != m => large = newer,
+                        Some(_) => {
+                            resp::error(
+                                &mut self.wbuf,
+                                &large::missing_error(&large.key, &m, index),
+                            );
+                            return Ok(());
+                        }
+                        None => return Ok(()), // answered from the newer value
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    resp::error(&mut self.wbuf, &e.to_string());
+                    return Ok(());
+                }
+            }
+            let pin = pin.expect("pinned when no chunk is missing");
+            let streamed = self.stream_chunks(&large, chunks).await;
+            pin.release().await;
+            return streamed;
+        }
+        let key = String::from_utf8_lossy(&large.key[..large.key.len().min(128)]).into_owned();
+        resp::error(
+            &mut self.wbuf,
+            &format!("ERR the value of key '{key}' kept changing; try again"),
+        );
+        Ok(())
+    }
+
+    /// Writes `large`'s bulk reply from its (pinned) chunks `chunks`.
+    async fn stream_chunks(
+        &mut self,
+        large: &LargeRef,
+        chunks: std::ops::Range<u32>,
+    ) -> Result<(), ()> {
+        let m = &large.manifest;
+        let cs = m.chunk_bytes as u64;
+        let end = large.start + large.len;
+        self.flush().await?;
+        let header = format!("${}\r\n", large.len);
+        self.stream.write_all(header.as_bytes()).await.map_err(|_| ())?;
+        let window = large::window_chunks(m);
+        let mut at = chunks.start;
+        while at < chunks.end {
+            let n = window.min(chunks.end - at);
+            let got = large::read_window(&self.kv, m, at, n).await;
+            let window = match got {
+                Ok(w) => w,
+                Err(e) => {
+                    // Pinned chunks do not vanish: damage, or a failing device. The reply has
+                    // begun, so only closing the connection keeps the client from wrong data.
+                    eprintln!(
+                        "corebuf-kv: shard {}: large value of key {:?} broke off mid-reply: \
+                         {e:?}; closing the connection",
+                        self.kv.shard.id(),
+                        String::from_utf8_lossy(&large.key)
+                    );
+                    self.broken = true;
+                    return Err(());
+                }
+            };
+            for (j, chunk) in window.iter().enumerate() {
+                let base = (at as u64 + j as u64) * cs;
+                let a = large.start.max(base) - base;
+                let b = end.min(base + chunk.len() as u64) - base;
+                let part = &chunk[a as usize..b as usize];
+                self.stream.write_all(part).await.map_err(|_| ())?;
+            }
+            at += n;
+        }
+        self.stream.write_all(b"\r\n").await.map_err(|_| ())
+    }
+
+    /// Reads the key of `large` again (its chunks were freed: another writer replaced it).
+    /// Returns the newer large value, or `None` once the reply is rendered from a value that
+    /// is not large (or an error).
+    async fn reread(&mut self, large: &LargeRef) -> Option<LargeRef> {
+        let op = match large.range {
+            None => Op::Get(Key::new(&large.key)),
+            Some((start, end)) => Op::Read(large.key.clone(), Read::GetRange(start, end)),
+        };
+        match run_one(&self.kv, op).await.split().0 {
+            OpOut::Large(newer) => return Some(*newer),
+            OpOut::Value(Some(v)) => resp::bulk(&mut self.wbuf, &v),
+            OpOut::Value(None) => resp::null(&mut self.wbuf),
+            OpOut::Err(e) => resp::error(&mut self.wbuf, &e),
+            _ => resp::error(&mut self.wbuf, "ERR internal: unexpected result"),
+        }
+        None
+    }
+
+    /// A SET-family command with a value longer than one record, or APPEND / SETRANGE with an
+    /// argument longer than one record; `None` if this is not one (the ordinary path runs).
+    /// The values' chunks are written from the read buffer (never copied whole), then the
+    /// command runs as usual with their manifests in the batch.
+    async fn large_write(&mut self, name: &[u8], args: &[&[u8]]) -> Option<Flow> {
+        let positions: Vec<usize> = match (name, args.len()) {
+            (b"set", n) if n >= 2 => vec![1],
+            (b"setnx" | b"getset", 2) | (b"append", 2) => vec![1],
+            (b"setex" | b"psetex" | b"setrange", 3) => vec![2],
+            (b"mset", n) if n >= 2 && n % 2 == 0 => (1..n).step_by(2).collect(),
+            _ => return None,
+        };
+        let big: Vec<usize> =
+            positions.into_iter().filter(|&i| args[i].len() > MAX_VALUE).collect();
+        if big.is_empty() {
+            return None;
+        }
+        if let Some(e) = args
+            .iter()
+            .step_by(if name == b"mset" { 2 } else { args.len() })
+            .find_map(|k| check_key(k).err())
+        {
+            self.push_raw(|out| resp::error(out, &e));
+            return Some(Flow::Continue);
+        }
+        if name == b"append" || name == b"setrange" {
+            return Some(self.large_edit(name, args).await);
+        }
+        // Parse with empty stand-ins for the large values (the options are checked before any
+        // chunk is written), then put the manifests in their place.
+        let mut stand_in: Vec<&[u8]> = args.to_vec();
+        for &i in &big {
+            stand_in[i] = b"";
+        }
+        let parsed: Result<(Vec<Op>, Item), String> = match name {
+            b"setnx" => {
+                Ok((vec![Op::Set(args[0].to_vec(), Vec::new(), Cond::Nx, 0)], Item::Count(0..1)))
+            }
+            b"mset" => {
+                let ops = stand_in
+                    .chunks(2)
+                    .map(|p| Op::Set(p[0].to_vec(), p[1].to_vec(), Cond::Always, 0))
+                    .collect::<Vec<_>>();
+                let n = ops.len();
+                Ok((ops, Item::AllOk(0..n)))
+            }
+            _ => match cmds::parse(name, &stand_in, store::now_ms()) {
+                Some(Ok((op, Shape::SetReply))) => Ok((vec![op], Item::SetReply(0))),
+                Some(Ok((op, Shape::Reply))) => Ok((vec![op], Item::Reply(0))),
+                Some(Err(e)) => Err(e),
+                None => Err("ERR internal: not a SET command".into()),
+            },
+        };
+        let (mut ops, item) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.push_raw(|out| resp::error(out, &e));
+                return Some(Flow::Continue);
+            }
+        };
+        let mut manifests = Vec::with_capacity(big.len());
+        for &i in &big {
+            match large::write_value(&self.kv, args[i]).await {
+                Ok(m) => manifests.push((i, m)),
+                Err(e) => {
+                    for (_, m) in &manifests {
+                        large::discard(&self.kv, m).await;
+                    }
+                    self.push_raw(|out| resp::error(out, &e.to_string()));
+                    return Some(Flow::Continue);
+                }
+            }
+        }
+        for (i, m) in manifests {
+            // The op of value argument `i`: MSET's pair i / 2, else the only one.
+            let at = if name == b"mset" { i / 2 } else { 0 };
+            ops[at] = match std::mem::replace(&mut ops[at], Op::Exists(Vec::new())) {
+                Op::Set(k, _, cond, expires) => Op::SetManifest(k, m, cond, expires, true),
+                Op::Update(k, u) => match *u {
+                    Update::Set { cond, ttl, get, .. } => {
+                        Op::Update(k, Box::new(Update::SetLarge { manifest: m, cond, ttl, get }))
+                    }
+                    u => Op::Update(k, Box::new(u)),
+                },
+                other => other,
+            };
+        }
+        let base = self.ops.len();
+        for op in ops {
+            self.push_op(op);
+        }
+        self.items.push(match item {
+            Item::Count(r) | Item::AllOk(r) if name == b"setnx" => {
+                Item::Count(r.start + base..r.end + base)
+            }
+            Item::AllOk(r) => Item::AllOk(r.start + base..r.end + base),
+            Item::SetReply(i) => Item::SetReply(i + base),
+            Item::Reply(i) => Item::Reply(i + base),
+            other => other,
+        });
+        Some(Flow::Continue)
+    }
+
+    /// APPEND / SETRANGE with an argument longer than one record: after the pending batch,
+    /// the large-value edit from the read buffer.
+    async fn large_edit(&mut self, name: &[u8], args: &[&[u8]]) -> Flow {
+        let edit = if name == b"append" {
+            large::Edit::Append(args[1])
+        } else {
+            let offset = match cmds::parse_int(args[1]) {
+                Some(o) if o < 0 => Err("ERR offset is out of range".to_string()),
+                Some(o) => {
+                    match check_value_len((o as usize).saturating_add(args[2].len()), Growth::Grow)
+                    {
+                        Ok(()) => Ok(o as u64),
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Err(cmds::NOT_INTEGER.to_string()),
+            };
+            match offset {
+                Ok(o) => large::Edit::SetRange(o, args[2]),
+                Err(e) => {
+                    self.push_raw(|out| resp::error(out, &e));
+                    return Flow::Continue;
+                }
+            }
+        };
+        self.run_batch().await;
+        let (out, orphan) = large::edit(&self.kv, args[0], edit).await.split();
+        match out {
+            OpOut::Int(n) => resp::integer(&mut self.wbuf, n),
+            OpOut::Err(e) => resp::error(&mut self.wbuf, &e),
+            _ => resp::error(&mut self.wbuf, "ERR internal: unexpected result"),
+        }
+        if let Some(orphan) = orphan {
+            large::free_chunks(&self.kv, orphan).await;
+        }
+        Flow::Continue
     }
 
     /// CLIENT subcommands: the ones clients send on connect, and a minimal INFO / LIST.
@@ -682,6 +1145,9 @@ impl Conn {
             b"?"
         };
         let args = &argv[1..];
+        if let Some(flow) = self.large_write(name, args).await {
+            return flow;
+        }
         let arity_error_named = |this: &mut Self, n: &str| {
             this.push_raw(|out| {
                 resp::error(out, &format!("ERR wrong number of arguments for '{n}' command"))
@@ -939,19 +1405,15 @@ pub enum Growth {
     Grow,
 }
 
-/// The one place that enforces the value size limit ([`MAX_VALUE`]).
+/// The one place that enforces the value size limit ([`PROTO_MAX_BULK`], Redis's
+/// `proto-max-bulk-len`; a value longer than one record, [`MAX_VALUE`], is a large value).
 pub fn check_value_len(len: usize, growth: Growth) -> Result<(), String> {
-    if len <= MAX_VALUE {
+    if len <= PROTO_MAX_BULK {
         return Ok(());
     }
     Err(match growth {
-        Growth::Set => {
-            format!("ERR value too large ({len} bytes; the limit is {MAX_VALUE} bytes)")
-        }
-        Growth::Grow => format!(
-            "ERR string exceeds maximum allowed size (proto-max-bulk-len): corebuf-kv values \
-             are limited to {MAX_VALUE} bytes"
-        ),
+        Growth::Set => format!("ERR value too large ({len} bytes; the limit is {PROTO_MAX_BULK})"),
+        Growth::Grow => "ERR string exceeds maximum allowed size (proto-max-bulk-len)".into(),
     })
 }
 
@@ -1060,7 +1522,8 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
             "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
              keyspace_hits:{}\r\nkeyspace_misses:{}\r\nkey_operations:{}\r\nremote_batches:{}\r\n\
              protocol_errors:{}\r\nout_of_space_errors:{}\r\nexpired_keys:{}\r\n\
-             expire_sweep_buckets:{}\r\n\r\n",
+             expire_sweep_buckets:{}\r\nchunks_written:{}\r\nchunks_read:{}\r\n\
+             chunks_deleted:{}\r\nlarge_values_pinned:{}\r\n\r\n",
             sum(|p| p.connections_total),
             sum(|p| p.commands),
             sum(|p| p.hits),
@@ -1071,20 +1534,27 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
             sum(|p| p.out_of_space),
             sum(|p| p.expired_keys),
             sum(|p| p.sweep_buckets),
+            sum(|p| p.chunks.0),
+            sum(|p| p.chunks.1),
+            sum(|p| p.chunks.2),
+            sum(|p| p.large_pins),
         );
     }
     if want("storage") {
         let _ = write!(
             s,
             "# Storage\r\ndata_file:{}\r\nblock_size:{}\r\nrange_blocks:{}\r\nbuckets_per_range:{}\r\n\
-             ranges:{}\r\nmax_value_bytes:{}\r\nranges_loaded_trusted:{}\r\nranges_loaded_fresh:{}\r\n\
+             ranges:{}\r\nmax_value_bytes:{}\r\nrecord_value_bytes_max:{}\r\nchunk_bytes:{}\r\n\
+             ranges_loaded_trusted:{}\r\nranges_loaded_fresh:{}\r\n\
              ranges_rebuilt:{}\r\nrecords_repaired:{}\r\nfree_blocks_in_loaded_ranges:{}\r\n\r\n",
             geo.path,
             crate::format::BLOCK_SIZE,
             crate::format::RANGE_BLOCKS,
             crate::format::BUCKETS_PER_RANGE,
             geo.ranges,
+            PROTO_MAX_BULK,
             MAX_VALUE,
+            geo.chunk_bytes,
             sum(|p| p.ranges_loaded.0),
             sum(|p| p.ranges_loaded.1),
             sum(|p| p.ranges_loaded.2),

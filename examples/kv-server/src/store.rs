@@ -27,7 +27,7 @@ use corebuf_shard::cache::Session;
 use corebuf_shard::WaitList;
 use hashbrown::HashMap;
 
-use crate::format::{self, Body, Check, Corrupt, ExtentCheck, RecordRef};
+use crate::format::{self, rflags, Body, Check, Corrupt, ExtentCheck, Manifest, RecordRef};
 use crate::format::{BUCKETS_PER_RANGE, POOL_START, RANGE_BLOCKS, RECORD_AREA};
 use crate::lock::BucketLocks;
 use crate::logrec;
@@ -78,7 +78,15 @@ pub struct Geometry {
     pub started: Instant,
     /// The data file (for INFO).
     pub path: String,
+    /// Bytes per chunk of the large values this run writes.
+    pub chunk_bytes: u32,
+    /// Random per run: the shards derive their large-value tags from it.
+    pub tag_seed: u64,
 }
+
+/// Bytes per chunk of a large value unless `--chunk-bytes` says otherwise: two extent blocks'
+/// payload (README, "Large values", tells how this was chosen).
+pub const CHUNK_BYTES_DEFAULT: u32 = 2 * format::EXTENT_PAYLOAD as u32;
 
 /// Where a key lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +123,8 @@ pub enum KvError {
     Engine(String),
     /// The key's range has no free block left.
     OutOfSpace(u64),
+    /// A chunk of a large value hashes to a range with no free block left.
+    ChunkOutOfSpace(u64),
     /// The server is shutting down.
     ShuttingDown,
 }
@@ -128,6 +138,11 @@ impl fmt::Display for KvError {
                 f,
                 "ERR out of space: region {r} of the data file (where this key hashes) is full; \
                  delete keys or use a larger --size"
+            ),
+            KvError::ChunkOutOfSpace(r) => write!(
+                f,
+                "ERR out of space: region {r} of the data file, where a chunk of this large value \
+                 hashes, is full; nothing was stored (delete keys or use a larger --size)"
             ),
             KvError::ShuttingDown => write!(f, "ERR the server is shutting down"),
         }
@@ -177,10 +192,93 @@ pub fn expired(expires: u64, now: u64) -> bool {
 /// A key's live value: its bytes and its expiry (unix ms, 0 = none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// The value.
+    /// The value (for a large value, its manifest: see `manifest`).
     pub value: Vec<u8>,
     /// Absolute expiry in unix milliseconds, 0 for none.
     pub expires: u64,
+    /// Whether `value` is a large value's [`Manifest`] (the record's flags bit 1).
+    pub manifest: bool,
+}
+
+impl Entry {
+    /// The large value's manifest, if the entry is one (`None` for a plain value, or a
+    /// manifest that does not decode).
+    pub fn large(&self) -> Option<Manifest> {
+        self.manifest.then(|| Manifest::decode(&self.value).ok()).flatten()
+    }
+
+    /// The value's length: a large value's from its manifest.
+    pub fn len(&self) -> u64 {
+        match self.large() {
+            Some(m) => m.total_len,
+            None => self.value.len() as u64,
+        }
+    }
+}
+
+/// Which records a key names: user keys, or the internal chunks of large values (records
+/// with flags bit 2, FORMAT.md "Large values"). A lookup in one space never sees the other's
+/// records, even under the same key bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    /// The keys clients name.
+    User,
+    /// Chunk keys ([`format::chunk_key`]).
+    Chunk,
+}
+
+impl Space {
+    /// The space of a record with these flags.
+    pub fn of_flags(flags: u8) -> Space {
+        if flags & rflags::CHUNK != 0 {
+            Space::Chunk
+        } else {
+            Space::User
+        }
+    }
+
+    /// The flag bit of this space.
+    pub fn flag(self) -> u8 {
+        match self {
+            Space::User => 0,
+            Space::Chunk => rflags::CHUNK,
+        }
+    }
+}
+
+/// What a local GET found ([`KvShard::get_into`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Got {
+    /// No live value.
+    Missing,
+    /// The value, appended to the caller's buffer.
+    Value,
+    /// A large value's manifest, appended to the caller's buffer.
+    Manifest,
+}
+
+/// The newest record of a key, as [`KvShard::newest_inline_into`] found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Newest {
+    Inline { manifest: bool },
+    Extents,
+}
+
+/// What a write did besides its answer ([`KvShard::update_full`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Whether it changed the key.
+    pub wrote: bool,
+    /// The manifest of a large value the change removed or replaced: its chunks are the
+    /// caller's to free (after the change is durable).
+    pub orphan: Option<Manifest>,
+}
+
+/// What [`KvShard::set_locked`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SetDone {
+    done: bool,
+    replaced: Option<Manifest>,
 }
 
 /// What a read-modify-write ([`KvShard::update`]) does to its key.
@@ -190,6 +288,8 @@ pub enum Write {
     Keep,
     /// Sets the value with this expiry (unix ms, 0 = none; a time already past deletes).
     Set(Vec<u8>, u64),
+    /// Sets a large value: this manifest (encoded), with this expiry.
+    Large(Vec<u8>, u64),
     /// Deletes the key.
     Del,
 }
@@ -251,8 +351,8 @@ struct RangeSlot {
 enum JobKind {
     /// Return blocks (offsets within the range) to the range's free space.
     Free { range: u64, blocks: Vec<u16> },
-    /// Remove every record of `key` older than `keep` (a newer one is durable now).
-    Cleanup { key: Vec<u8>, keep: u64 },
+    /// Remove every record of `key` (in `space`) older than `keep` (a newer one is durable).
+    Cleanup { key: Vec<u8>, keep: u64, space: Space },
 }
 
 #[derive(Debug)]
@@ -320,6 +420,12 @@ pub struct Counters {
     pub expired_keys: Cell<u64>,
     /// Buckets the expiry sweep visited.
     pub sweep_buckets: Cell<u64>,
+    /// Chunk records of large values written / read / deleted on this shard.
+    pub chunks_written: Cell<u64>,
+    /// Chunk records read.
+    pub chunks_read: Cell<u64>,
+    /// Chunk records deleted.
+    pub chunks_deleted: Cell<u64>,
 }
 
 /// Records whose blocks replay starts reading ahead of the one it applies.
@@ -376,6 +482,10 @@ pub struct KvShard {
     sweep_idle: Cell<bool>,
     /// A key with an expiry was seen or written during the sweep's current pass.
     sweep_pass_volatile: Cell<bool>,
+    /// Large values being streamed or freed, by tag (this shard owns their chunk 0).
+    pub pins: crate::chunks::PinTable,
+    /// Tags of the large values this shard's connections write.
+    pub tags: crate::chunks::TagSource,
 }
 
 impl fmt::Debug for KvShard {
@@ -396,6 +506,15 @@ impl Drop for WriteToken<'_> {
         self.0.writers_active.set(self.0.writers_active.get() - 1);
         self.0.writers_idle.notify_all();
     }
+}
+
+/// A key with its space in front (0 user, 1 chunk): the identity of a key when records of
+/// both spaces are handled together (the repair).
+fn space_key(key: &[u8], flags: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push((Space::of_flags(flags) == Space::Chunk) as u8);
+    k.extend_from_slice(key);
+    k
 }
 
 /// What a chain walk found in one block.
@@ -486,6 +605,10 @@ pub struct InfoPart {
     pub protocol_errors: u64,
     /// Expired keys deleted.
     pub expired_keys: u64,
+    /// Chunk records written / read / deleted.
+    pub chunks: (u64, u64, u64),
+    /// Large values being streamed or freed (pin table entries).
+    pub large_pins: u64,
     /// Buckets the expiry sweep visited.
     pub sweep_buckets: u64,
     /// Records appended to this shard's log.
@@ -503,6 +626,7 @@ pub struct InfoPart {
 impl KvShard {
     /// Creates this shard's store and starts its committer task.
     pub fn install(shard: Rc<Shard>, geo: Arc<Geometry>, stop_tx: mpsc::Sender<String>) {
+        let (geo_seed, shard_id) = (geo.tag_seed, shard.id());
         let kv = Rc::new(KvShard {
             shard,
             geo,
@@ -526,6 +650,8 @@ impl KvShard {
             sweep_cursor: Cell::new(0),
             sweep_idle: Cell::new(false),
             sweep_pass_volatile: Cell::new(false),
+            pins: crate::chunks::PinTable::default(),
+            tags: crate::chunks::TagSource::new(geo_seed, shard_id),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&kv)));
         glommio::spawn_local(Rc::clone(&kv).committer_loop()).detach();
@@ -567,11 +693,11 @@ impl KvShard {
     // -----------------------------------------------------------------------------------------
     // Operations (run on the key's owner).
 
-    /// GET appending the value to `out`; `Ok(true)` if the key was found. The hot path of a
-    /// local GET: nothing is allocated when the value is inline and its blocks are cached (lock
-    /// entries are pooled, records are parsed in place). A value in extent blocks is read by
-    /// [`KvShard::get`].
-    pub async fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> KvResult<bool> {
+    /// GET appending the value to `out`. The hot path of a local GET: nothing is allocated
+    /// when the value is inline and its blocks are cached (lock entries are pooled, records
+    /// are parsed in place). A value in extent blocks is read by [`KvShard::get_entry`]. A
+    /// large value's manifest is appended as it is ([`Got::Manifest`]).
+    pub async fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> KvResult<Got> {
         let loc = self.geo.locate(key);
         let start = out.len();
         let newest = {
@@ -584,28 +710,26 @@ impl KvShard {
             None => {
                 c.ops.set(c.ops.get() + 1);
                 c.misses.set(c.misses.get() + 1);
-                Ok(false)
+                Ok(Got::Missing)
             }
-            Some(false) => {
+            Some(Newest::Inline { manifest }) => {
                 c.ops.set(c.ops.get() + 1);
                 c.hits.set(c.hits.get() + 1);
-                Ok(true)
+                Ok(if manifest { Got::Manifest } else { Got::Value })
             }
-            Some(true) => {
+            Some(Newest::Extents) => {
                 // The newest record keeps its value in extent blocks (and if that value is
                 // incomplete, an older record is the value): the general path.
                 out.truncate(start);
-                let value = self.get(key).await?;
-                if let Some(v) = &value {
-                    out.extend_from_slice(v);
-                }
-                Ok(value.is_some())
+                let Some(entry) = self.get_entry(key).await? else { return Ok(Got::Missing) };
+                out.extend_from_slice(&entry.value);
+                Ok(if entry.manifest { Got::Manifest } else { Got::Value })
             }
         }
     }
 
-    /// Walks `loc`'s chain for the newest record of `key`: `None` if there is none or it has
-    /// expired, else whether it is an extent record (`true`) or inline, its value then appended
+    /// Walks `loc`'s chain for the newest record of user key `key`: `None` if there is none or
+    /// it has expired, else whether it is an extent record or inline, its value then appended
     /// to `out`.
     async fn newest_inline_into(
         &self,
@@ -613,9 +737,9 @@ impl KvShard {
         loc: &Loc,
         key: &[u8],
         out: &mut Vec<u8>,
-    ) -> KvResult<Option<bool>> {
+    ) -> KvResult<Option<Newest>> {
         let start = out.len();
-        let mut best: Option<(u64, bool, u64)> = None;
+        let mut best: Option<(u64, Newest, u64)> = None;
         let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
         loop {
             let buf = sess.read(block).await?;
@@ -630,15 +754,19 @@ impl KvShard {
                     let rec = format::parse_record(block, &data, at, end)?;
                     at += rec.len;
                     count += 1;
-                    let newer = best.is_none_or(|(version, _, _)| rec.version > version);
-                    if !newer || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
+                    let newer = best.as_ref().is_none_or(|(version, _, _)| rec.version > *version);
+                    if !newer || rec.is_chunk() || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
                         continue;
                     }
                     out.truncate(start);
-                    best = Some((rec.version, matches!(rec.body, Body::Extents(..)), rec.expires));
-                    if let Body::Inline(at) = rec.body {
-                        out.extend_from_slice(&data[at..at + rec.value_len]);
-                    }
+                    let kind = match rec.body {
+                        Body::Inline(at) => {
+                            out.extend_from_slice(&data[at..at + rec.value_len]);
+                            Newest::Inline { manifest: rec.is_manifest() }
+                        }
+                        Body::Extents(..) => Newest::Extents,
+                    };
+                    best = Some((rec.version, kind, rec.expires));
                 }
                 if count != rbk.count {
                     let why = format!("{count} records, header says {}", rbk.count);
@@ -664,55 +792,57 @@ impl KvShard {
                 out.truncate(start);
                 Ok(None)
             }
-            best => Ok(best.map(|(_, extent, _)| extent)),
+            best => Ok(best.map(|(_, kind, _)| kind)),
         }
     }
 
-    /// The value of `key`.
-    pub async fn get(&self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
-        Ok(self.get_entry(key).await?.map(|e| e.value))
+    /// The live value of user key `key` with its expiry (`None` if absent or expired).
+    pub async fn get_entry(&self, key: &[u8]) -> KvResult<Option<Entry>> {
+        self.get_entry_in(key, Space::User).await
     }
 
-    /// The live value of `key` with its expiry (`None` if absent or expired).
-    pub async fn get_entry(&self, key: &[u8]) -> KvResult<Option<Entry>> {
+    /// The live value of `key` in `space`.
+    pub(crate) async fn get_entry_in(&self, key: &[u8], space: Space) -> KvResult<Option<Entry>> {
         self.counters.ops.set(self.counters.ops.get() + 1);
         let loc = self.geo.locate(key);
         let entry = {
             let _lock = self.locks.read(loc.bucket_id).await;
             let sess = self.shard.partition().session().await;
-            self.read_locked(&sess, &loc, key).await?.0
+            self.read_locked(&sess, &loc, key, space).await?.0
         };
         let live = entry.filter(|e| !expired(e.expires, now_ms()));
         let c = &self.counters;
-        match live {
-            Some(_) => c.hits.set(c.hits.get() + 1),
-            None => c.misses.set(c.misses.get() + 1),
+        match (&live, space) {
+            (_, Space::Chunk) => {}
+            (Some(_), Space::User) => c.hits.set(c.hits.get() + 1),
+            (None, Space::User) => c.misses.set(c.misses.get() + 1),
         }
         Ok(live)
     }
 
-    /// The newest complete record of `key` (expired or not), and whether any record of it is
-    /// in the chain. The caller holds the bucket's lock.
+    /// The newest complete record of `key` in `space` (expired or not), and whether any
+    /// record of it is in the chain. The caller holds the bucket's lock.
     async fn read_locked(
         &self,
         sess: &Sess,
         loc: &Loc,
         key: &[u8],
+        space: Space,
     ) -> KvResult<(Option<Entry>, bool)> {
-        let (_, mut hits) = self.walk(sess, loc, key, true).await?;
+        let (_, mut hits) = self.walk(sess, loc, key, true, space).await?;
         let present = !hits.is_empty();
         hits.sort_by_key(|h| std::cmp::Reverse(h.rec.version));
         for hit in hits {
-            let expires = hit.rec.expires;
+            let (expires, manifest) = (hit.rec.expires, hit.rec.is_manifest());
             match &hit.rec.body {
                 Body::Inline(_) => {
                     let value = hit.inline.expect("the walk copies inline values");
-                    return Ok((Some(Entry { value, expires }), present));
+                    return Ok((Some(Entry { value, expires, manifest }), present));
                 }
                 Body::Extents(tag, list) => {
                     let value = self.read_extents(sess, loc, *tag, list, hit.rec.value_len).await?;
                     if let Some(value) = value {
-                        return Ok((Some(Entry { value, expires }), present));
+                        return Ok((Some(Entry { value, expires, manifest }), present));
                     }
                     // Unfinished before a crash: an older version (if any) is the value.
                 }
@@ -725,12 +855,27 @@ impl KvShard {
     /// and the clock what to write and what to answer, and makes that change, logged, before
     /// the lock is released: a read-modify-write that no other operation on the key can
     /// interleave with. An expired key is passed as absent and deleted (and logged) whatever
-    /// `f` decides. `f` may run twice (a retry after space was freed).
+    /// `f` decides. `f` may run twice (a retry after space was freed). A large value whose
+    /// manifest this removes gets its chunks freed in the background; [`KvShard::update_full`]
+    /// hands that job to the caller instead.
     pub async fn update<R>(
         &self,
         key: &[u8],
-        mut f: impl FnMut(Option<&Entry>, u64) -> (Write, R),
+        f: impl FnMut(Option<&Entry>, u64) -> (Write, R),
     ) -> KvResult<R> {
+        let (answer, effects) = self.update_full(key, f).await?;
+        self.free_in_background(effects.orphan);
+        Ok(answer)
+    }
+
+    /// [`KvShard::update`], returning what the change did besides its answer: whether it
+    /// wrote, and the manifest of a large value it removed (whose chunks the caller frees once
+    /// it has answered: see `large::free_chunks`).
+    pub async fn update_full<R>(
+        &self,
+        key: &[u8],
+        mut f: impl FnMut(Option<&Entry>, u64) -> (Write, R),
+    ) -> KvResult<(R, Effects)> {
         self.counters.ops.set(self.counters.ops.get() + 1);
         let loc = self.geo.locate(key);
         let mut retried = false;
@@ -745,29 +890,36 @@ impl KvShard {
                 let now = now_ms();
                 let (entry, present) = {
                     let sess = self.shard.partition().session().await;
-                    self.read_locked(&sess, &loc, key).await?
+                    self.read_locked(&sess, &loc, key, Space::User).await?
                 };
                 let live = entry.filter(|e| !expired(e.expires, now));
                 let (write, answer) = f(live.as_ref(), now);
                 let deleting = !matches!(write, Write::Keep);
-                match write {
-                    Write::Set(value, expires) if !expired(expires, now) => {
-                        self.set_locked(&loc, key, &value, expires, Cond::Always).await?;
-                        self.log_record(logrec::Op::Set, key, &value, expires).await?;
+                let mut effects = Effects::default();
+                let set = match &write {
+                    Write::Set(value, expires) => Some((value, *expires, 0)),
+                    Write::Large(manifest, expires) => Some((manifest, *expires, rflags::MANIFEST)),
+                    Write::Del | Write::Keep => None,
+                };
+                match set {
+                    Some((value, expires, kind)) if !expired(expires, now) => {
+                        let done =
+                            self.set_locked(&loc, key, value, expires, Cond::Always, kind).await?;
+                        effects = Effects { wrote: true, orphan: done.replaced };
+                        self.log_record(logrec::Op::Set, key, value, expires, kind).await?;
                     }
-                    Write::Set(..) | Write::Del | Write::Keep if present => {
-                        if deleting || live.is_none() {
-                            if live.is_none() {
-                                let c = &self.counters;
-                                c.expired_keys.set(c.expired_keys.get() + 1);
-                            }
-                            self.del_locked(&loc, key).await?;
-                            self.log_record(logrec::Op::Del, key, &[], 0).await?;
+                    _ if present && (deleting || live.is_none()) => {
+                        if live.is_none() {
+                            let c = &self.counters;
+                            c.expired_keys.set(c.expired_keys.get() + 1);
                         }
+                        let removed = self.del_locked(&loc, key, Space::User).await?;
+                        effects = Effects { wrote: deleting, orphan: removed.and_then(|r| r.1) };
+                        self.log_record(logrec::Op::Del, key, &[], 0, 0).await?;
                     }
-                    Write::Set(..) | Write::Del | Write::Keep => {}
+                    _ => {}
                 }
-                Ok(answer)
+                Ok((answer, effects))
             }
             .await;
             match result {
@@ -784,12 +936,29 @@ impl KvShard {
         }
     }
 
-    /// Sets `key` to `value` with expiry `expires` (unix ms, 0 = none) if `cond` holds.
-    /// Returns whether it was set. A time already past deletes the key (if `cond` holds).
-    pub async fn set(&self, key: &[u8], value: &[u8], expires: u64, cond: Cond) -> KvResult<bool> {
+    /// Sets `key` to `value` with expiry `expires` (unix ms, 0 = none) if `cond` holds, as a
+    /// record of kind `kind` (0: a plain value; [`rflags::MANIFEST`]: a
+    /// large value's manifest; [`rflags::CHUNK`]: a chunk under a chunk key). Returns whether
+    /// it was set and the manifest of a large value it replaced (the caller frees its chunks).
+    pub async fn set_full(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+        cond: Cond,
+        kind: u8,
+    ) -> KvResult<(bool, Option<Manifest>)> {
+        if value.len() > format::MAX_VALUE {
+            return Err(KvError::Engine(format!(
+                "internal: a record value of {} bytes (the limit is {})",
+                value.len(),
+                format::MAX_VALUE
+            )));
+        }
         if expires != 0 && expired(expires, now_ms()) {
-            return self
-                .update(key, |live, _| {
+            debug_assert_eq!(kind & rflags::CHUNK, 0, "chunks have no expiry");
+            let (done, effects) = self
+                .update_full(key, |live, _| {
                     let holds = match cond {
                         Cond::Always => true,
                         Cond::Nx => live.is_none(),
@@ -797,7 +966,8 @@ impl KvShard {
                     };
                     (if holds { Write::Del } else { Write::Keep }, holds)
                 })
-                .await;
+                .await?;
+            return Ok((done, effects.orphan));
         }
         self.counters.ops.set(self.counters.ops.get() + 1);
         let loc = self.geo.locate(key);
@@ -807,11 +977,11 @@ impl KvShard {
                 let _token = self.begin_write()?;
                 self.ensure_loaded(loc.range).await?;
                 let _lock = self.locks.write(loc.bucket_id).await;
-                let set = self.set_locked(&loc, key, value, expires, cond).await;
-                if let Ok(true) = set {
+                let set = self.set_locked(&loc, key, value, expires, cond, kind).await;
+                if let Ok(SetDone { done: true, .. }) = set {
                     // After the change is in the cache, under the bucket lock: the log's
                     // order is the order of the changes (see corebuf::ShardLog's contract).
-                    self.log_record(logrec::Op::Set, key, value, expires).await?;
+                    self.log_record(logrec::Op::Set, key, value, expires, kind).await?;
                 }
                 set
             };
@@ -825,11 +995,14 @@ impl KvShard {
                     self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
                     return Err(KvError::OutOfSpace(r));
                 }
-                other => return other,
+                Err(e) => return Err(e),
+                Ok(done) => return Ok((done.done, done.replaced)),
             }
         }
     }
 
+    /// Writes the record (the caller holds the bucket's write lock); `kind` as
+    /// [`KvShard::set_full`]'s, which also says the key's name space.
     async fn set_locked(
         &self,
         loc: &Loc,
@@ -837,7 +1010,8 @@ impl KvShard {
         value: &[u8],
         expires: u64,
         cond: Cond,
-    ) -> KvResult<bool> {
+        kind: u8,
+    ) -> KvResult<SetDone> {
         if self.frozen.get() {
             return Err(KvError::ShuttingDown);
         }
@@ -846,21 +1020,30 @@ impl KvShard {
             self.sweep_idle.set(false);
             self.sweep_pass_volatile.set(true);
         }
+        let space = Space::of_flags(kind);
         let sess = self.shard.partition().session().await;
-        let (chain, hits) = self.walk(&sess, loc, key, false).await?;
+        let (chain, hits) = self.walk(&sess, loc, key, false, space).await?;
         let existed = !hits.is_empty();
         let newest = hits.iter().max_by_key(|h| h.rec.version).cloned();
         // NX / XX look at the live key: an expired one counts as absent.
         // (The clock is read only when the record has an expiry: SET is benchmarked.)
         let live = newest.as_ref().is_some_and(|n| n.rec.expires == 0 || n.rec.expires > now_ms());
         match cond {
-            Cond::Nx if live => return Ok(false),
-            Cond::Xx if !live => return Ok(false),
+            Cond::Nx if live => return Ok(SetDone { done: false, replaced: None }),
+            Cond::Xx if !live => return Ok(SetDone { done: false, replaced: None }),
             _ => {}
         }
+        // A large value's manifest that this write replaces (by another value): its chunks
+        // are the caller's to free, once this change is durable.
+        let replaced = newest.as_ref().and_then(|n| match (&n.inline, n.rec.is_manifest()) {
+            (Some(old), true) if !(kind == rflags::MANIFEST && old.as_slice() == value) => {
+                Manifest::decode(old).ok()
+            }
+            _ => None,
+        });
         let version = self.id();
         if format::inline_record_len(key.len(), value.len(), expires) <= format::INLINE_RECORD_MAX {
-            let record = format::encode_inline(key, value, version, expires);
+            let record = format::encode_inline_with(key, value, version, expires, kind);
             if let Some(n) = &newest {
                 let used = chain[n.chain_index].used;
                 if used - n.rec.len + record.len() <= RECORD_AREA {
@@ -878,7 +1061,7 @@ impl KvShard {
                         self.defer(JobKind::Free { range: loc.range, blocks: list.clone() });
                     }
                     self.note_write();
-                    return Ok(true);
+                    return Ok(SetDone { done: true, replaced });
                 }
             }
             self.insert(&sess, loc, &chain, &record).await?;
@@ -887,7 +1070,8 @@ impl KvShard {
             let blocks = self.alloc(loc.range, n)?;
             let tag = format::mix64(self.id());
             let written = self.write_extents(&sess, loc, tag, &blocks, value).await;
-            let record = format::encode_extents(key, value.len(), version, expires, tag, &blocks);
+            let record =
+                format::encode_extents_with(key, value.len(), version, expires, tag, &blocks, kind);
             let inserted = match written {
                 Ok(()) => self.insert(&sess, loc, &chain, &record).await,
                 Err(e) => Err(e),
@@ -900,17 +1084,18 @@ impl KvShard {
         }
         if existed {
             // The old record(s) go once a barrier has made the new one durable.
-            self.defer(JobKind::Cleanup { key: key.to_vec(), keep: version });
-        } else {
+            self.defer(JobKind::Cleanup { key: key.to_vec(), keep: version, space });
+        } else if space == Space::User {
             self.add_keys(loc.range, 1);
         }
         self.note_write();
-        Ok(true)
+        Ok(SetDone { done: true, replaced })
     }
 
-    /// Deletes `key`; returns whether it existed (an expired key is deleted too, but did not
-    /// exist for the caller).
-    pub async fn del(&self, key: &[u8]) -> KvResult<bool> {
+    /// Deletes `key` in `space`; returns whether it existed (an expired key is deleted too,
+    /// but did not exist for the caller) and the manifest of the large value it deleted (the
+    /// caller frees its chunks).
+    pub async fn del_full(&self, key: &[u8], space: Space) -> KvResult<(bool, Option<Manifest>)> {
         self.counters.ops.set(self.counters.ops.get() + 1);
         let loc = self.geo.locate(key);
         let _token = self.begin_write()?;
@@ -919,47 +1104,76 @@ impl KvShard {
         if self.frozen.get() {
             return Err(KvError::ShuttingDown);
         }
-        let Some(expires) = self.del_locked(&loc, key).await? else { return Ok(false) };
-        self.log_record(logrec::Op::Del, key, &[], 0).await?;
+        let Some((expires, orphan)) = self.del_locked(&loc, key, space).await? else {
+            return Ok((false, None));
+        };
+        self.log_record(logrec::Op::Del, key, &[], 0, space.flag()).await?;
         let live = !expired(expires, now_ms());
         if !live {
             let c = &self.counters;
             c.expired_keys.set(c.expired_keys.get() + 1);
         }
-        Ok(live)
+        Ok((live, orphan))
     }
 
-    /// Removes every record of `key` (the caller holds the bucket's write lock); returns the
-    /// newest record's expiry if there was one (not logged: the caller logs).
-    async fn del_locked(&self, loc: &Loc, key: &[u8]) -> KvResult<Option<u64>> {
-        let (newest, expires) = {
+    /// Removes every record of `key` in `space` (the caller holds the bucket's write lock);
+    /// returns the newest record's expiry and, if it was a large value's manifest, the
+    /// manifest, if there was a record (not logged: the caller logs).
+    async fn del_locked(
+        &self,
+        loc: &Loc,
+        key: &[u8],
+        space: Space,
+    ) -> KvResult<Option<(u64, Option<Manifest>)>> {
+        let is_key = |k: &[u8], flags: u8| k == key && Space::of_flags(flags) == space;
+        let (newest, expires, orphan) = {
             let sess = self.shard.partition().session().await;
-            let (_, hits) = self.walk(&sess, loc, key, false).await?;
+            let (_, hits) = self.walk(&sess, loc, key, false, space).await?;
             let Some(newest) = hits.iter().max_by_key(|h| h.rec.version) else { return Ok(None) };
             let (version, expires) = (newest.rec.version, newest.rec.expires);
+            let orphan = match (&newest.inline, newest.rec.is_manifest()) {
+                (Some(m), true) => Manifest::decode(m).ok(),
+                _ => None,
+            };
             if hits.len() > 1 {
                 // An older record awaits its cleanup. Remove it first and make that durable,
                 // so that a crash cannot leave the older value behind the deleted newer one.
-                self.remove_where(&sess, loc, |k, v| k == key && v < version, true).await?;
-                (Some(version), expires)
+                self.remove_where(&sess, loc, |k, v, f| is_key(k, f) && v < version, true).await?;
+                (Some(version), expires, orphan)
             } else {
-                self.remove_where(&sess, loc, |k, _| k == key, true).await?;
-                (None, expires)
+                self.remove_where(&sess, loc, |k, _, f| is_key(k, f), true).await?;
+                (None, expires, orphan)
             }
         };
         if newest.is_some() {
             self.barrier().await.map_err(KvError::Engine)?;
             let sess = self.shard.partition().session().await;
-            self.remove_where(&sess, loc, |k, _| k == key, true).await?;
+            self.remove_where(&sess, loc, |k, _, f| is_key(k, f), true).await?;
         }
-        self.add_keys(loc.range, -1);
+        if space == Space::User {
+            self.add_keys(loc.range, -1);
+        }
         self.note_write();
-        Ok(Some(expires))
+        Ok(Some((expires, orphan)))
     }
 
-    /// Whether `key` exists.
+    /// The length of the newest record of chunk key `key` (its extents are not read).
+    pub(crate) async fn chunk_len(&self, key: &[u8]) -> KvResult<Option<usize>> {
+        let loc = self.geo.locate(key);
+        let _lock = self.locks.read(loc.bucket_id).await;
+        let sess = self.shard.partition().session().await;
+        let (_, hits) = self.walk(&sess, &loc, key, false, Space::Chunk).await?;
+        Ok(hits.iter().max_by_key(|h| h.rec.version).map(|h| h.rec.value_len))
+    }
+
+    /// Whether the log is being replayed (changes are not logged, chunks not freed).
+    pub fn is_replaying(&self) -> bool {
+        self.replaying.get()
+    }
+
+    /// Whether user key `key` exists.
     pub async fn exists(&self, key: &[u8]) -> KvResult<bool> {
-        Ok(self.get(key).await?.is_some())
+        Ok(self.get_entry(key).await?.is_some())
     }
 
     /// Keys on the ranges this shard owns (loads every such range once).
@@ -1016,7 +1230,8 @@ impl KvShard {
         }
     }
 
-    /// Every key of a bucket with its newest record's expiry, read under the bucket's lock.
+    /// Every user key of a bucket with its newest record's expiry, read under the bucket's
+    /// lock (chunk records are not keys).
     async fn bucket_keys(&self, loc: &Loc) -> KvResult<Vec<(Vec<u8>, u64)>> {
         let _lock = self.locks.read(loc.bucket_id).await;
         let sess = self.shard.partition().session().await;
@@ -1030,6 +1245,9 @@ impl KvShard {
                     break;
                 };
                 for rec in format::records(block, &data, &rbk)? {
+                    if rec.is_chunk() {
+                        continue; // internal: never listed
+                    }
                     let key = &data[rec.key.0..rec.key.0 + rec.key.1];
                     match newest.get_mut(key) {
                         Some(seen) if seen.0 >= rec.version => {}
@@ -1071,7 +1289,7 @@ impl KvShard {
                 let loc = Self::bucket_loc(range, bucket);
                 let _lock = self.locks.write(loc.bucket_id).await;
                 let sess = self.shard.partition().session().await;
-                removed += self.remove_where(&sess, &loc, |_, _| true, true).await? as u64;
+                removed += self.remove_where(&sess, &loc, |_, _, _| true, true).await? as u64;
             }
             self.with_alloc(range, |a| a.keys = 0);
             self.note_write();
@@ -1233,7 +1451,8 @@ impl KvShard {
         Ok(())
     }
 
-    /// Walks `loc`'s chain: the blocks, and the records of `key` (values copied if asked).
+    /// Walks `loc`'s chain: the blocks, and the records of `key` in `space` (values copied if
+    /// asked; a manifest always).
     /// A stale link ends the chain (see [`KvShard::check_chain_block`]).
     async fn walk(
         &self,
@@ -1241,6 +1460,7 @@ impl KvShard {
         loc: &Loc,
         key: &[u8],
         copy_values: bool,
+        space: Space,
     ) -> KvResult<(Vec<ChainBlock>, Vec<Hit>)> {
         let mut chain = Vec::with_capacity(2);
         let mut hits = Vec::new();
@@ -1255,11 +1475,14 @@ impl KvShard {
                     break;
                 };
                 for rec in format::records(block, &data, &rbk)? {
-                    if &data[rec.key.0..rec.key.0 + rec.key.1] != key {
+                    if Space::of_flags(rec.flags) != space
+                        || &data[rec.key.0..rec.key.0 + rec.key.1] != key
+                    {
                         continue;
                     }
                     let inline = match rec.body {
-                        Body::Inline(at) if copy_values => {
+                        // A manifest is always copied: a write that replaces it returns it.
+                        Body::Inline(at) if copy_values || rec.is_manifest() => {
                             Some(data[at..at + rec.value_len].to_vec())
                         }
                         _ => None,
@@ -1356,14 +1579,14 @@ impl KvShard {
         linked
     }
 
-    /// Removes every record for which `pred(key, version)` holds from `loc`'s chain. Extents
+    /// Removes every record for which `pred(key, version, flags)` holds from `loc`'s chain. Extents
     /// of removed records and overflow blocks left empty (unlinked if `unlink`) are freed after
     /// the next barrier. Returns the records removed.
     async fn remove_where(
         &self,
         sess: &Sess,
         loc: &Loc,
-        pred: impl Fn(&[u8], u64) -> bool,
+        pred: impl Fn(&[u8], u64, u8) -> bool,
         unlink: bool,
     ) -> KvResult<usize> {
         let (removed, extents, unlinked) = self.remove_records(sess, loc, pred, unlink).await?;
@@ -1382,7 +1605,7 @@ impl KvShard {
         &self,
         sess: &Sess,
         loc: &Loc,
-        pred: impl Fn(&[u8], u64) -> bool,
+        pred: impl Fn(&[u8], u64, u8) -> bool,
         unlink: bool,
     ) -> KvResult<(usize, Vec<Vec<u16>>, Vec<u16>)> {
         let mut removed = 0;
@@ -1412,7 +1635,7 @@ impl KvShard {
                 let mut left = recs.len();
                 // From the back, so earlier offsets stay valid.
                 for rec in recs.iter().rev() {
-                    if pred(&data[rec.key.0..rec.key.0 + rec.key.1], rec.version) {
+                    if pred(&data[rec.key.0..rec.key.0 + rec.key.1], rec.version, rec.flags) {
                         format::remove_record(&mut data, rec.offset, rec.len);
                         if let Body::Extents(_, list) = &rec.body {
                             extents.push(list.clone());
@@ -1610,7 +1833,7 @@ impl KvShard {
                     None => None,
                     Some((rbk, _)) => {
                         for rec in format::records(block, &data, &rbk)? {
-                            let key = data[rec.key.0..rec.key.0 + rec.key.1].to_vec();
+                            let key = space_key(&data[rec.key.0..rec.key.0 + rec.key.1], rec.flags);
                             records.push((key, rec));
                         }
                         Some(rbk.next)
@@ -1657,12 +1880,15 @@ impl KvShard {
                 *e = (*e).max(rec.version);
             }
         }
+        // Keys are compared with their space (a chunk key and a user key of the same bytes
+        // are two keys).
         let keep = |key: &[u8], version: u64| newest.get(key) == Some(&version);
         let drop_count = records.iter().filter(|(k, r)| !keep(k, r.version)).count();
         if drop_count > 0 {
             // Not durable yet, but safe: what is dropped is shadowed or incomplete, and the
             // blocks it used are reused only with new tags.
-            let (removed, _, _) = self.remove_records(sess, loc, |k, v| !keep(k, v), false).await?;
+            let stale = |k: &[u8], v: u64, f: u8| !keep(&space_key(k, f), v);
+            let (removed, _, _) = self.remove_records(sess, loc, stale, false).await?;
             self.counters
                 .records_repaired
                 .set(self.counters.records_repaired.get() + removed as u64);
@@ -1680,7 +1906,8 @@ impl KvShard {
                 }
             }
         }
-        Ok(newest.len() as u64)
+        // Chunk records are not keys.
+        Ok(newest.keys().filter(|k| k[0] == 0).count() as u64)
     }
 
     fn with_alloc<T>(&self, range: u64, f: impl FnOnce(&mut RangeAlloc) -> T) -> T {
@@ -1732,6 +1959,7 @@ impl KvShard {
         key: &[u8],
         value: &[u8],
         expires: u64,
+        kind: u8,
     ) -> KvResult<()> {
         if self.replaying.get() {
             return Ok(());
@@ -1739,7 +1967,7 @@ impl KvShard {
         let Some(log) = self.shard.log() else { return Ok(()) };
         // Taken out of the cell for the await: another task may log meanwhile.
         let mut buf = std::mem::take(&mut *self.log_buf.borrow_mut());
-        logrec::encode(&mut buf, op, key, value, expires);
+        logrec::encode(&mut buf, op, key, value, expires, kind);
         let appended = log.append(&buf).await;
         *self.log_buf.borrow_mut() = buf;
         appended.map(|_| ()).map_err(|e| KvError::Engine(format!("log append: {e}")))
@@ -1809,11 +2037,16 @@ impl KvShard {
                 ));
             }
             // A value whose expiry has passed since is deleted instead (`set` does that).
+            // Chunks and manifests are ordinary records on their owners: a chunk was durable
+            // before any manifest naming it was written, and a manifest's removal before its
+            // chunks were deleted, so each shard's log replays to a consistent state on its
+            // own. Freed chunks have their own DEL records: replay frees nothing else.
             let applied = match rec.op {
-                logrec::Op::Set => {
-                    self.set(key, rec.value, rec.expires, Cond::Always).await.map(|_| ())
-                }
-                logrec::Op::Del => self.del(key).await.map(|_| ()),
+                logrec::Op::Set => self
+                    .set_full(key, rec.value, rec.expires, Cond::Always, rec.kind)
+                    .await
+                    .map(|_| ()),
+                logrec::Op::Del => self.del_full(key, Space::of_flags(rec.kind)).await.map(|_| ()),
             };
             applied.map_err(|e| format!("replaying the log record at {}: {e}", record.lsn))?;
         }
@@ -1960,14 +2193,16 @@ impl KvShard {
                 self.free_now(range, &blocks);
                 Ok(())
             }
-            JobKind::Cleanup { key, keep } => {
+            JobKind::Cleanup { key, keep, space } => {
                 let loc = self.geo.locate(&key);
                 let _token = self.begin_write()?;
                 self.ensure_loaded(loc.range).await?;
                 let _lock = self.locks.write(loc.bucket_id).await;
                 let sess = self.shard.partition().session().await;
-                self.remove_where(&sess, &loc, |k, v| k == key.as_slice() && v < keep, true)
-                    .await?;
+                let older = |k: &[u8], v: u64, f: u8| {
+                    k == key.as_slice() && v < keep && Space::of_flags(f) == space
+                };
+                self.remove_where(&sess, &loc, older, true).await?;
                 Ok(())
             }
         }
@@ -2082,6 +2317,8 @@ impl KvShard {
             out_of_space: c.out_of_space.get(),
             protocol_errors: c.protocol_errors.get(),
             expired_keys: c.expired_keys.get(),
+            chunks: (c.chunks_written.get(), c.chunks_read.get(), c.chunks_deleted.get()),
+            large_pins: self.pins.len() as u64,
             sweep_buckets: c.sweep_buckets.get(),
             log_appends: log.log.appends,
             log_commits: log.log.commits,

@@ -25,7 +25,7 @@ fn malformed_requests_get_a_protocol_error_and_a_closed_connection() {
         ("count past the limit", b"*10000000\r\n"),
         ("negative bulk length", b"*1\r\n$-5\r\n"),
         ("huge bulk length", b"*2\r\n$3\r\nGET\r\n$9999999999\r\n"),
-        ("bulk past the limit", b"*2\r\n$3\r\nSET\r\n$104857600\r\n"),
+        ("bulk past the limit", b"*2\r\n$3\r\nSET\r\n$536870913\r\n"),
         ("wrong element type", b"*2\r\n$3\r\nGET\r\n:1\r\n"),
         ("missing CRLF after a bulk", b"*1\r\n$4\r\nPINGxx\r\n"),
         ("endless count line", b"*111111111111111111111111111111111111111111"),
