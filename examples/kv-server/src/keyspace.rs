@@ -4,7 +4,8 @@
 //! What they guarantee across shards (each key's own operation is atomic on its owner):
 //! - MSETNX checks every key, then sets them all: all or nothing against its own checks, but
 //!   not isolated from other connections writing those keys between the two steps.
-//! - RENAME reads the source on its owner, writes the destination on its owner, then deletes
+//! - RENAME reads the source on its owner, writes the destination on its owner (a large value
+//!   as a copy in chunks of its own: O(value), where Redis's RENAME is O(1)), then deletes
 //!   the source there if it still holds what was copied. A crash between the last two steps
 //!   leaves both keys (never neither); a concurrent write of the source between the steps
 //!   keeps the new source (the destination has the value read in step one).
@@ -205,9 +206,14 @@ async fn rename(kv: &Rc<KvShard>, src: &[u8], dst: &[u8], nx: bool) -> Result<Ve
         return Ok(done(false));
     }
     let cond = if nx { Cond::Nx } else { Cond::Always };
-    // A large value moves as its manifest: the chunks stay where they are.
+    // A large value is copied into chunks of its own for the destination: two keys naming the
+    // same chunks (after a crash between the steps below, or an overwrite of the source in
+    // between, which frees the source's chunks) would lose the value.
     let set = match entry.large() {
-        Some(m) => Op::SetManifest(dst.to_vec(), m, cond, entry.expires, false),
+        Some(m) => match large::copy(kv, src, &entry, &m).await? {
+            Some(copy) => Op::SetManifest(dst.to_vec(), copy, cond, entry.expires, true),
+            None => return Err("ERR no such key".into()), // replaced while it was read
+        },
         None if entry.manifest => return Err(crate::server::damaged_manifest(src)),
         None => Op::Set(dst.to_vec(), entry.value.clone(), cond, entry.expires),
     };
@@ -216,9 +222,9 @@ async fn rename(kv: &Rc<KvShard>, src: &[u8], dst: &[u8], nx: bool) -> Result<Ve
         OpOut::Done(false) => return Ok(done(false)),
         other => return Err(format!("ERR internal: unexpected {other:?}")),
     }
-    // The source's manifest is removed, not its chunks: the destination names them now.
+    // The source goes if it still holds what was copied (its chunks are freed with it).
     let del_if = Box::new(Update::DelIf(entry.value, entry.expires));
-    run_one(kv, Op::Update(src.to_vec(), del_if)).await?;
+    run_settled(kv, Op::Update(src.to_vec(), del_if)).await?;
     Ok(done(true))
 }
 

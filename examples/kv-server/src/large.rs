@@ -582,6 +582,25 @@ async fn edit_once(kv: &Rc<KvShard>, key: &[u8], edit: Edit<'_>) -> Result<Optio
     }
 }
 
+/// A copy of the large value `old` (manifest `old_m`) of `key` in chunks of a new tag, one
+/// window at a time (RENAME: the destination gets chunks of its own, so that no two keys ever
+/// name the same chunks, whatever a crash or a concurrent overwrite of the source does).
+/// `None` if the value is being freed (the key holds another value by now).
+pub async fn copy(
+    kv: &Rc<KvShard>,
+    key: &[u8],
+    old: &Entry,
+    old_m: &Manifest,
+) -> Result<Option<Manifest>, String> {
+    let Some(pin) = PinGuard::pin(kv, old_m).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let m = Manifest::new(old_m.total_len, kv.tags.next(), kv.geo.chunk_bytes);
+    let written = copy_edited(kv, key, Some(old), Some(old_m), &m, 0, &[]).await;
+    pin.release().await;
+    written.map(Some)
+}
+
 /// Writes the chunks of `m`: the old value (`old`, small or large `old_m`) zero-extended to
 /// `m`'s length, with `data` at `offset`; one window at a time.
 async fn copy_edited(

@@ -355,6 +355,42 @@ fn reads_racing_overwrites_see_one_whole_value_or_the_other() {
 }
 
 #[test]
+fn a_renamed_value_survives_overwrites_of_its_source() {
+    // RENAME of a large value racing SETs of the source: the destination must always hold one
+    // whole value (the source's chunks are freed by each overwrite, so the destination may
+    // never name them).
+    let dir = scratch("largerename");
+    let server = Server::start(&dir.path().join("data"), &["--size", "64M", "--shards", "2"]);
+    let (x, y) = (pattern(21, 300 * 1024 + 7), pattern(22, 300 * 1024 + 7));
+    let mut c = server.client();
+    let port = server.port;
+    for i in 0..40 {
+        assert_eq!(c.cmd(&[b"SET", b"src", &x]), ok());
+        let writer = std::thread::spawn({
+            let y = y.clone();
+            move || {
+                let mut c = Client::connect(port);
+                for _ in 0..4 {
+                    assert_eq!(c.cmd(&[b"SET", b"src", &y]), ok());
+                }
+            }
+        });
+        let dst = format!("dst{i}");
+        let renamed = c.cmd(&[b"RENAME", b"src", dst.as_bytes()]);
+        writer.join().expect("the writer");
+        assert!(renamed == ok() || renamed.is_error_with("no such key"), "{renamed:?}");
+        if renamed == ok() {
+            let got = c.cmd(&[b"GET", dst.as_bytes()]);
+            assert!(got == bulk(&x) || got == bulk(&y), "round {i}: {dst} holds a whole value");
+        }
+        let deleted = c.cmds(&["DEL", "src", &dst]);
+        assert!(matches!(deleted, Reply::Int(_)), "{deleted:?}");
+    }
+    wait_all_free(&mut c);
+    server.shutdown();
+}
+
+#[test]
 fn streaming_a_100_mib_value_holds_far_less_than_the_value() {
     let dir = scratch("largerss");
     let server = Server::start(
