@@ -363,10 +363,23 @@ async fn flush_all(kv: &Rc<KvShard>, args: &[&[u8]]) -> Result<Vec<u8>, String> 
     let parts =
         on_every_shard(kv, |kv| async move { kv.flush_owned().await.map_err(|e| e.to_string()) })
             .await;
-    for part in parts {
-        part?.map_err(|e| e.to_string())?;
+    let mut removed = Vec::new();
+    let mut failed = None;
+    for (owner, part) in parts.into_iter().enumerate() {
+        match part {
+            Ok(Ok(manifests)) => removed.extend(manifests.into_iter().map(|m| (owner, m))),
+            Ok(Err(e)) | Err(e) => failed = failed.or(Some(e)),
+        }
     }
-    Ok(simple("OK"))
+    // The removed large values' chunks: once their removal is durable (it is: each shard
+    // checkpointed) and no connection streams them.
+    for (owner, manifest) in removed {
+        large::free_chunks(kv, large::Orphan { manifest, owner }).await;
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(simple("OK")),
+    }
 }
 
 /// SAVE: a checkpoint on every shard (everything written back and flushed; the logs emptied).

@@ -1274,11 +1274,14 @@ impl KvShard {
         Ok(newest.into_iter().map(|(k, (_, e))| (k, e)).collect())
     }
 
-    /// FLUSHALL on this shard: removes every record of every range it owns, then checkpoints,
+    /// FLUSHALL on this shard: removes every key of every range it owns, then checkpoints,
     /// so that neither the data file nor a log replay brings a removed key back. Returns the
-    /// keys removed.
-    pub async fn flush_owned(&self) -> KvResult<u64> {
-        let mut removed = 0;
+    /// manifests of the large values removed: the caller frees their chunks
+    /// ([`crate::large::free_chunks`]: after the removal is durable, and not under a reader
+    /// streaming them). Chunk records are not touched here: those of a large SET still being
+    /// written belong to a manifest that is not in place yet.
+    pub async fn flush_owned(&self) -> KvResult<Vec<format::Manifest>> {
+        let mut manifests = Vec::new();
         for range in 1..self.geo.ranges {
             if !self.shard.owns(range * RANGE_BLOCKS) {
                 continue;
@@ -1289,13 +1292,64 @@ impl KvShard {
                 let loc = Self::bucket_loc(range, bucket);
                 let _lock = self.locks.write(loc.bucket_id).await;
                 let sess = self.shard.partition().session().await;
-                removed += self.remove_where(&sess, &loc, |_, _, _| true, true).await? as u64;
+                manifests.extend(self.newest_manifests(&sess, &loc).await?);
+                let user = |_: &[u8], _: u64, flags: u8| flags & format::rflags::CHUNK == 0;
+                self.remove_where(&sess, &loc, user, true).await?;
             }
             self.with_alloc(range, |a| a.keys = 0);
             self.note_write();
         }
         self.checkpoint().await.map_err(KvError::Engine)?;
-        Ok(removed)
+        Ok(manifests)
+    }
+
+    /// The manifests of the large values in `loc`'s chain: each key's newest record, if it is
+    /// a manifest (older records of a key were replaced, and their replacer frees their
+    /// chunks). The caller holds the bucket's lock.
+    async fn newest_manifests(&self, sess: &Sess, loc: &Loc) -> KvResult<Vec<format::Manifest>> {
+        let mut newest: HashMap<Vec<u8>, (u64, Option<format::Manifest>)> = HashMap::new();
+        let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
+        loop {
+            let buf = sess.read(block).await?;
+            let next = {
+                let data = buf.data();
+                let Some((rbk, _)) = self.check_chain_block(loc, block, &data, expect_tag)? else {
+                    break;
+                };
+                for rec in format::records(block, &data, &rbk)? {
+                    if rec.is_chunk() {
+                        continue;
+                    }
+                    let manifest = match (rec.is_manifest(), &rec.body) {
+                        (true, Body::Inline(at)) => {
+                            format::Manifest::decode(&data[*at..*at + rec.value_len]).ok()
+                        }
+                        _ => None,
+                    };
+                    let key = &data[rec.key.0..rec.key.0 + rec.key.1];
+                    match newest.get_mut(key) {
+                        Some(seen) if seen.0 >= rec.version => {}
+                        Some(seen) => *seen = (rec.version, manifest),
+                        None => {
+                            newest.insert(key.to_vec(), (rec.version, manifest));
+                        }
+                    }
+                }
+                rbk.next
+            };
+            drop(buf);
+            blocks += 1;
+            if next.0 == 0 {
+                break;
+            }
+            self.check_link(loc, block, next.0)?;
+            if blocks > RANGE_BLOCKS {
+                return Err(format::corrupt(loc.head, "bucket chain loops").into());
+            }
+            block = next.0;
+            expect_tag = Some(next.1);
+        }
+        Ok(newest.into_values().filter_map(|(_, m)| m).collect())
     }
 
     /// A checkpoint (SAVE): every dirty block of every shard written back and the device
