@@ -350,6 +350,18 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("start shard {s}: {e}"))?;
         }
         replay_logs(&client, shards)?;
+        // Chunks of large values that expired while the server was down: freed once every
+        // shard has replayed (no later replay can bring a freed chunk back).
+        for s in 0..shards {
+            let freed =
+                futures_lite::future::block_on(client.run_on(s, |_| async move {
+                    KvShard::current().free_expired_in_replay().await
+                }))
+                .map_err(|e| e.to_string())??;
+            if freed > 0 {
+                log(format!("shard {s}: freed the chunks of {freed} large values that expired"));
+            }
+        }
         // Shard 0 binds first (so --port 0 picks the port), then every other shard binds it.
         let mut port = args.port;
         for s in 0..shards {

@@ -473,6 +473,10 @@ pub struct KvShard {
     pub stop_tx: mpsc::Sender<String>,
     /// Set while the log is replayed: replayed changes are not logged again.
     replaying: Cell<bool>,
+    /// Large values whose manifest the log replay dropped because their expiry had passed
+    /// (key, manifest): their chunks are freed once every shard has replayed
+    /// ([`KvShard::free_expired_in_replay`]).
+    replay_expired: RefCell<Vec<(Vec<u8>, Manifest)>>,
     /// The record being encoded (kept to reuse its capacity).
     log_buf: RefCell<Vec<u8>>,
     /// The next bucket id the expiry sweep visits.
@@ -646,6 +650,7 @@ impl KvShard {
             writers_idle: WaitList::default(),
             stop_tx,
             replaying: Cell::new(false),
+            replay_expired: RefCell::new(Vec::new()),
             log_buf: RefCell::new(Vec::new()),
             sweep_cursor: Cell::new(0),
             sweep_idle: Cell::new(false),
@@ -1280,7 +1285,7 @@ impl KvShard {
     /// ([`crate::large::free_chunks`]: after the removal is durable, and not under a reader
     /// streaming them). Chunk records are not touched here: those of a large SET still being
     /// written belong to a manifest that is not in place yet.
-    pub async fn flush_owned(&self) -> KvResult<Vec<format::Manifest>> {
+    pub async fn flush_owned(&self) -> KvResult<Vec<Manifest>> {
         let mut manifests = Vec::new();
         for range in 1..self.geo.ranges {
             if !self.shard.owns(range * RANGE_BLOCKS) {
@@ -1293,7 +1298,7 @@ impl KvShard {
                 let _lock = self.locks.write(loc.bucket_id).await;
                 let sess = self.shard.partition().session().await;
                 manifests.extend(self.newest_manifests(&sess, &loc).await?);
-                let user = |_: &[u8], _: u64, flags: u8| flags & format::rflags::CHUNK == 0;
+                let user = |_: &[u8], _: u64, flags: u8| flags & rflags::CHUNK == 0;
                 self.remove_where(&sess, &loc, user, true).await?;
             }
             self.with_alloc(range, |a| a.keys = 0);
@@ -1306,8 +1311,8 @@ impl KvShard {
     /// The manifests of the large values in `loc`'s chain: each key's newest record, if it is
     /// a manifest (older records of a key were replaced, and their replacer frees their
     /// chunks). The caller holds the bucket's lock.
-    async fn newest_manifests(&self, sess: &Sess, loc: &Loc) -> KvResult<Vec<format::Manifest>> {
-        let mut newest: HashMap<Vec<u8>, (u64, Option<format::Manifest>)> = HashMap::new();
+    async fn newest_manifests(&self, sess: &Sess, loc: &Loc) -> KvResult<Vec<Manifest>> {
+        let mut newest: HashMap<Vec<u8>, (u64, Option<Manifest>)> = HashMap::new();
         let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
         loop {
             let buf = sess.read(block).await?;
@@ -1322,7 +1327,7 @@ impl KvShard {
                     }
                     let manifest = match (rec.is_manifest(), &rec.body) {
                         (true, Body::Inline(at)) => {
-                            format::Manifest::decode(&data[*at..*at + rec.value_len]).ok()
+                            Manifest::decode(&data[*at..*at + rec.value_len]).ok()
                         }
                         _ => None,
                     };
@@ -2060,6 +2065,24 @@ impl KvShard {
         Ok(report)
     }
 
+    /// Frees the chunks of the large values the log replay dropped as expired, unless the key
+    /// names them again (a later record of the log, PERSIST say, kept its manifest). Runs
+    /// after every shard has replayed: a chunk replayed after its delete would come back.
+    pub async fn free_expired_in_replay(self: &Rc<Self>) -> Result<usize, String> {
+        let dropped = std::mem::take(&mut *self.replay_expired.borrow_mut());
+        let mut freed = hashbrown::HashSet::new();
+        for (key, m) in dropped {
+            let live = self.get_entry(&key).await.map_err(|e| e.to_string())?;
+            if live.and_then(|e| e.large()).is_some_and(|l| l.tag == m.tag) || !freed.insert(m.tag)
+            {
+                continue;
+            }
+            let orphan = crate::large::Orphan { manifest: m, owner: self.shard.id() };
+            crate::large::free_chunks(self, orphan).await;
+        }
+        Ok(freed.len())
+    }
+
     async fn apply_records(&self, records: &[corebuf::LogRecord]) -> Result<(), String> {
         // Records are applied one after the other (a key's order matters), so each cache miss
         // would be a device read at queue depth one. Reads of what the next records need start
@@ -2095,6 +2118,16 @@ impl KvShard {
             // before any manifest naming it was written, and a manifest's removal before its
             // chunks were deleted, so each shard's log replays to a consistent state on its
             // own. Freed chunks have their own DEL records: replay frees nothing else.
+            if rec.op == logrec::Op::Set
+                && rec.kind & rflags::MANIFEST != 0
+                && expired(rec.expires, now_ms())
+            {
+                // Applied as a DEL below, and no record of the log frees its chunks (it
+                // expired while the server was down).
+                if let Ok(m) = Manifest::decode(rec.value) {
+                    self.replay_expired.borrow_mut().push((key.to_vec(), m));
+                }
+            }
             let applied = match rec.op {
                 logrec::Op::Set => self
                     .set_full(key, rec.value, rec.expires, Cond::Always, rec.kind)
