@@ -1006,7 +1006,20 @@ impl Conn {
             }
         };
         self.run_batch().await;
-        let (out, orphan) = large::edit(&self.kv, args[0], edit).await.split();
+        let (mut out, orphan) = large::edit(&self.kv, args[0], edit).await.split();
+        if self.kv.geo.fsync == Fsync::Always && matches!(out, OpOut::Int(_)) {
+            // The new manifest was logged on the key's owner, outside any batch: its commit,
+            // as every other write's, comes before the answer.
+            let owner = self.kv.owner_of_key(args[0]);
+            let commit =
+                large::on_shard(&self.kv, owner, |kv| async move { Ok(kv.log_commit().await) })
+                    .await;
+            match commit {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => out = OpOut::Err(format!("ERR {e}")),
+                Err(e) => out = OpOut::Err(e.to_string()),
+            }
+        }
         match out {
             OpOut::Int(n) => resp::integer(&mut self.wbuf, n),
             OpOut::Err(e) => resp::error(&mut self.wbuf, &e),
