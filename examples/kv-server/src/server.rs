@@ -178,7 +178,10 @@ async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
             .map(|(done, orphan)| OpOut::freeing(OpOut::Done(done), orphan, me)),
         Op::SetManifest(k, m, c, e, fresh) => {
             match kv.set_full(&k, &m.encode(), e, c, rflags::MANIFEST).await {
-                Ok((true, replaced)) => Ok(OpOut::freeing(OpOut::Done(true), replaced, me)),
+                Ok((true, replaced)) => {
+                    free_if_expired(kv, fresh.then_some(m), e);
+                    Ok(OpOut::freeing(OpOut::Done(true), replaced, me))
+                }
                 // Chunks no manifest names: freed again.
                 Ok((false, _)) => Ok(OpOut::freeing(OpOut::Done(false), fresh.then_some(m), me)),
                 Err(e) => Ok(OpOut::freeing(OpOut::Err(e.to_string()), fresh.then_some(m), me)),
@@ -196,6 +199,17 @@ async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
         Op::Update(k, u) => return run_update(kv, k, u).await,
     };
     result.unwrap_or_else(|e| OpOut::Err(e.to_string()))
+}
+
+/// Frees the chunks of `fresh`, a large value just SET with expiry `expires`, if that expiry
+/// has passed: the SET then deleted the key rather than storing the manifest (an expiry
+/// already past when it ran), so nothing else would ever free them. (If the manifest was
+/// stored and expired since, no one can read it again, and its later removal frees nothing
+/// more: freeing twice deletes nothing twice.)
+fn free_if_expired(kv: &KvShard, fresh: Option<Manifest>, expires: u64) {
+    if store::expired(expires, store::now_ms()) {
+        kv.free_in_background(fresh);
+    }
 }
 
 /// Names the key in a [`OpOut::Large`] the command code built without it.
@@ -220,6 +234,11 @@ async fn run_update(kv: &Rc<KvShard>, k: Vec<u8>, u: Box<Update>) -> OpOut {
     };
     let out = match kv.update_full(&k, |live, now| cmds::apply(&u, live, now)).await {
         Ok((out, effects)) => {
+            if let Update::SetLarge { manifest, ttl: cmds::Ttl::At(at), .. } = &*u {
+                if effects.wrote {
+                    free_if_expired(kv, Some(*manifest), (*at).max(1) as u64);
+                }
+            }
             // A fresh large value that was not written: its chunks go again.
             let orphan = effects.orphan.or(fresh.filter(|_| !effects.wrote));
             OpOut::freeing(with_key(out, &k), orphan, me)

@@ -2,9 +2,37 @@
 
 mod common;
 
-use common::{bulk, ok, pattern, scratch, Reply, Server};
+use std::time::{Duration, Instant};
+
+use common::{bulk, info_field, ok, pattern, scratch, Client, Reply, Server};
 
 const KIB: usize = 1 << 10;
+
+/// Free pool blocks and loaded ranges (INFO storage).
+fn free_and_loaded(c: &mut Client) -> (u64, u64) {
+    let info = c.cmds(&["INFO", "storage"]);
+    let loaded = info_field(&info, "ranges_loaded_trusted")
+        + info_field(&info, "ranges_loaded_fresh")
+        + info_field(&info, "ranges_rebuilt");
+    (info_field(&info, "free_blocks_in_loaded_ranges"), loaded)
+}
+
+/// Waits until every loaded range's pool is free again; panics with `what` after 20 s.
+fn wait_all_free(c: &mut Client, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (free, loaded) = free_and_loaded(c);
+        if free == loaded * 191 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {free} blocks free of {} after 20 s",
+            loaded * 191
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
 
 /// APPEND / SETRANGE with an argument longer than one record take the connection's large-edit
 /// path. Under `--fsync always` their answer must wait for the key owner's log commit, as every
@@ -33,5 +61,38 @@ fn a_large_append_or_setrange_is_durable_once_answered() {
     let mut ranged = vec![0u8; 5];
     ranged.extend_from_slice(&b);
     assert!(c.cmd(&[b"GET", b"ranged"]) == bulk(&ranged), "SETRANGE of a missing key lost");
+    server.shutdown();
+}
+
+/// A large SET whose expiry is already past deletes the key instead of writing the manifest:
+/// the chunks it wrote are then named by nothing and must be deleted again, not leaked.
+#[test]
+fn a_large_set_with_a_past_expiry_leaks_no_chunks() {
+    let dir = scratch("rv-pastexp");
+    let server = Server::start(&dir.path().join("data"), &["--size", "32M", "--shards", "2"]);
+    let mut c = server.client();
+    let v = pattern(3, 300 * KIB);
+    // Key absent, and key present (a plain SET, and SET ... GET).
+    assert_eq!(c.cmd(&[b"SET", b"k", &v, b"PXAT", b"1"]), ok());
+    assert_eq!(c.cmd(&[b"SET", b"k", b"old"]), ok());
+    assert_eq!(c.cmd(&[b"SET", b"k", &v, b"PXAT", b"1"]), ok());
+    assert_eq!(c.cmd(&[b"SET", b"k", b"old"]), ok());
+    assert_eq!(c.cmd(&[b"SET", b"k", &v, b"EXAT", b"1", b"GET"]), bulk(b"old"));
+    assert_eq!(c.cmd(&[b"SET", b"k", &v, b"PX", b"1"]), ok());
+    assert_eq!(c.cmds(&["EXISTS", "k"]), Reply::Int(0));
+    assert_eq!(c.cmds(&["DBSIZE"]), Reply::Int(0));
+    // The chunks go in the background: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = c.cmds(&["INFO", "stats"]);
+        let (written, deleted) =
+            (info_field(&stats, "chunks_written"), info_field(&stats, "chunks_deleted"));
+        if written == deleted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{written} chunks written, {deleted} deleted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_all_free(&mut c, "chunks of SETs that expired at once");
     server.shutdown();
 }
