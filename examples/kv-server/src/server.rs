@@ -1177,6 +1177,13 @@ impl Conn {
             b"?"
         };
         let args = &argv[1..];
+        // Cluster mode: a key of another node's slot is redirected, keys of several slots are
+        // refused (before the command runs, as Redis does; large values included, before any
+        // of their chunks is written here).
+        if let Some(e) = crate::cluster::redirect(argv) {
+            self.push_raw(|out| resp::error(out, &e));
+            return Flow::Continue;
+        }
         if let Some(flow) = self.large_write(name, args).await {
             return flow;
         }
@@ -1190,12 +1197,6 @@ impl Conn {
             let n = String::from_utf8_lossy(name).into_owned();
             arity_error_named(this, &n)
         };
-        // Cluster mode: a key of another node's slot is redirected, keys of several slots are
-        // refused (before the command runs, as Redis does).
-        if let Some(e) = crate::cluster::redirect(argv) {
-            self.push_raw(|out| resp::error(out, &e));
-            return Flow::Continue;
-        }
         match name {
             b"get" => {
                 if args.len() != 1 {

@@ -168,3 +168,27 @@ fn a_large_value_that_expires_across_a_crash_leaks_no_chunks() {
     wait_all_free(&mut c, "chunks of a value that expired across a crash");
     server.shutdown();
 }
+
+/// Cluster mode: a large value for another node's slot is redirected, and an MSET with a
+/// large value over several slots is refused, before any chunk is written here, as every
+/// other write is (the value would otherwise be stored on a node that never serves it).
+#[test]
+fn cluster_redirects_come_before_large_writes() {
+    let dir = scratch("rv-clusterlarge");
+    let (nodes, _ports) = common::three_nodes(dir.path(), true, 1);
+    let mut c = nodes[0].client();
+    // "foo" hashes to slot 12182 (the third node); "a" to 15495, "b" to 3300 (this node).
+    let big = pattern(5, 100 * KIB);
+    let moved = c.cmd(&[b"SET", b"foo", &big]);
+    assert!(moved.is_error_with("MOVED 12182 "), "SET of another node's key: {moved:?}");
+    let moved = c.cmd(&[b"APPEND", b"foo", &big]);
+    assert!(moved.is_error_with("MOVED 12182 "), "APPEND of another node's key: {moved:?}");
+    let cross = c.cmd(&[b"MSET", b"b", &big, b"a", b"1"]);
+    assert!(cross.is_error_with("CROSSSLOT"), "MSET over two slots: {cross:?}");
+    assert_eq!(c.cmds(&["EXISTS", "b"]), Reply::Int(0), "nothing of the refused MSET stays");
+    let info = c.cmds(&["INFO", "stats"]);
+    assert_eq!(info_field(&info, "chunks_written"), 0, "no chunk written for refused writes");
+    for node in nodes {
+        node.shutdown();
+    }
+}
