@@ -21,7 +21,7 @@ use crate::glob;
 use crate::large;
 use crate::resp;
 use crate::server::{exec_ops, on_every_shard, Op, OpOut};
-use crate::store::{Cond, Geometry, KvShard};
+use crate::store::{Cond, Geometry, KvShard, Space};
 
 /// Buckets SCAN visits per call when COUNT is not given (Redis's default COUNT is 10 keys).
 pub const SCAN_COUNT_DEFAULT: u64 = 10;
@@ -360,11 +360,18 @@ async fn flush_all(kv: &Rc<KvShard>, args: &[&[u8]]) -> Result<Vec<u8>, String> 
             return Err(cmds::SYNTAX.into());
         }
     }
-    let parts =
-        on_every_shard(kv, |kv| async move { kv.flush_owned().await.map_err(|e| e.to_string()) })
-            .await;
-    for part in parts {
-        part?.map_err(|e| e.to_string())?;
+    // The user keys (manifests included) first, on every shard, checkpointed; only then the
+    // chunks: a crash in between leaves chunks that nothing names (leaked space, which the
+    // next FLUSHALL reclaims), never a manifest whose chunks are gone (FORMAT.md, "Large
+    // values", rule 2).
+    for space in [Space::User, Space::Chunk] {
+        let parts = on_every_shard(kv, move |kv| async move {
+            kv.flush_owned(space).await.map_err(|e| e.to_string())
+        })
+        .await;
+        for part in parts {
+            part?.map_err(|e| e.to_string())?;
+        }
     }
     Ok(simple("OK"))
 }

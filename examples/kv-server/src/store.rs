@@ -1274,10 +1274,11 @@ impl KvShard {
         Ok(newest.into_iter().map(|(k, (_, e))| (k, e)).collect())
     }
 
-    /// FLUSHALL on this shard: removes every record of every range it owns, then checkpoints,
-    /// so that neither the data file nor a log replay brings a removed key back. Returns the
-    /// keys removed.
-    pub async fn flush_owned(&self) -> KvResult<u64> {
+    /// FLUSHALL on this shard: removes every record in `space` of every range it owns, then
+    /// checkpoints, so that neither the data file nor a log replay brings a removed key back.
+    /// Returns the records removed. (FLUSHALL runs it for the user keys on every shard, then
+    /// for the chunks: a crash never keeps a manifest whose chunks are gone.)
+    pub async fn flush_owned(&self, space: Space) -> KvResult<u64> {
         let mut removed = 0;
         for range in 1..self.geo.ranges {
             if !self.shard.owns(range * RANGE_BLOCKS) {
@@ -1289,9 +1290,12 @@ impl KvShard {
                 let loc = Self::bucket_loc(range, bucket);
                 let _lock = self.locks.write(loc.bucket_id).await;
                 let sess = self.shard.partition().session().await;
-                removed += self.remove_where(&sess, &loc, |_, _, _| true, true).await? as u64;
+                let ours = |_: &[u8], _, flags| Space::of_flags(flags) == space;
+                removed += self.remove_where(&sess, &loc, ours, true).await? as u64;
             }
-            self.with_alloc(range, |a| a.keys = 0);
+            if space == Space::User {
+                self.with_alloc(range, |a| a.keys = 0);
+            }
             self.note_write();
         }
         self.checkpoint().await.map_err(KvError::Engine)?;
