@@ -178,7 +178,10 @@ async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
             .map(|(done, orphan)| OpOut::freeing(OpOut::Done(done), orphan, me)),
         Op::SetManifest(k, m, c, e, fresh) => {
             match kv.set_full(&k, &m.encode(), e, c, rflags::MANIFEST).await {
-                Ok((true, replaced)) => Ok(OpOut::freeing(OpOut::Done(true), replaced, me)),
+                Ok((true, replaced)) => {
+                    free_if_expired(kv, fresh.then_some(m), e);
+                    Ok(OpOut::freeing(OpOut::Done(true), replaced, me))
+                }
                 // Chunks no manifest names: freed again.
                 Ok((false, _)) => Ok(OpOut::freeing(OpOut::Done(false), fresh.then_some(m), me)),
                 Err(e) => Ok(OpOut::freeing(OpOut::Err(e.to_string()), fresh.then_some(m), me)),
@@ -196,6 +199,17 @@ async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
         Op::Update(k, u) => return run_update(kv, k, u).await,
     };
     result.unwrap_or_else(|e| OpOut::Err(e.to_string()))
+}
+
+/// Frees the chunks of `fresh`, a large value just SET with expiry `expires`, if that expiry
+/// has passed: the SET then deleted the key rather than storing the manifest (an expiry
+/// already past when it ran), so nothing else would ever free them. (If the manifest was
+/// stored and expired since, no one can read it again, and its later removal frees nothing
+/// more: freeing twice deletes nothing twice.)
+fn free_if_expired(kv: &KvShard, fresh: Option<Manifest>, expires: u64) {
+    if store::expired(expires, store::now_ms()) {
+        kv.free_in_background(fresh);
+    }
 }
 
 /// Names the key in a [`OpOut::Large`] the command code built without it.
@@ -220,6 +234,11 @@ async fn run_update(kv: &Rc<KvShard>, k: Vec<u8>, u: Box<Update>) -> OpOut {
     };
     let out = match kv.update_full(&k, |live, now| cmds::apply(&u, live, now)).await {
         Ok((out, effects)) => {
+            if let Update::SetLarge { manifest, ttl: cmds::Ttl::At(at), .. } = &*u {
+                if effects.wrote {
+                    free_if_expired(kv, Some(*manifest), (*at).max(1) as u64);
+                }
+            }
             // A fresh large value that was not written: its chunks go again.
             let orphan = effects.orphan.or(fresh.filter(|_| !effects.wrote));
             OpOut::freeing(with_key(out, &k), orphan, me)
@@ -1006,7 +1025,20 @@ impl Conn {
             }
         };
         self.run_batch().await;
-        let (out, orphan) = large::edit(&self.kv, args[0], edit).await.split();
+        let (mut out, orphan) = large::edit(&self.kv, args[0], edit).await.split();
+        if self.kv.geo.fsync == Fsync::Always && matches!(out, OpOut::Int(_)) {
+            // The new manifest was logged on the key's owner, outside any batch: its commit,
+            // as every other write's, comes before the answer.
+            let owner = self.kv.owner_of_key(args[0]);
+            let commit =
+                large::on_shard(&self.kv, owner, |kv| async move { Ok(kv.log_commit().await) })
+                    .await;
+            match commit {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => out = OpOut::Err(format!("ERR {e}")),
+                Err(e) => out = OpOut::Err(e.to_string()),
+            }
+        }
         match out {
             OpOut::Int(n) => resp::integer(&mut self.wbuf, n),
             OpOut::Err(e) => resp::error(&mut self.wbuf, &e),
@@ -1145,6 +1177,13 @@ impl Conn {
             b"?"
         };
         let args = &argv[1..];
+        // Cluster mode: a key of another node's slot is redirected, keys of several slots are
+        // refused (before the command runs, as Redis does; large values included, before any
+        // of their chunks is written here).
+        if let Some(e) = crate::cluster::redirect(argv) {
+            self.push_raw(|out| resp::error(out, &e));
+            return Flow::Continue;
+        }
         if let Some(flow) = self.large_write(name, args).await {
             return flow;
         }
@@ -1158,12 +1197,6 @@ impl Conn {
             let n = String::from_utf8_lossy(name).into_owned();
             arity_error_named(this, &n)
         };
-        // Cluster mode: a key of another node's slot is redirected, keys of several slots are
-        // refused (before the command runs, as Redis does).
-        if let Some(e) = crate::cluster::redirect(argv) {
-            self.push_raw(|out| resp::error(out, &e));
-            return Flow::Continue;
-        }
         match name {
             b"get" => {
                 if args.len() != 1 {
