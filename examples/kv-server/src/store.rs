@@ -1241,6 +1241,28 @@ impl KvShard {
         let _lock = self.locks.read(loc.bucket_id).await;
         let sess = self.shard.partition().session().await;
         let mut newest: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        self.for_each_user_record(&sess, loc, |rec, data| {
+            let key = &data[rec.key.0..rec.key.0 + rec.key.1];
+            match newest.get_mut(key) {
+                Some(seen) if seen.0 >= rec.version => {}
+                Some(seen) => *seen = (rec.version, rec.expires),
+                None => {
+                    newest.insert(key.to_vec(), (rec.version, rec.expires));
+                }
+            }
+        })
+        .await?;
+        Ok(newest.into_iter().map(|(k, (_, e))| (k, e)).collect())
+    }
+
+    /// Calls `f` on every user record (not chunk records) of `loc`'s chain, with the data of
+    /// the block it is in. The caller holds the bucket's lock.
+    async fn for_each_user_record(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        mut f: impl FnMut(&RecordRef, &[u8]),
+    ) -> KvResult<()> {
         let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
         loop {
             let buf = sess.read(block).await?;
@@ -1250,16 +1272,8 @@ impl KvShard {
                     break;
                 };
                 for rec in format::records(block, &data, &rbk)? {
-                    if rec.is_chunk() {
-                        continue; // internal: never listed
-                    }
-                    let key = &data[rec.key.0..rec.key.0 + rec.key.1];
-                    match newest.get_mut(key) {
-                        Some(seen) if seen.0 >= rec.version => {}
-                        Some(seen) => *seen = (rec.version, rec.expires),
-                        None => {
-                            newest.insert(key.to_vec(), (rec.version, rec.expires));
-                        }
+                    if !rec.is_chunk() {
+                        f(&rec, &data);
                     }
                 }
                 rbk.next
@@ -1276,7 +1290,7 @@ impl KvShard {
             block = next.0;
             expect_tag = Some(next.1);
         }
-        Ok(newest.into_iter().map(|(k, (_, e))| (k, e)).collect())
+        Ok(())
     }
 
     /// FLUSHALL on this shard: removes every key of every range it owns, then checkpoints,
@@ -1313,47 +1327,21 @@ impl KvShard {
     /// chunks). The caller holds the bucket's lock.
     async fn newest_manifests(&self, sess: &Sess, loc: &Loc) -> KvResult<Vec<Manifest>> {
         let mut newest: HashMap<Vec<u8>, (u64, Option<Manifest>)> = HashMap::new();
-        let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
-        loop {
-            let buf = sess.read(block).await?;
-            let next = {
-                let data = buf.data();
-                let Some((rbk, _)) = self.check_chain_block(loc, block, &data, expect_tag)? else {
-                    break;
-                };
-                for rec in format::records(block, &data, &rbk)? {
-                    if rec.is_chunk() {
-                        continue;
-                    }
-                    let manifest = match (rec.is_manifest(), &rec.body) {
-                        (true, Body::Inline(at)) => {
-                            Manifest::decode(&data[*at..*at + rec.value_len]).ok()
-                        }
-                        _ => None,
-                    };
-                    let key = &data[rec.key.0..rec.key.0 + rec.key.1];
-                    match newest.get_mut(key) {
-                        Some(seen) if seen.0 >= rec.version => {}
-                        Some(seen) => *seen = (rec.version, manifest),
-                        None => {
-                            newest.insert(key.to_vec(), (rec.version, manifest));
-                        }
-                    }
-                }
-                rbk.next
+        self.for_each_user_record(sess, loc, |rec, data| {
+            let manifest = match (rec.is_manifest(), &rec.body) {
+                (true, Body::Inline(at)) => Manifest::decode(&data[*at..*at + rec.value_len]).ok(),
+                _ => None,
             };
-            drop(buf);
-            blocks += 1;
-            if next.0 == 0 {
-                break;
+            let key = &data[rec.key.0..rec.key.0 + rec.key.1];
+            match newest.get_mut(key) {
+                Some(seen) if seen.0 >= rec.version => {}
+                Some(seen) => *seen = (rec.version, manifest),
+                None => {
+                    newest.insert(key.to_vec(), (rec.version, manifest));
+                }
             }
-            self.check_link(loc, block, next.0)?;
-            if blocks > RANGE_BLOCKS {
-                return Err(format::corrupt(loc.head, "bucket chain loops").into());
-            }
-            block = next.0;
-            expect_tag = Some(next.1);
-        }
+        })
+        .await?;
         Ok(newest.into_values().filter_map(|(_, m)| m).collect())
     }
 

@@ -4,38 +4,15 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{bulk, info_field, ok, pattern, scratch, Client, Reply, Server};
+use common::{bulk, info_field, ok, pattern, scratch, wait_all_free, Client, Reply, Server};
 
 const MIB: usize = 1 << 20;
 
 /// The chunk size the server writes (INFO storage).
 fn chunk_bytes(c: &mut Client) -> u64 {
     info_field(&c.cmds(&["INFO", "storage"]), "chunk_bytes")
-}
-
-/// Free pool blocks and loaded ranges (INFO storage).
-fn free_and_loaded(c: &mut Client) -> (u64, u64) {
-    let info = c.cmds(&["INFO", "storage"]);
-    let loaded = info_field(&info, "ranges_loaded_trusted")
-        + info_field(&info, "ranges_loaded_fresh")
-        + info_field(&info, "ranges_rebuilt");
-    (info_field(&info, "free_blocks_in_loaded_ranges"), loaded)
-}
-
-/// Waits until every loaded range's pool is free again (frees wait for a barrier, which the
-/// server runs within a second or so when any are pending).
-fn wait_all_free(c: &mut Client) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (free, loaded) = free_and_loaded(c);
-        if free == loaded * 191 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{free} blocks free of {} after 20 s", loaded * 191);
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A peak-RSS figure of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
@@ -108,7 +85,7 @@ fn a_100_mib_value_round_trips_and_survives_a_restart_and_a_crash() {
     // DEL returns every chunk's blocks.
     assert_eq!(c.cmds(&["DEL", "big", "small"]), Reply::Int(2));
     assert_eq!(c.cmds(&["GET", "big"]), Reply::Bulk(None));
-    wait_all_free(&mut c);
+    wait_all_free(&mut c, "large values");
     server.shutdown();
 }
 
@@ -147,7 +124,7 @@ fn deleted_values_give_their_space_back_and_a_full_file_stores_nothing_partial()
     assert_eq!(c.cmds(&["DBSIZE"]), Reply::Int(1));
     // FLUSHALL removes the chunks too.
     assert_eq!(c.cmds(&["FLUSHALL"]), ok());
-    wait_all_free(&mut c);
+    wait_all_free(&mut c, "large values");
     assert_eq!(c.cmds(&["DBSIZE"]), Reply::Int(0));
     server.shutdown();
 }
@@ -322,7 +299,7 @@ fn the_string_and_key_commands_on_large_values() {
     // "e" has expired: DEL removes it (and frees its chunks) but does not count it.
     assert_eq!(c.cmds(&["DEL", "k", "s", "n", "m2", "e"]), Reply::Int(4));
     assert_eq!(c.cmds(&["DBSIZE"]), Reply::Int(0));
-    wait_all_free(&mut c);
+    wait_all_free(&mut c, "large values");
     server.shutdown();
 }
 
@@ -386,7 +363,7 @@ fn a_renamed_value_survives_overwrites_of_its_source() {
         let deleted = c.cmds(&["DEL", "src", &dst]);
         assert!(matches!(deleted, Reply::Int(_)), "{deleted:?}");
     }
-    wait_all_free(&mut c);
+    wait_all_free(&mut c, "large values");
     server.shutdown();
 }
 

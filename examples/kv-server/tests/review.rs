@@ -4,35 +4,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bulk, info_field, ok, pattern, scratch, Client, Reply, Server};
+use common::{bulk, info_field, ok, pattern, scratch, wait_all_free, Client, Reply, Server};
 
 const KIB: usize = 1 << 10;
-
-/// Free pool blocks and loaded ranges (INFO storage).
-fn free_and_loaded(c: &mut Client) -> (u64, u64) {
-    let info = c.cmds(&["INFO", "storage"]);
-    let loaded = info_field(&info, "ranges_loaded_trusted")
-        + info_field(&info, "ranges_loaded_fresh")
-        + info_field(&info, "ranges_rebuilt");
-    (info_field(&info, "free_blocks_in_loaded_ranges"), loaded)
-}
-
-/// Waits until every loaded range's pool is free again; panics with `what` after 20 s.
-fn wait_all_free(c: &mut Client, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (free, loaded) = free_and_loaded(c);
-        if free == loaded * 191 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {free} blocks free of {} after 20 s",
-            loaded * 191
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// APPEND / SETRANGE with an argument longer than one record take the connection's large-edit
 /// path. Under `--fsync always` their answer must wait for the key owner's log commit, as every

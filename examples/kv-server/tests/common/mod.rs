@@ -419,3 +419,31 @@ pub fn three_nodes(dir: &Path, cluster: bool, shards: usize) -> (Vec<Server>, Ve
         .collect();
     (nodes, ports)
 }
+
+/// Free pool blocks and loaded ranges (INFO storage).
+pub fn free_and_loaded(c: &mut Client) -> (u64, u64) {
+    let info = c.cmds(&["INFO", "storage"]);
+    let loaded = info_field(&info, "ranges_loaded_trusted")
+        + info_field(&info, "ranges_loaded_fresh")
+        + info_field(&info, "ranges_rebuilt");
+    (info_field(&info, "free_blocks_in_loaded_ranges"), loaded)
+}
+
+/// Waits until every loaded range's pool (191 blocks each) is free again (frees wait for a
+/// barrier, which the server runs within a second or so when any are pending); panics with
+/// `what` after 20 s.
+pub fn wait_all_free(c: &mut Client, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (free, loaded) = free_and_loaded(c);
+        if free == loaded * 191 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {free} blocks free of {} after 20 s",
+            loaded * 191
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
