@@ -745,52 +745,34 @@ impl KvShard {
     ) -> KvResult<Option<Newest>> {
         let start = out.len();
         let mut best: Option<(u64, Newest, u64)> = None;
-        let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
-        loop {
-            let buf = sess.read(block).await?;
-            let next = {
-                let data = buf.data();
-                let Some((rbk, _)) = self.check_chain_block(loc, block, &data, expect_tag)? else {
-                    break;
-                };
-                let end = format::RECORD_BLOCK_HEADER + rbk.used;
-                let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
-                while at < end {
-                    let rec = format::parse_record(block, &data, at, end)?;
-                    at += rec.len;
-                    count += 1;
-                    let newer = best.as_ref().is_none_or(|(version, _, _)| rec.version > *version);
-                    if !newer || rec.is_chunk() || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
-                        continue;
+        self.for_each_chain_block(sess, loc, |block, data, rbk, _| {
+            let end = format::RECORD_BLOCK_HEADER + rbk.used;
+            let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
+            while at < end {
+                let rec = format::parse_record(block, data, at, end)?;
+                at += rec.len;
+                count += 1;
+                let newer = best.as_ref().is_none_or(|(version, _, _)| rec.version > *version);
+                if !newer || rec.is_chunk() || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
+                    continue;
+                }
+                out.truncate(start);
+                let kind = match rec.body {
+                    Body::Inline(at) => {
+                        out.extend_from_slice(&data[at..at + rec.value_len]);
+                        Newest::Inline { manifest: rec.is_manifest() }
                     }
-                    out.truncate(start);
-                    let kind = match rec.body {
-                        Body::Inline(at) => {
-                            out.extend_from_slice(&data[at..at + rec.value_len]);
-                            Newest::Inline { manifest: rec.is_manifest() }
-                        }
-                        Body::Extents(..) => Newest::Extents,
-                    };
-                    best = Some((rec.version, kind, rec.expires));
-                }
-                if count != rbk.count {
-                    let why = format!("{count} records, header says {}", rbk.count);
-                    return Err(format::corrupt(block, why).into());
-                }
-                rbk.next
-            };
-            drop(buf);
-            blocks += 1;
-            if next.0 == 0 {
-                break;
+                    Body::Extents(..) => Newest::Extents,
+                };
+                best = Some((rec.version, kind, rec.expires));
             }
-            self.check_link(loc, block, next.0)?;
-            if blocks > RANGE_BLOCKS {
-                return Err(format::corrupt(loc.head, "bucket chain loops").into());
+            if count != rbk.count {
+                let why = format!("{count} records, header says {}", rbk.count);
+                return Err(format::corrupt(block, why).into());
             }
-            block = next.0;
-            expect_tag = Some(next.1);
-        }
+            Ok(())
+        })
+        .await?;
         match best {
             // The clock is read only for keys that have an expiry.
             Some((_, _, expires)) if expired(expires, now_ms()) => {
@@ -1263,19 +1245,37 @@ impl KvShard {
         loc: &Loc,
         mut f: impl FnMut(&RecordRef, &[u8]),
     ) -> KvResult<()> {
+        self.for_each_chain_block(sess, loc, |block, data, rbk, _| {
+            for rec in format::records(block, data, rbk)? {
+                if !rec.is_chunk() {
+                    f(&rec, data);
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Calls `f` on each block of `loc`'s chain in order (its number, its data, its record
+    /// header, and whether it is an all-zero head), following the links: a link ends the chain
+    /// where its target does not carry the link's tag; a chain longer than a range is corrupt.
+    /// The caller holds the bucket's lock.
+    async fn for_each_chain_block(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        mut f: impl FnMut(u64, &[u8], &format::RecordBlock, bool) -> KvResult<()>,
+    ) -> KvResult<()> {
         let (mut block, mut expect_tag, mut blocks) = (loc.head, None, 0u64);
         loop {
             let buf = sess.read(block).await?;
             let next = {
                 let data = buf.data();
-                let Some((rbk, _)) = self.check_chain_block(loc, block, &data, expect_tag)? else {
+                let Some((rbk, zero)) = self.check_chain_block(loc, block, &data, expect_tag)?
+                else {
                     break;
                 };
-                for rec in format::records(block, &data, &rbk)? {
-                    if !rec.is_chunk() {
-                        f(&rec, &data);
-                    }
-                }
+                f(block, &data, &rbk, zero)?;
                 rbk.next
             };
             drop(buf);
@@ -1511,45 +1511,26 @@ impl KvShard {
     ) -> KvResult<(Vec<ChainBlock>, Vec<Hit>)> {
         let mut chain = Vec::with_capacity(2);
         let mut hits = Vec::new();
-        let mut block = loc.head;
-        let mut expect_tag = None;
-        loop {
-            let buf = sess.read(block).await?;
-            let next = {
-                let data = buf.data();
-                let Some((rbk, zero)) = self.check_chain_block(loc, block, &data, expect_tag)?
-                else {
-                    break;
-                };
-                for rec in format::records(block, &data, &rbk)? {
-                    if Space::of_flags(rec.flags) != space
-                        || &data[rec.key.0..rec.key.0 + rec.key.1] != key
-                    {
-                        continue;
-                    }
-                    let inline = match rec.body {
-                        // A manifest is always copied: a write that replaces it returns it.
-                        Body::Inline(at) if copy_values || rec.is_manifest() => {
-                            Some(data[at..at + rec.value_len].to_vec())
-                        }
-                        _ => None,
-                    };
-                    hits.push(Hit { chain_index: chain.len(), block, rec, inline });
+        self.for_each_chain_block(sess, loc, |block, data, rbk, zero| {
+            for rec in format::records(block, data, rbk)? {
+                if Space::of_flags(rec.flags) != space
+                    || &data[rec.key.0..rec.key.0 + rec.key.1] != key
+                {
+                    continue;
                 }
-                chain.push(ChainBlock { block, zero, used: rbk.used });
-                rbk.next
-            };
-            drop(buf);
-            if next.0 == 0 {
-                break;
+                let inline = match rec.body {
+                    // A manifest is always copied: a write that replaces it returns it.
+                    Body::Inline(at) if copy_values || rec.is_manifest() => {
+                        Some(data[at..at + rec.value_len].to_vec())
+                    }
+                    _ => None,
+                };
+                hits.push(Hit { chain_index: chain.len(), block, rec, inline });
             }
-            self.check_link(loc, block, next.0)?;
-            if chain.len() as u64 > RANGE_BLOCKS {
-                return Err(format::corrupt(loc.head, "bucket chain loops").into());
-            }
-            block = next.0;
-            expect_tag = Some(next.1);
-        }
+            chain.push(ChainBlock { block, zero, used: rbk.used });
+            Ok(())
+        })
+        .await?;
         Ok((chain, hits))
     }
 
