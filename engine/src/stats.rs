@@ -60,6 +60,7 @@ impl EngineStats {
             sum.prefetch_skipped += c.prefetch_skipped;
             sum.pinned += c.pinned;
             sum.dirty += c.dirty;
+            sum.orphaned += c.orphaned;
             sum.frames += c.frames;
         }
         sum

@@ -115,3 +115,40 @@ impl Drop for GateTicket<'_> {
         }
     }
 }
+
+/// A change counter with the tasks waiting for its next change: a waiter takes the count,
+/// checks its condition, and waits for a count other than the one it took, so a change that
+/// happens in between is never missed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    count: std::cell::Cell<u64>,
+    waiters: WaitList,
+}
+
+impl Changes {
+    /// No change yet, room for `capacity` waiters before the list allocates.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Changes { count: std::cell::Cell::new(0), waiters: WaitList::with_capacity(capacity) }
+    }
+
+    /// The number of changes so far.
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+
+    /// Records a change and wakes every waiter.
+    pub fn notify(&self) {
+        self.count.set(self.count.get().wrapping_add(1));
+        self.waiters.notify_all();
+    }
+
+    /// Whether any task waits for a change.
+    pub fn has_waiters(&self) -> bool {
+        self.waiters.has_waiters()
+    }
+
+    /// Resolves once a change after the one numbered `seen` happened (at once if one did).
+    pub async fn wait_since(&self, seen: u64) {
+        self.waiters.wait_for(|| (self.count.get() != seen).then_some(())).await;
+    }
+}

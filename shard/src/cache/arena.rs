@@ -16,6 +16,8 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 
 use super::frame::Hot;
+use crate::io::ReadTarget;
+use crate::wait::Changes;
 
 /// Alignment of every frame: a page, so a device could DMA straight into one.
 const FRAME_ALIGNMENT: usize = 4096;
@@ -28,13 +30,46 @@ const HUGE_PAGE_BYTES: usize = 2 << 20;
 /// 1. The borrow flag of frame `i` (`hot[i]`) is 0 when the frame is not borrowed, `n > 0`
 ///    while `n` shared borrows are alive (at most `i16::MAX`), and -1 while one mutable borrow
 ///    is alive.
-/// 2. Bytes of frame `i` are only reachable through a [`FrameRef`] or [`FrameMut`], which
-///    maintain (1).
+/// 2. Bytes of frame `i` are only reachable through a [`FrameRef`], a [`FrameMut`] or a loan
+///    to a device read ([`Arena::lend`]), which maintain (1).
 pub(crate) struct Arena {
+    /// `memory`'s address, kept here so that a hit reaches a frame without a second load.
     base: NonNull<u8>,
-    layout: Layout,
+    memory: Rc<Memory>,
     frame_bytes: usize,
     hot: Rc<[Hot]>,
+}
+
+/// The frames' allocation, shared with the loans of reads in flight ([`Arena::lend`]) so that
+/// it outlives every read the kernel may still be doing into it.
+struct Memory {
+    base: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: `base` came from `alloc` with exactly this layout and is freed once, when
+        // neither the arena nor any loan refers to it any more.
+        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) };
+    }
+}
+
+/// A frame lent to a device read: the frame stays mutably borrowed (its flag -1, invariant 1)
+/// until the device drops this, which it does once the kernel is done with the memory.
+struct Loan {
+    _memory: Rc<Memory>,
+    hot: Rc<[Hot]>,
+    index: u32,
+    /// Notified when the loan ends: a task may wait for a frame, and an orphan is one.
+    ended: Rc<Changes>,
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        self.hot[self.index as usize].borrow_flag().set(0);
+        self.ended.notify();
+    }
 }
 
 impl std::fmt::Debug for Arena {
@@ -87,7 +122,7 @@ impl Arena {
             unsafe { alloc::dealloc(base.as_ptr(), layout) };
             return Err(ArenaError::Metadata);
         };
-        Ok(Arena { base, layout, frame_bytes, hot })
+        Ok(Arena { base, memory: Rc::new(Memory { base, layout }), frame_bytes, hot })
     }
 
     /// The frames' hot records (the arena keeps their borrow flags).
@@ -147,12 +182,28 @@ impl Arena {
             unsafe { std::slice::from_raw_parts_mut(self.frame_ptr(index), self.frame_bytes) };
         Some(FrameMut { bytes, flag })
     }
-}
 
-impl Drop for Arena {
-    fn drop(&mut self) {
-        // SAFETY: `base` came from `alloc` with exactly this layout and is freed once.
-        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) };
+    /// Lends frame `index` to a device read, or `None` while it is borrowed. The frame counts
+    /// as mutably borrowed until the device drops the loan, which may be after the read's
+    /// future is gone (the kernel may still be writing the frame then).
+    /// `ended` is notified when the loan ends.
+    pub(crate) fn lend(&self, index: u32, ended: &Rc<Changes>) -> Option<ReadTarget> {
+        let flag = self.flag(index);
+        if flag.get() != 0 {
+            return None;
+        }
+        flag.set(-1);
+        let loan = Loan {
+            _memory: Rc::clone(&self.memory),
+            hot: Rc::clone(&self.hot),
+            index,
+            ended: Rc::clone(ended),
+        };
+        let ptr = NonNull::new(self.frame_ptr(index)).expect("frames are inside the arena");
+        // SAFETY: the flag was 0 and now records an exclusive borrow that only the loan's drop
+        // ends (invariant 1), so nothing else reaches these bytes while it lives; the loan
+        // holds the allocation, so the bytes stay valid as long.
+        Some(unsafe { ReadTarget::new(ptr, self.frame_bytes, Box::new(loan)) })
     }
 }
 

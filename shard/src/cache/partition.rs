@@ -14,7 +14,7 @@ use super::stats::CacheStats;
 use super::table::{Lookup, Table};
 use crate::error::{Error, Result};
 use crate::io::{Device, IoQueue};
-use crate::wait::{FifoGate, WaitList};
+use crate::wait::{Changes, FifoGate, WaitList};
 
 /// A hook called with a buffer's block number, bytes and aux data.
 pub type Hook<A> = Box<dyn Fn(u64, &mut [u8], &mut A)>;
@@ -70,9 +70,9 @@ pub(super) struct Inner<D: Device, A> {
     alloc_line: FifoGate,
     pub(super) background_writer_running: Cell<bool>,
     /// Bumped and notified whenever a frame's state changes in a way a waiter may care about:
-    /// a read completes or fails, a pin drops to zero, a write ends, a data borrow ends.
-    changes: Cell<u64>,
-    pub(super) changed: WaitList,
+    /// a read completes or fails, a pin drops to zero, a write ends, a data borrow ends, a
+    /// device ends the loan of a frame (shared with the loans for that).
+    pub(super) changes: Rc<Changes>,
     session_slots: WaitList,
 }
 
@@ -147,8 +147,7 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
             sessions_active: Cell::new(0),
             alloc_line: FifoGate::default(),
             background_writer_running: Cell::new(false),
-            changes: Cell::new(0),
-            changed: WaitList::with_capacity(64),
+            changes: Rc::new(Changes::with_capacity(64)),
             session_slots: WaitList::with_capacity(64),
         };
         Ok(Partition { inner: Rc::new(inner) })
@@ -356,19 +355,18 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     }
 
     pub(super) fn notify(&self) {
-        self.changes.set(self.changes.get().wrapping_add(1));
-        self.changed.notify_all();
+        self.changes.notify();
     }
 
     /// Waits for the next state change notification.
     pub(super) async fn wait_change(&self) {
-        self.wait_change_since(self.changes.get()).await;
+        self.wait_change_since(self.changes.count()).await;
     }
 
     /// Waits until a state change after the one numbered `seen` (resolves at once if there
     /// was one already).
     pub(super) async fn wait_change_since(&self, seen: u64) {
-        self.changed.wait_for(|| (self.changes.get() != seen).then_some(())).await;
+        self.changes.wait_since(seen).await;
     }
 
     /// The aux data of `frame`, borrowed mutably, or `None` while it is borrowed already.
@@ -400,7 +398,7 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         loop {
             // Taken before the scan: the writes it starts run right away and may complete (and
             // notify) before this task waits, and that change must end the wait.
-            let seen = self.changes.get();
+            let seen = self.changes.count();
             let must_wait = {
                 let mut table = self.table.borrow_mut();
                 if let Some(frame) = table.take_free() {
@@ -471,12 +469,17 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     ) -> Result<()> {
         let frame = guard.frame;
         // Nobody else borrows a READING frame's bytes: `get` and `read` do not hand it out
-        // until it is VALID, and eviction, forget and release_move skip it.
-        let mut data = self.arena.try_borrow_mut(frame).expect("a READING frame is never lent");
-        if let Err(e) = self.queue.read_into(block, &mut data).await {
+        // until it is VALID, and eviction, forget and release_move skip it. The device reads
+        // straight into the frame; if this future is dropped first, the guard makes the frame
+        // an orphan until the device gives it back.
+        let target =
+            self.arena.lend(frame, &self.changes).expect("a READING frame is not borrowed");
+        if let Err(e) = self.queue.read_in_place(block, target).await {
             self.table.borrow_mut().stats_mut().read_errors += 1;
             return Err(e);
         }
+        // The device ended the loan with the read.
+        let mut data = self.arena.try_borrow_mut(frame).expect("a READING frame is not borrowed");
         if let Some(check) = &self.hooks.on_read {
             if let Err(e) = check(block, &data) {
                 self.table.borrow_mut().stats_mut().read_errors += 1;

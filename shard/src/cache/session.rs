@@ -379,7 +379,7 @@ impl<D: Device + 'static, A: Default + 'static> Drop for BufRef<'_, D, A> {
             held.set(held.get() - 1);
         }
         let unpinned = inner.table.borrow_mut().unpin(self.frame);
-        if unpinned && inner.changed.has_waiters() {
+        if unpinned && inner.changes.has_waiters() {
             inner.notify();
         }
     }

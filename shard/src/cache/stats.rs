@@ -1,6 +1,6 @@
 //! Counters of one cache partition.
 
-/// What a partition has done. Counters only grow; `pinned`, `dirty` and `frames` are gauges
+/// What a partition has done. Counters only grow; `pinned`, `dirty`, `orphaned` and `frames` are gauges
 /// filled in when the snapshot is taken.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -32,6 +32,9 @@ pub struct CacheStats {
     pub pinned: u64,
     /// Frames dirty or being written now.
     pub dirty: u64,
+    /// Frames out of use now because a read into them was abandoned (its future dropped)
+    /// while the kernel may still be writing them; each comes back when that read ends.
+    pub orphaned: u64,
     /// Frames in the partition.
     pub frames: u64,
 }

@@ -4,8 +4,9 @@
 //!
 //! Six invariants:
 //! 1. `index[b] == f` iff `hot[f].block == b` and `f` is installed (READING or VALID).
-//! 2. A frame is in exactly one of: the free list, handed out by `take_free` / `evict` and not
-//!    yet installed or given back, or installed (and then in the policy).
+//! 2. A frame is in exactly one of: the free list, the orphans (frames whose read was
+//!    abandoned while the device may still be filling them), handed out by `take_free` /
+//!    `evict` and not yet installed or given back, or installed (and then in the policy).
 //! 3. `dirty_list` holds exactly the frames that are DIRTY or WRITING; `cold[f].dirty_pos` is
 //!    the frame's slot in it.
 //! 4. `oldest_dirty_seq` is the sequence number of the earliest modification not captured by
@@ -47,6 +48,10 @@ pub(crate) struct Table {
     index: FrameIndex,
     policy: S3Fifo,
     free: Vec<u32>,
+    /// Uninstalled frames still lent to a device read that was abandoned (its future dropped
+    /// while the kernel may be writing the frame). `take_free` takes one back once its loan
+    /// ended (its borrow flag is 0 again).
+    orphans: Vec<u32>,
     dirty_list: Vec<u32>,
     /// Writes the eviction scan decided to start; drained right after the scan. At most
     /// `writes_max` (each is an eviction write in flight).
@@ -86,6 +91,7 @@ impl Table {
             cold,
             index,
             free: (0..frame_count as u32).rev().collect(),
+            orphans: Vec::new(),
             dirty_list,
             writes_to_start: Vec::with_capacity(writes_max),
             ready_victims: VecDeque::with_capacity(READY_VICTIMS_MAX),
@@ -219,6 +225,7 @@ impl Table {
         let mut stats = self.stats.clone();
         stats.pinned = self.pinned_frames as u64;
         stats.dirty = self.dirty_list.len() as u64;
+        stats.orphaned = self.orphans.len() as u64;
         stats.frames = self.hot.len() as u64;
         stats
     }
@@ -259,7 +266,19 @@ impl Table {
 
     /// A frame from the free list.
     pub(crate) fn take_free(&mut self) -> Option<u32> {
-        self.free.pop()
+        match self.free.pop() {
+            Some(frame) => Some(frame),
+            None if !self.orphans.is_empty() => self.take_orphan(),
+            None => None,
+        }
+    }
+
+    /// An orphan whose device read has ended, if any.
+    #[cold]
+    fn take_orphan(&mut self) -> Option<u32> {
+        let hot = &self.hot;
+        let at = self.orphans.iter().position(|&f| hot[f as usize].borrow_flag().get() == 0)?;
+        Some(self.orphans.swap_remove(at))
     }
 
     /// Gives back a frame from `take_free` / `evict` that was not installed after all.
@@ -295,6 +314,12 @@ impl Table {
             self.unpin(frame);
         }
         self.uninstall(frame);
+        if self.hot[frame as usize].borrow_flag().get() != 0 {
+            // Still lent to the device: the kernel may be writing it. Not reusable until then.
+            let freed = self.free.pop();
+            debug_assert_eq!(freed, Some(frame), "uninstall put the frame on the free list");
+            self.orphans.push(frame);
+        }
     }
 
     /// Whether `forget` may drop `frame`: unpinned, not being written, and clean unless its

@@ -1,6 +1,8 @@
 //! The device seam: the only way the queue and the cache reach storage.
 
+use std::any::Any;
 use std::path::Path;
+use std::ptr::NonNull;
 
 use crate::error::Result;
 
@@ -49,12 +51,80 @@ pub trait Device {
     ///
     /// [`DmaDevice`]: super::DmaDevice
     async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()>;
+    /// Reads `dst.len()` bytes at `offset` into memory lent for the read (a cache frame):
+    /// [`DmaDevice`] has the kernel read straight into it, with no copy. The device drops
+    /// the loan once nothing writes the memory any more, which may be after this future was
+    /// dropped (the kernel may still be doing the read then).
+    ///
+    /// The default reads through [`Device::read_at`], within the future's life.
+    ///
+    /// [`DmaDevice`]: super::DmaDevice
+    async fn read_in_place(&self, offset: u64, mut dst: ReadTarget) -> Result<()> {
+        self.read_at(offset, dst.as_mut_slice()).await
+    }
     /// Writes `buf` at `offset`. The write is durable only after a successful [`Device::flush`].
     async fn write_at(&self, offset: u64, buf: &Self::Buf) -> Result<()>;
     /// Makes every write completed before the call durable.
     async fn flush(&self) -> Result<()>;
     /// Discards `len` bytes at `offset`: later reads return zeroes.
     async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+/// Memory lent to a device for one read, with the loan that ends when it is dropped.
+///
+/// The lender (the cache) does not touch the memory while the loan lasts: a device may hand
+/// the memory to the kernel and the loan with it, and drop the loan only when the kernel is
+/// done, even if the read's future was dropped before that.
+pub struct ReadTarget {
+    ptr: NonNull<u8>,
+    len: usize,
+    loan: Box<dyn Any>,
+}
+
+impl std::fmt::Debug for ReadTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadTarget").field("ptr", &self.ptr).field("len", &self.len).finish()
+    }
+}
+
+impl ReadTarget {
+    /// `len` bytes at `ptr`, lent until `loan` is dropped.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be valid for reads and writes of `len` bytes, and nothing else may free,
+    /// read or write them until `loan` is dropped.
+    pub unsafe fn new(ptr: NonNull<u8>, len: usize, loan: Box<dyn Any>) -> Self {
+        ReadTarget { ptr, len, loan }
+    }
+
+    /// The number of bytes lent.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no byte is lent.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory's address (for an alignment check).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The lent bytes, while the loan lasts.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: by `new`'s contract the bytes are valid and only this loan reaches them
+        // while it lasts, and the borrow of `self` keeps the loan alive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The address, the length and the loan, for a device that hands the memory on (to the
+    /// kernel) together with the loan.
+    pub fn into_parts(self) -> (NonNull<u8>, usize, Box<dyn Any>) {
+        (self.ptr, self.len, self.loan)
+    }
 }
 
 /// Checks that `offset..offset + len` is aligned and inside a device of `size_bytes`.

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use glommio::GlommioError;
 
-use super::device::{check_range, Device, IoBuf};
+use super::device::{check_range, Device, IoBuf, ReadTarget};
 use crate::error::{Error, IoOp, Result};
 
 /// An aligned DMA buffer from glommio's allocator.
@@ -266,9 +266,35 @@ impl Device for DmaDevice {
             );
             return Err(self.err(IoOp::Read, offset, short));
         }
-        // The one copy of a read: glommio reads into its own DMA buffer (from its registered
-        // arena) and lends it back; 0.9 has no read into a caller's memory.
+        // glommio reads into its own DMA buffer (from its registered arena) and lends it back;
+        // the cache's misses take `read_in_place` instead, which has no copy.
         dst.copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn read_in_place(&self, offset: u64, mut dst: ReadTarget) -> Result<()> {
+        let len = dst.len();
+        check_range(offset, len as u64, self.alignment_bytes, self.size_bytes)?;
+        if !(dst.as_ptr() as u64).is_multiple_of(self.alignment_bytes) {
+            // O_DIRECT needs aligned memory: read into glommio's buffer and copy.
+            return self.read_at(offset, dst.as_mut_slice()).await;
+        }
+        let file = self.file()?;
+        let (ptr, len, loan) = dst.into_parts();
+        // SAFETY: the memory is valid, aligned for Direct I/O and ours alone while `loan`
+        // lives (`ReadTarget::new`'s contract), and glommio drops `loan` only once the kernel
+        // is done with it, even if this future is dropped first (its `Source` keeps the loan
+        // until the read's completion is reaped).
+        let read = unsafe { file.read_into_at_aligned(offset, ptr, len, loan) }
+            .await
+            .map_err(|e| self.err(IoOp::Read, offset, os_error(e)))?;
+        if read != len {
+            let short = io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("short read: {read} of {len} bytes"),
+            );
+            return Err(self.err(IoOp::Read, offset, short));
+        }
         Ok(())
     }
 

@@ -6,7 +6,7 @@ mod dma;
 mod queue;
 mod sim;
 
-pub use device::{Device, IoBuf};
+pub use device::{Device, IoBuf, ReadTarget};
 pub use dma::{DmaBuf, DmaDevice};
 pub use queue::{IoQueue, LatencyHistogram, QueueConfig, QueueStats, Request};
 pub use sim::{SimBuf, SimCounters, SimDevice, SimOptions, SECTOR_BYTES};

@@ -21,7 +21,7 @@ use std::time::Instant;
 use hashbrown::HashMap;
 use hdrhistogram::Histogram;
 
-use super::device::{Device, IoBuf};
+use super::device::{Device, IoBuf, ReadTarget};
 use crate::error::{Error, Result};
 use crate::wait::WaitList;
 
@@ -297,35 +297,58 @@ impl<D: Device> IoQueue<D> {
     /// Reads `block` into the request's buffer; completes to the caller.
     pub async fn read(&self, request: &mut Request<'_, D>, block: u64) -> Result<()> {
         let offset = self.check_block(block)?;
-        self.read_counted(block, offset, request.data_mut()).await
+        self.read_counted(block, self.device.read_at(offset, request.data_mut())).await
     }
 
-    /// Reads `block` straight into `dst` (one block: a cache frame, say), without a request
-    /// buffer; completes to the caller. At most `io_depth_max` of these are in flight: a call
-    /// beyond waits for one to end. `dst` is written only if the read succeeds.
+    /// Reads `block` into `dst` (one block of any memory alignment), without a request
+    /// buffer; completes to the caller. At most `io_depth_max` of these and of
+    /// [`IoQueue::read_in_place`] are in flight: a call beyond waits for one to end. `dst` is
+    /// written only if the read succeeds.
     pub async fn read_into(&self, block: u64, dst: &mut [u8]) -> Result<()> {
+        let offset = self.check_direct_read(block, dst.len())?;
+        let _slot = self.direct_read_slot().await;
+        self.read_counted(block, self.device.read_at(offset, dst)).await
+    }
+
+    /// Reads `block` straight into lent memory (a cache frame): the device may fill it with
+    /// no copy, and ends the loan when it is done with the memory. Otherwise as
+    /// [`IoQueue::read_into`].
+    pub async fn read_in_place(&self, block: u64, dst: ReadTarget) -> Result<()> {
+        let offset = self.check_direct_read(block, dst.len())?;
+        let _slot = self.direct_read_slot().await;
+        self.read_counted(block, self.device.read_in_place(offset, dst)).await
+    }
+
+    fn check_direct_read(&self, block: u64, len: usize) -> Result<u64> {
         let offset = self.check_block(block)?;
-        if dst.len() != self.config.block_size_bytes {
+        if len != self.config.block_size_bytes {
             return Err(Error::Unaligned {
                 offset,
-                len: dst.len() as u64,
+                len: len as u64,
                 alignment: self.config.block_size_bytes as u64,
             });
         }
+        Ok(offset)
+    }
+
+    async fn direct_read_slot(&self) -> DirectRead<'_, D> {
         let max = self.config.io_depth_max;
         if self.direct_reads.get() >= max {
             self.stats.borrow_mut().submit_waits += 1;
             self.changed.wait_for(|| (self.direct_reads.get() < max).then_some(())).await;
         }
         self.direct_reads.set(self.direct_reads.get() + 1);
-        let _slot = DirectRead(self);
-        self.read_counted(block, offset, dst).await
+        DirectRead(self)
     }
 
-    async fn read_counted(&self, block: u64, offset: u64, dst: &mut [u8]) -> Result<()> {
+    async fn read_counted(
+        &self,
+        block: u64,
+        read: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
         let _in_flight = InFlight::enter(self);
         let started = Instant::now();
-        let result = self.device.read_at(offset, dst).await.map_err(|e| e.with_block(block));
+        let result = read.await.map_err(|e| e.with_block(block));
         let mut stats = self.stats.borrow_mut();
         match &result {
             Ok(()) => {

@@ -1,0 +1,240 @@
+//! A miss reads straight into its cache frame (`Device::read_in_place`), and a read whose
+//! future is dropped while the device may still be writing the frame leaves the frame out of
+//! use (an orphan) until the device is done: no other block's data is ever overwritten by a
+//! late read, and the frame comes back afterwards.
+//!
+//! `LateDevice` models the kernel deterministically: it hands the lent frame to a detached
+//! task that writes the block only when the test opens the gate, whatever became of the read's
+//! future. The last test does the same with glommio and `O_DIRECT` on a real file.
+
+mod common;
+
+use std::cell::Cell;
+use std::path::Path;
+use std::rc::Rc;
+
+use common::{config, device_file, image, run, version_of, yield_times, BLOCK_BYTES};
+use corebuf_shard::cache::{BufRef, CacheConfig, Hooks, Partition, Session};
+use corebuf_shard::io::{Device, DmaDevice, IoQueue, ReadTarget, SimBuf, SimDevice, SimOptions};
+use corebuf_shard::Result;
+
+const BLOCKS: u64 = 64;
+
+/// A device whose in-place reads of one gated block complete in a detached task once the gate
+/// opens, even if the read's future was dropped long before (as the kernel completes a read
+/// submitted to it). Every other read completes at once.
+#[derive(Clone, Debug)]
+struct LateDevice {
+    sim: SimDevice,
+    gated_block: Rc<Cell<Option<u64>>>,
+    open: Rc<Cell<bool>>,
+    /// Late reads that wrote their frame and ended their loan.
+    finished: Rc<Cell<u64>>,
+}
+
+impl Device for LateDevice {
+    type Buf = SimBuf;
+
+    fn path(&self) -> &Path {
+        self.sim.path()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.sim.size_bytes()
+    }
+
+    fn alignment_bytes(&self) -> u64 {
+        self.sim.alignment_bytes()
+    }
+
+    fn alloc_buf(&self, len: usize) -> SimBuf {
+        self.sim.alloc_buf(len)
+    }
+
+    async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        self.sim.read_at(offset, dst).await
+    }
+
+    async fn read_in_place(&self, offset: u64, mut dst: ReadTarget) -> Result<()> {
+        if self.gated_block.get() != Some(offset / BLOCK_BYTES as u64) {
+            return self.sim.read_at(offset, dst.as_mut_slice()).await;
+        }
+        let done = Rc::new(Cell::new(false));
+        let (sim, open, finished, done_late) =
+            (self.sim.clone(), Rc::clone(&self.open), Rc::clone(&self.finished), done.clone());
+        glommio::spawn_local(async move {
+            while !open.get() {
+                futures_lite::future::yield_now().await;
+            }
+            sim.read_at(offset, dst.as_mut_slice()).await.expect("the late read");
+            drop(dst); // the loan ends only after the memory was written
+            finished.set(finished.get() + 1);
+            done_late.set(true);
+        })
+        .detach();
+        while !done.get() {
+            futures_lite::future::yield_now().await;
+        }
+        Ok(())
+    }
+
+    async fn write_at(&self, offset: u64, buf: &SimBuf) -> Result<()> {
+        self.sim.write_at(offset, buf).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.sim.flush().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.sim.discard(offset, len).await
+    }
+}
+
+fn late_partition(frames: u64) -> (Partition<LateDevice>, LateDevice) {
+    let sim = SimDevice::from_image(image(BLOCKS, 1), SimOptions::new(0));
+    let device = LateDevice {
+        sim,
+        gated_block: Rc::new(Cell::new(None)),
+        open: Rc::new(Cell::new(false)),
+        finished: Rc::new(Cell::new(0)),
+    };
+    let queue = IoQueue::new(device.clone(), config(8, 4)).expect("queue");
+    (Partition::new(queue, cache_of(frames), Hooks::default()).expect("partition"), device)
+}
+
+/// A cache of `frames` frames (even), whose sessions may pin half of them each.
+fn cache_of(frames: u64) -> CacheConfig {
+    CacheConfig {
+        cache_size_bytes: frames * BLOCK_BYTES as u64,
+        pins_per_session_max: frames as usize / 2,
+        ..CacheConfig::default()
+    }
+}
+
+/// Reads and pins `blocks` through two sessions (each may pin half the frames), checking each
+/// block's data.
+async fn pin_all<'s, D: Device + 'static>(
+    sessions: &'s [Session<D>; 2],
+    blocks: std::ops::Range<u64>,
+    frames: u64,
+) -> Vec<BufRef<'s, D>> {
+    let mut held = Vec::new();
+    for (i, block) in blocks.enumerate() {
+        let buf = sessions[i / (frames as usize / 2)].read(block).await.expect("read");
+        assert_eq!(version_of(&buf.data(), block), Some(1), "block {block} holds its own data");
+        held.push(buf);
+    }
+    held
+}
+
+/// Starts a read of `block`, polls it until it is in flight, and drops it.
+async fn abandon_read<D: Device + 'static>(part: &Partition<D>, block: u64, yields: usize) {
+    let session = part.session().await;
+    let mut read = Box::pin(async { session.read(block).await.map(|buf| buf.block()) });
+    for _ in 0..=yields {
+        if futures_lite::future::poll_once(&mut read).await.is_some() {
+            return; // it completed before it could be abandoned
+        }
+    }
+    drop(read);
+}
+
+/// Reads `block` and checks that it holds version 1 of itself.
+async fn check<D: Device + 'static>(part: &Partition<D>, block: u64) {
+    let session = part.session().await;
+    let buf = session.read(block).await.expect("read");
+    assert_eq!(version_of(&buf.data(), block), Some(1), "block {block} holds its own data");
+}
+
+#[test]
+fn an_abandoned_read_keeps_its_frame_out_of_use_until_the_device_is_done() {
+    run(async {
+        let frames = 8;
+        let (part, device) = late_partition(frames);
+        device.gated_block.set(Some(7));
+        abandon_read(&part, 7, 3).await;
+        let stats = part.stats();
+        assert_eq!((stats.misses, stats.orphaned), (1, 1), "{stats:?}");
+        assert!(part.get(7).is_none(), "an abandoned block is not cached");
+
+        // Cycle many blocks through the three frames left: none may get the orphan, whose
+        // late read would overwrite it.
+        for round in 0..3 {
+            for block in (0..20).filter(|&b| b != 7) {
+                check(&part, block).await;
+                assert_eq!(part.stats().orphaned, 1, "round {round}, block {block}");
+            }
+        }
+        // Pin every usable frame at once.
+        let sessions = [part.session().await, part.session().await];
+        let pinned = pin_all(&sessions, 20..20 + frames - 1, frames).await;
+        assert!(part.get(7).is_none());
+
+        // The device finishes the late read: it writes the orphan, then gives it back.
+        device.open.set(true);
+        while device.finished.get() == 0 {
+            yield_times(1).await;
+        }
+        for buf in &pinned {
+            assert_eq!(version_of(&buf.data(), buf.block()), Some(1), "a pinned block kept");
+        }
+        // The orphan is the only frame left, and it serves one more block.
+        let last = sessions[1].read(40).await.expect("the orphan comes back into use");
+        assert_eq!(version_of(&last.data(), 40), Some(1));
+        let stats = part.stats();
+        assert_eq!((stats.orphaned, stats.pinned), (0, frames), "{stats:?}");
+        drop((pinned, last));
+        drop(sessions); // a session holds an admission slot
+        device.gated_block.set(None);
+        check(&part, 7).await;
+    });
+}
+
+#[test]
+fn a_read_dropped_before_the_device_saw_it_leaves_no_orphan() {
+    run(async {
+        let (part, device) = late_partition(8);
+        // The default `read_in_place` (through `read_at`) writes within the future's life:
+        // dropping the future ends the loan at once.
+        abandon_read(&part, 3, 0).await;
+        assert_eq!(part.stats().orphaned, 0);
+        assert_eq!(device.finished.get(), 0);
+        check(&part, 3).await;
+    });
+}
+
+/// glommio over a real file with `O_DIRECT`: reads dropped at every stage (before
+/// submission, in flight, just completed) while other blocks cycle through a small cache.
+/// Every block read afterwards holds its own data, and every frame is usable again.
+#[test]
+fn reads_abandoned_on_a_real_file_corrupt_nothing_and_lose_no_frame() {
+    let (_dir, path) = device_file(&image(BLOCKS, 1));
+    run(async move {
+        let device = DmaDevice::open(&path).await.expect("open");
+        let queue = IoQueue::new(device, config(16, 4)).expect("queue");
+        let frames = 8u64;
+        let part = Partition::new(queue, cache_of(frames), Hooks::default()).expect("partition");
+        let mut peak_orphans = 0;
+        for i in 0..400u64 {
+            let block = (i * 37) % BLOCKS;
+            abandon_read(&part, block, (i % 4) as usize).await;
+            peak_orphans = peak_orphans.max(part.stats().orphaned);
+            check(&part, (i * 11 + 5) % BLOCKS).await;
+        }
+        // Every frame in use at once, each with its own block's data.
+        let mut all_frames = false;
+        for _ in 0..1000 {
+            let sessions = [part.session().await, part.session().await];
+            let held = pin_all(&sessions, 0..frames, frames).await;
+            if part.stats().orphaned == 0 {
+                all_frames = true;
+                break;
+            }
+            drop(held);
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(all_frames, "orphans came back once their reads ended: {:?}", part.stats());
+        println!("peak orphans {peak_orphans}");
+    });
+}
