@@ -192,6 +192,16 @@ fn add_engine_figures(
         aq.submit_waits - bq.submit_waits,
         after.barriers() - before.barriers(),
     ));
+    let mut reads = aq.read_latency_us.clone();
+    if reads.subtract(&bq.read_latency_us).is_ok() && !reads.is_empty() {
+        report.notes.push(format!(
+            "device reads during the timed run (queue, submission to completion): mean {:.0} us, \
+             p50 {} us, p99 {} us",
+            reads.mean(),
+            reads.value_at_quantile(0.5),
+            reads.value_at_quantile(0.99),
+        ));
+    }
     report.hit_ratio = (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64);
     report.device_iops = (secs > 0.0).then(|| ios as f64 / secs);
     report.device_iops_source =
