@@ -576,7 +576,9 @@ async fn edit_once(kv: &Rc<KvShard>, key: &[u8], edit: Edit<'_>) -> Result<Optio
             Ok(None)
         }
         Err(e) => {
-            discard(kv, &m).await;
+            if !crate::server::kept_after(kv, &e, &m) {
+                discard(kv, &m).await;
+            }
             Err(e.to_string())
         }
     }

@@ -184,7 +184,11 @@ async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
                 }
                 // Chunks no manifest names: freed again.
                 Ok((false, _)) => Ok(OpOut::freeing(OpOut::Done(false), fresh.then_some(m), me)),
-                Err(e) => Ok(OpOut::freeing(OpOut::Err(e.to_string()), fresh.then_some(m), me)),
+                // After a failed log append the cached manifest names the chunks: kept.
+                Err(e) => {
+                    let fresh = fresh.then_some(m).filter(|_| !kept_after(kv, &e, &m));
+                    Ok(OpOut::freeing(OpOut::Err(e.to_string()), fresh, me))
+                }
             }
         }
         Op::Del(k) => kv
@@ -199,6 +203,22 @@ async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
         Op::Update(k, u) => return run_update(kv, k, u).await,
     };
     result.unwrap_or_else(|e| OpOut::Err(e.to_string()))
+}
+
+/// Whether the chunks of `m`, a large value whose write failed with `e`, must be kept: the
+/// change was made in the cache before its log append failed, so the cached manifest names
+/// them (and may reach the data file by write-back). Their space leaks, as after a crash
+/// between a large value's chunks and its manifest; said on stderr.
+pub(crate) fn kept_after(kv: &KvShard, e: &store::KvError, m: &Manifest) -> bool {
+    if e.applied() {
+        eprintln!(
+            "corebuf-kv: shard {}: a large value's manifest is cached but its log append failed \
+             ({e}); its chunks (tag {:#018x}) are kept, their space leaks",
+            kv.shard.id(),
+            m.tag
+        );
+    }
+    e.applied()
 }
 
 /// Frees the chunks of `fresh`, a large value just SET with expiry `expires`, if that expiry
@@ -243,7 +263,10 @@ async fn run_update(kv: &Rc<KvShard>, k: Vec<u8>, u: Box<Update>) -> OpOut {
             let orphan = effects.orphan.or(fresh.filter(|_| !effects.wrote));
             OpOut::freeing(with_key(out, &k), orphan, me)
         }
-        Err(e) => OpOut::freeing(OpOut::Err(e.to_string()), fresh, me),
+        Err(e) => {
+            let fresh = fresh.filter(|m| !kept_after(kv, &e, m));
+            OpOut::freeing(OpOut::Err(e.to_string()), fresh, me)
+        }
     };
     if out != OpOut::Grow {
         return out;

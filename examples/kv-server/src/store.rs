@@ -127,6 +127,17 @@ pub enum KvError {
     ChunkOutOfSpace(u64),
     /// The server is shutting down.
     ShuttingDown,
+    /// The change is in the cache, but appending its log record failed (the shard's log is
+    /// failed from then on). The change may still reach the data file through write-back, so
+    /// whatever it names (a large value's chunks) must not be freed.
+    LogAppend(String),
+}
+
+impl KvError {
+    /// Whether the change was made in the cache before the error ([`KvError::LogAppend`]).
+    pub fn applied(&self) -> bool {
+        matches!(self, KvError::LogAppend(_))
+    }
 }
 
 impl fmt::Display for KvError {
@@ -145,6 +156,7 @@ impl fmt::Display for KvError {
                  hashes, is full; nothing was stored (delete keys or use a larger --size)"
             ),
             KvError::ShuttingDown => write!(f, "ERR the server is shutting down"),
+            KvError::LogAppend(e) => write!(f, "ERR storage error: log append: {e}"),
         }
     }
 }
@@ -1998,7 +2010,7 @@ impl KvShard {
         logrec::encode(&mut buf, op, key, value, expires, kind);
         let appended = log.append(&buf).await;
         *self.log_buf.borrow_mut() = buf;
-        appended.map(|_| ()).map_err(|e| KvError::Engine(format!("log append: {e}")))
+        appended.map(|_| ()).map_err(|e| KvError::LogAppend(e.to_string()))
     }
 
     /// Waits until every record appended on this shard so far is durable (group commit: the
