@@ -238,3 +238,108 @@ fn reads_abandoned_on_a_real_file_corrupt_nothing_and_lose_no_frame() {
         println!("peak orphans {peak_orphans}");
     });
 }
+
+/// Regression (review): a read dropped before glommio submitted it returned its frame only
+/// when the reactor next walked its queue, and the wake-up of the task waiting for that frame
+/// was not counted there, so the executor went to sleep with the waiter runnable (here until
+/// an unrelated 3 s timer). glommio now hands the memory back in the dropping task.
+#[test]
+fn a_frame_waiter_does_not_sleep_when_an_unsubmitted_read_is_dropped() {
+    let (_dir, path) = device_file(&image(BLOCKS, 1));
+    run(async move {
+        let device = DmaDevice::open(&path).await.expect("open");
+        let queue = IoQueue::new(device, config(16, 4)).expect("queue");
+        let part: Partition<DmaDevice> =
+            Partition::new(queue, cache_of(4), Hooks::default()).expect("partition");
+        let (s1, s2) = (part.session().await, part.session().await);
+        let _held = [s1.read(0).await, s1.read(1).await, s2.read(2).await];
+        {
+            // The last free frame: queued in glommio (one read, below its submit batch), then
+            // dropped.
+            let mut read = Box::pin(s2.read(3));
+            assert!(futures_lite::future::poll_once(&mut read).await.is_none());
+        }
+        glommio::spawn_local(glommio::timer::sleep(std::time::Duration::from_secs(3))).detach();
+        let started = std::time::Instant::now();
+        let buf = s2.read(4).await.expect("read 4 takes the last frame");
+        let waited = started.elapsed();
+        assert_eq!(version_of(&buf.data(), 4), Some(1));
+        assert!(
+            waited < std::time::Duration::from_millis(500),
+            "the frame waiter slept {waited:?}"
+        );
+        assert_eq!(part.stats().orphaned, 0);
+    });
+}
+
+/// Regression (review): when an executor ends with reads into caller memory in the kernel,
+/// glommio closed its rings (which does not wait for them) and dropped their keep-alives while
+/// the kernel could still write the memory. It now never drops those keep-alives. Checked on
+/// memory of the test's own (a leaked mapping), whose pages it reads after the teardown.
+#[test]
+fn no_keep_alive_ends_while_the_kernel_may_still_write_at_executor_teardown() {
+    use std::sync::{Arc, Mutex};
+    const LEN: usize = 8 << 20;
+    const READS: usize = 4;
+    const PAGES: usize = LEN / 4096;
+    let (_dir, path) = device_file(&vec![0x5au8; LEN * READS]);
+    // SAFETY: a fresh anonymous private mapping, never unmapped (leaked on purpose: the
+    // kernel may write it after the test).
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN * READS,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(mem != libc::MAP_FAILED);
+    let addr = mem as usize;
+    // Pages of region `i` whose first byte the kernel wrote (volatile: it may be writing).
+    let written = move |i: usize| -> usize {
+        (0..PAGES)
+            // SAFETY: inside the mapping made above, which is never unmapped.
+            .filter(|&p| unsafe { std::ptr::read_volatile((addr + i * LEN + p * 4096) as *const u8) } != 0)
+            .count()
+    };
+    type Seen = Arc<Mutex<Vec<Option<usize>>>>;
+    /// A keep-alive that records how many pages were written when it was dropped.
+    struct Probe(usize, Seen, Box<dyn Fn(usize) -> usize>);
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.1.lock().unwrap()[self.0] = Some((self.2)(self.0));
+        }
+    }
+    let seen: Seen = Arc::new(Mutex::new(vec![None; READS]));
+    let probes = Arc::clone(&seen);
+    glommio::LocalExecutor::default().run(async move {
+        let file = glommio::io::DmaFile::open(&path).await.expect("open");
+        let mut reads = Vec::new();
+        for i in 0..READS {
+            let ptr = std::ptr::NonNull::new((addr + i * LEN) as *mut u8).unwrap();
+            let probe: Box<dyn std::any::Any> =
+                Box::new(Probe(i, Arc::clone(&probes), Box::new(written)));
+            // SAFETY: our mapping, page aligned, not touched but through the probe.
+            reads.push(Box::pin(unsafe {
+                file.read_into_at_aligned((i * LEN) as u64, ptr, LEN, probe)
+            }));
+        }
+        for read in &mut reads {
+            assert!(futures_lite::future::poll_once(read).await.is_none());
+        }
+        drop(reads); // submitted (4 queued): the reads stay in the kernel
+        std::mem::forget(file);
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for (i, at_drop) in seen.lock().unwrap().iter().enumerate() {
+        if let Some(at_drop) = *at_drop {
+            assert_eq!(
+                written(i),
+                at_drop,
+                "read {i}: the kernel wrote after its keep-alive ended"
+            );
+        }
+    }
+}

@@ -127,8 +127,8 @@ pub enum KvError {
     ChunkOutOfSpace(u64),
     /// The server is shutting down.
     ShuttingDown,
-    /// The change is in the cache, but appending its log record failed (the shard's log is
-    /// failed from then on). The change may still reach the data file through write-back, so
+    /// A record is stored in the cache, but appending its log record failed (the shard's log
+    /// is failed from then on). A removal whose append failed is an `Engine` error. The change may still reach the data file through write-back, so
     /// whatever it names (a large value's chunks) must not be freed.
     LogAppend(String),
 }
@@ -2010,7 +2010,11 @@ impl KvShard {
         logrec::encode(&mut buf, op, key, value, expires, kind);
         let appended = log.append(&buf).await;
         *self.log_buf.borrow_mut() = buf;
-        appended.map(|_| ()).map_err(|e| KvError::LogAppend(e.to_string()))
+        appended.map(|_| ()).map_err(|e| match op {
+            // Only a stored record can name chunks that must then be kept.
+            logrec::Op::Set => KvError::LogAppend(e.to_string()),
+            _ => KvError::Engine(format!("log append: {e}")),
+        })
     }
 
     /// Waits until every record appended on this shard so far is durable (group commit: the

@@ -394,8 +394,11 @@ impl DmaFile {
     ///
     /// `keep_alive` is the memory's owner token: glommio drops it once the kernel no longer
     /// uses the memory. That is before this future completes; or, if the future is dropped
-    /// first, when the read is cancelled before submission, or else when the kernel's
-    /// completion of the read has been reaped.
+    /// first, at that drop when the kernel was not given the read yet, or else when the
+    /// kernel's completion of the read has been reaped. If the executor ends with the read in
+    /// flight, `keep_alive` is never dropped (the memory leaks: the kernel may still write
+    /// it). `keep_alive` may be dropped while glommio's reactor is borrowed: its `Drop` must
+    /// not call into glommio (no file, source or executor operation); waking tasks is fine.
     ///
     /// # Safety
     ///

@@ -122,6 +122,11 @@ impl DmaBuffer {
         }
     }
 
+    /// corebuf: whether the memory is the caller's ([`BufferStorage::External`]).
+    pub(crate) fn is_external(&self) -> bool {
+        matches!(self.storage, BufferStorage::External(..))
+    }
+
     pub(crate) fn uring_buffer_id(&self) -> Option<u32> {
         match &self.storage {
             BufferStorage::Uring(x) => x.uring_buffer_id(),

@@ -318,6 +318,17 @@ impl Source {
 impl Drop for Source {
     fn drop(&mut self) {
         let mut inner = self.inner.borrow_mut();
+        // corebuf: caller memory of a request the kernel never saw goes back to its owner now,
+        // in the dropping task's context (its keep-alive may wake tasks), not when the reactor
+        // next walks its queue: the executor could decide to sleep in between.
+        let mut unsubmitted = None;
+        if let Some(EnqueuedSource { status: EnqueuedStatus::Enqueued, .. }) = &inner.enqueued {
+            if let SourceType::Read(_, slot @ Some(IoBuffer::DmaSink(_))) = &mut inner.source_type {
+                if matches!(slot, Some(IoBuffer::DmaSink(buf)) if buf.is_external()) {
+                    unsubmitted = slot.take();
+                }
+            }
+        }
         let enqueued = inner.enqueued.as_mut();
         if let Some(EnqueuedSource { id, queue, status }) = enqueued {
             match status {
@@ -342,5 +353,7 @@ impl Drop for Source {
                 EnqueuedStatus::Canceled => unreachable!(),
             }
         }
+        drop(inner);
+        drop(unsubmitted);
     }
 }

@@ -1221,8 +1221,8 @@ impl UringCommon for SleepableRing {
     }
 }
 
-/// corebuf: reads into caller memory are submitted as soon as this many requests wait in their
-/// ring's queue (measured on a virtio disk: 2 and 4 alike, 8 weaker; see CHANGES-corebuf.md).
+/// corebuf: a read into caller memory submits its ring's queue once this many requests (of
+/// any kind) wait in it (measured on a virtio disk: 2 and 4 alike, 8 weaker; see CHANGES-corebuf.md).
 const READ_INTO_SUBMIT_BATCH: usize = 4;
 
 pub(crate) struct Reactor {
@@ -1457,7 +1457,8 @@ impl Reactor {
         queue_request_into_ring(&mut *ring, source, op, &mut self.source_map.borrow_mut());
         // Submit now once a few requests wait, instead of at the end of the executor's turn:
         // a turn that runs many tasks would otherwise hold the first reads back for all of
-        // it. An error here leaves the requests queued for the reactor's own submission.
+        // it. Every request queued on this ring goes (other tasks' too). An error here leaves
+        // the requests queued for the reactor's own submission.
         let pending = ring.submission_queue().borrow().submissions.len();
         if pending >= READ_INTO_SUBMIT_BATCH {
             let _ = ring.consume_submission_queue();
@@ -2055,7 +2056,22 @@ fn queue_request_into_ring(
 }
 
 impl Drop for Reactor {
-    fn drop(&mut self) {}
+    fn drop(&mut self) {
+        // corebuf: the rings close without waiting for the requests in flight, and the kernel
+        // may go on writing caller memory (`BufferStorage::External`) of a read it was given.
+        // Its keep-alive must then never be dropped: every caller buffer a source still holds
+        // is forgotten (its owner's memory leaks, which is safe), not handed back.
+        let source_map = self.source_map.borrow();
+        for source in source_map.items() {
+            if let Ok(mut inner) = source.try_borrow_mut() {
+                if let SourceType::Read(_, slot) = &mut inner.source_type {
+                    if matches!(slot, Some(IoBuffer::DmaSink(buf)) if buf.is_external()) {
+                        std::mem::forget(slot.take());
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
