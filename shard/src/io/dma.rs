@@ -133,6 +133,20 @@ impl DmaDevice {
     fn err(&self, op: IoOp, offset: u64, e: io::Error) -> Error {
         Error::io(op, &self.path, offset, e)
     }
+
+    /// `Ok` if a read or write at `offset` moved all `len` bytes, else the short transfer's
+    /// error.
+    fn whole(&self, op: IoOp, offset: u64, done: usize, len: usize) -> Result<()> {
+        if done == len {
+            return Ok(());
+        }
+        let (kind, what) = match op {
+            IoOp::Write => (io::ErrorKind::WriteZero, "write"),
+            _ => (io::ErrorKind::UnexpectedEof, "read"),
+        };
+        let short = io::Error::new(kind, format!("short {what}: {done} of {len} bytes"));
+        Err(self.err(op, offset, short))
+    }
 }
 
 /// Works around a glommio 0.9 misdetection that breaks reads of sparse files.
@@ -259,13 +273,7 @@ impl Device for DmaDevice {
             .read_at_aligned(offset, len)
             .await
             .map_err(|e| self.err(IoOp::Read, offset, os_error(e)))?;
-        if data.len() != len {
-            let short = io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("short read: {} of {len} bytes", data.len()),
-            );
-            return Err(self.err(IoOp::Read, offset, short));
-        }
+        self.whole(IoOp::Read, offset, data.len(), len)?;
         // glommio reads into its own DMA buffer (from its registered arena) and lends it back;
         // the cache's misses take `read_in_place` instead, which has no copy.
         dst.copy_from_slice(&data);
@@ -284,18 +292,11 @@ impl Device for DmaDevice {
         // SAFETY: the memory is valid, aligned for Direct I/O and ours alone while `loan`
         // lives (`ReadTarget::new`'s contract), and glommio drops `loan` only once the kernel
         // is done with it, even if this future is dropped first (its `Source` keeps the loan
-        // until the read's completion is reaped).
+        // until the read's completion is reaped), or never if the executor ends before.
         let read = unsafe { file.read_into_at_aligned(offset, ptr, len, loan) }
             .await
             .map_err(|e| self.err(IoOp::Read, offset, os_error(e)))?;
-        if read != len {
-            let short = io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("short read: {read} of {len} bytes"),
-            );
-            return Err(self.err(IoOp::Read, offset, short));
-        }
-        Ok(())
+        self.whole(IoOp::Read, offset, read, len)
     }
 
     async fn write_at(&self, offset: u64, buf: &DmaBuf) -> Result<()> {
@@ -306,14 +307,7 @@ impl Device for DmaDevice {
             .write_rc_at(Rc::clone(&buf.0), offset)
             .await
             .map_err(|e| self.err(IoOp::Write, offset, os_error(e)))?;
-        if written != len {
-            let short = io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short write: {written} of {len} bytes"),
-            );
-            return Err(self.err(IoOp::Write, offset, short));
-        }
-        Ok(())
+        self.whole(IoOp::Write, offset, written, len)
     }
 
     async fn flush(&self) -> Result<()> {
