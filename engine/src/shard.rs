@@ -285,7 +285,9 @@ impl<D: Device + 'static> Shard<D> {
     }
 
     /// The end of a shard: writes back and flushes, then waits for the I/O still in flight
-    /// (prefetches). The caller closes the device.
+    /// (prefetches, and for up to 10 s reads whose callers gave up while the kernel was
+    /// filling their frames: past that, glommio keeps their memory rather than freeing it
+    /// under them). The caller closes the device.
     pub(crate) async fn stop(&self) -> Result<()> {
         let flushed = self.partition.write_dirty().await;
         let logged = match self.log.get() {
@@ -294,6 +296,11 @@ impl<D: Device + 'static> Shard<D> {
             None => Ok(()),
         };
         let synced = self.partition.queue().sync().await;
+        let abandoned = async {
+            self.partition.wait_abandoned_reads().await;
+            Ok(())
+        };
+        let _ = glommio::timer::timeout(std::time::Duration::from_secs(10), abandoned).await;
         flushed.and(logged).and(synced)
     }
 

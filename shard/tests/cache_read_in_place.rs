@@ -128,11 +128,16 @@ async fn pin_all<'s, D: Device + 'static>(
     held
 }
 
-/// Starts a read of `block`, polls it until it is in flight, and drops it.
-async fn abandon_read<D: Device + 'static>(part: &Partition<D>, block: u64, yields: usize) {
+/// Starts a read of `block`, polls it `polls` times (1 at least), letting the executor turn
+/// (and so glommio submit its I/O) for 20 µs between polls, and drops it.
+async fn abandon_read<D: Device + 'static>(part: &Partition<D>, block: u64, polls: usize) {
     let session = part.session().await;
     let mut read = Box::pin(async { session.read(block).await.map(|buf| buf.block()) });
-    for _ in 0..=yields {
+    for poll in 0..polls.max(1) {
+        if poll > 0 {
+            // A timer, not a yield: a yielding task can run again before glommio submits.
+            glommio::timer::sleep(std::time::Duration::from_micros(20)).await;
+        }
         if futures_lite::future::poll_once(&mut read).await.is_some() {
             return; // it completed before it could be abandoned
         }
@@ -153,7 +158,7 @@ fn an_abandoned_read_keeps_its_frame_out_of_use_until_the_device_is_done() {
         let frames = 8;
         let (part, device) = late_partition(frames);
         device.gated_block.set(Some(7));
-        abandon_read(&part, 7, 3).await;
+        abandon_read(&part, 7, 4).await;
         let stats = part.stats();
         assert_eq!((stats.misses, stats.orphaned), (1, 1), "{stats:?}");
         assert!(part.get(7).is_none(), "an abandoned block is not cached");
@@ -197,7 +202,7 @@ fn a_read_dropped_before_the_device_saw_it_leaves_no_orphan() {
         let (part, device) = late_partition(8);
         // The default `read_in_place` (through `read_at`) writes within the future's life:
         // dropping the future ends the loan at once.
-        abandon_read(&part, 3, 0).await;
+        abandon_read(&part, 3, 1).await;
         assert_eq!(part.stats().orphaned, 0);
         assert_eq!(device.finished.get(), 0);
         check(&part, 3).await;
@@ -218,23 +223,20 @@ fn reads_abandoned_on_a_real_file_corrupt_nothing_and_lose_no_frame() {
         let mut peak_orphans = 0;
         for i in 0..400u64 {
             let block = (i * 37) % BLOCKS;
-            abandon_read(&part, block, (i % 4) as usize).await;
+            // Dropped before submission (1 poll), or in the kernel or just completed (more).
+            abandon_read(&part, block, 1 + (i % 4) as usize).await;
             peak_orphans = peak_orphans.max(part.stats().orphaned);
             check(&part, (i * 11 + 5) % BLOCKS).await;
         }
-        // Every frame in use at once, each with its own block's data.
-        let mut all_frames = false;
-        for _ in 0..1000 {
-            let sessions = [part.session().await, part.session().await];
-            let held = pin_all(&sessions, 0..frames, frames).await;
-            if part.stats().orphaned == 0 {
-                all_frames = true;
-                break;
-            }
-            drop(held);
-            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        assert!(all_frames, "orphans came back once their reads ended: {:?}", part.stats());
+        // Once the abandoned reads ended, every frame can be in use at once, each with its own
+        // block's data.
+        common::within(10, "the abandoned reads", part.wait_abandoned_reads()).await;
+        let sessions = [part.session().await, part.session().await];
+        let held = pin_all(&sessions, 0..frames, frames).await;
+        assert_eq!(part.stats().orphaned, 0, "every orphan came back: {:?}", part.stats());
+        assert_eq!(held.len() as u64, frames);
+        // How many reads were dropped while in the kernel depends on the device's speed (the
+        // deterministic tests above cover orphans); this one checks that none did harm.
         println!("peak orphans {peak_orphans}");
     });
 }

@@ -155,6 +155,19 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
 }
 
 impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
+    /// Waits until every read abandoned while the device was filling its frame has ended (its
+    /// frame is then an orphan the next allocation takes back). A shard's stop waits for this
+    /// so that it frees its frames only once the kernel no longer writes them.
+    pub async fn wait_abandoned_reads(&self) {
+        loop {
+            let seen = self.inner.changes.count();
+            if self.inner.table.borrow().lent_orphans() == 0 {
+                return;
+            }
+            self.inner.wait_change_since(seen).await;
+        }
+    }
+
     /// The block size in bytes.
     pub fn block_size(&self) -> usize {
         self.inner.block_size

@@ -273,6 +273,11 @@ impl Table {
         }
     }
 
+    /// Orphans whose device read has not ended yet (their loans are still out).
+    pub(crate) fn lent_orphans(&self) -> usize {
+        self.orphans.iter().filter(|&&f| self.hot[f as usize].borrow_flag().get() != 0).count()
+    }
+
     /// An orphan whose device read has ended, if any.
     #[cold]
     fn take_orphan(&mut self) -> Option<u32> {
