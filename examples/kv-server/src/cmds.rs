@@ -453,11 +453,7 @@ pub fn apply(u: &Update, live: Option<&Entry>, now: u64) -> (Write, OpOut) {
             }
         }
         Update::Set { value, cond, ttl, get } => {
-            let holds = match cond {
-                Cond::Always => true,
-                Cond::Nx => live.is_none(),
-                Cond::Xx => live.is_some(),
-            };
+            let holds = cond.holds(live.is_some());
             let expires = match ttl {
                 Ttl::Clear => 0,
                 Ttl::Keep => keep_ttl,

@@ -234,16 +234,9 @@ async fn keys(kv: &Rc<KvShard>, pattern: &[u8]) -> Result<Vec<u8>, String> {
     let parts = on_every_shard(kv, move |kv| {
         let pattern = pattern.clone();
         async move {
-            let mut found = Vec::new();
-            for range in 1..kv.geo.ranges {
-                if !kv.shard.owns(range * RANGE_BLOCKS) {
-                    continue;
-                }
-                let keys =
-                    kv.live_keys(range, 0..BUCKETS_PER_RANGE).await.map_err(|e| e.to_string())?;
-                found.extend(keys.into_iter().filter(|k| glob::matches(&pattern, k)));
-            }
-            Ok::<_, String>(found)
+            kv.keys_where(|k| glob::matches(&pattern, k), usize::MAX)
+                .await
+                .map_err(|e| e.to_string())
         }
     })
     .await;

@@ -468,7 +468,7 @@ async fn read_bytes_into(
 pub fn missing_error(key: &[u8], m: &Manifest, index: u32) -> String {
     format!(
         "ERR the large value of key '{}' is damaged: chunk {index} of {} is missing",
-        String::from_utf8_lossy(&key[..key.len().min(128)]),
+        crate::server::shown_key(key),
         m.count
     )
 }
@@ -501,7 +501,7 @@ pub async fn edit(kv: &Rc<KvShard>, key: &[u8], edit: Edit<'_>) -> OpOut {
     }
     OpOut::Err(format!(
         "ERR the value of key '{}' changed {EDIT_ATTEMPTS_MAX} times while it was copied; try again",
-        String::from_utf8_lossy(&key[..key.len().min(128)])
+        crate::server::shown_key(key)
     ))
 }
 
@@ -514,10 +514,7 @@ async fn edit_once(kv: &Rc<KvShard>, key: &[u8], edit: Edit<'_>) -> Result<Optio
         .map_err(|e| e.to_string())?;
     let old = entry.as_ref();
     if old.is_some_and(|e| e.manifest && e.large().is_none()) {
-        return Err(format!(
-            "ERR the large value of key '{}' has a damaged manifest",
-            String::from_utf8_lossy(key)
-        ));
+        return Err(crate::server::damaged_manifest(key));
     }
     let old_len = old.map_or(0, Entry::len);
     let (offset, data) = match edit {

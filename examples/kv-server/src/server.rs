@@ -159,12 +159,14 @@ fn entry_reply(key: &[u8], entry: Option<store::Entry>) -> OpOut {
     }
 }
 
+/// A key as error messages show it: its first 128 bytes, lossily as text.
+pub fn shown_key(key: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&key[..key.len().min(128)])
+}
+
 /// The error for a manifest that does not decode.
 pub fn damaged_manifest(key: &[u8]) -> String {
-    format!(
-        "ERR the large value of key '{}' has a damaged manifest",
-        String::from_utf8_lossy(&key[..key.len().min(128)])
-    )
+    format!("ERR the large value of key '{}' has a damaged manifest", shown_key(key))
 }
 
 /// Runs one operation on its owner (this shard).
@@ -376,7 +378,6 @@ async fn exec_local(
 #[derive(Debug)]
 enum Item {
     Raw(Vec<u8>),
-    Bulk(usize),
     SetReply(usize),
     Count(Range<usize>),
     AllOk(Range<usize>),
@@ -705,7 +706,7 @@ impl Conn {
             // large value before it has been streamed).
             let mut frees = Vec::new();
             let idx = match &item {
-                Item::Bulk(i) | Item::SetReply(i) | Item::Reply(i) => *i..*i + 1,
+                Item::SetReply(i) | Item::Reply(i) => *i..*i + 1,
                 Item::Count(range) | Item::AllOk(range) => range.clone(),
                 Item::Raw(_) => 0..0,
             };
@@ -745,14 +746,6 @@ impl Conn {
         let get = |i: usize| results[i].as_ref().unwrap_or(&OpOut::Done(false));
         match item {
             Item::Raw(bytes) => out.extend_from_slice(&bytes),
-            Item::Bulk(i) => match get(i) {
-                OpOut::Local(range) => resp::bulk(out, &values[range.clone()]),
-                OpOut::Value(Some(v)) => resp::bulk(out, v),
-                OpOut::Value(None) => resp::null(out),
-                OpOut::Large(large) => return Some(large.clone()),
-                OpOut::Err(e) => resp::error(out, e),
-                _ => resp::error(out, "ERR internal: unexpected result"),
-            },
             Item::SetReply(i) => match get(i) {
                 OpOut::Done(true) => resp::simple(out, "OK"),
                 OpOut::Done(false) => resp::null(out),
@@ -849,7 +842,7 @@ impl Conn {
             pin.release().await;
             return streamed;
         }
-        let key = String::from_utf8_lossy(&large.key[..large.key.len().min(128)]).into_owned();
+        let key = shown_key(&large.key).into_owned();
         resp::error(
             &mut self.wbuf,
             &format!("ERR the value of key '{key}' kept changing; try again"),
@@ -1230,7 +1223,7 @@ impl Conn {
                     return Flow::Continue;
                 }
                 let i = self.push_op(Op::Get(Key::new(args[0])));
-                self.items.push(Item::Bulk(i));
+                self.items.push(Item::Reply(i));
             }
             b"setnx" => {
                 if args.len() != 2 {
@@ -1282,7 +1275,7 @@ impl Conn {
                         }
                     }
                     let i = self.push_op(Op::Get(Key::new(k)));
-                    self.items.push(Item::Bulk(i));
+                    self.items.push(Item::Reply(i));
                 }
             }
             b"mset" => {

@@ -187,6 +187,17 @@ pub enum Cond {
     Xx,
 }
 
+impl Cond {
+    /// Whether a write under this condition goes ahead, the key being `live` or not.
+    pub fn holds(self, live: bool) -> bool {
+        match self {
+            Cond::Always => true,
+            Cond::Nx => !live,
+            Cond::Xx => live,
+        }
+    }
+}
+
 /// The wall clock in unix milliseconds: expiry stamps are absolute wall-clock times, as
 /// Redis's, so they mean the same after a restart.
 pub fn now_ms() -> u64 {
@@ -922,16 +933,26 @@ impl KvShard {
             }
             .await;
             match result {
-                Err(KvError::OutOfSpace(_)) if !retried && self.jobs_pending() => {
-                    retried = true;
-                    self.settle().await?;
-                }
-                Err(KvError::OutOfSpace(r)) => {
-                    self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
-                    return Err(KvError::OutOfSpace(r));
-                }
-                other => return other,
+                Ok(done) => return Ok(done),
+                Err(e) => self.retry_out_of_space(e, &mut retried).await?,
             }
+        }
+    }
+
+    /// After a write attempt failed with `e`: `Ok` to try again once, after a barrier gave
+    /// back the space that deletes freed (if any are pending); else the error to return (an
+    /// out-of-space one counted).
+    async fn retry_out_of_space(&self, e: KvError, retried: &mut bool) -> KvResult<()> {
+        match e {
+            KvError::OutOfSpace(_) if !*retried && self.jobs_pending() => {
+                *retried = true;
+                self.settle().await
+            }
+            KvError::OutOfSpace(r) => {
+                self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
+                Err(KvError::OutOfSpace(r))
+            }
+            e => Err(e),
         }
     }
 
@@ -958,11 +979,7 @@ impl KvShard {
             debug_assert_eq!(kind & rflags::CHUNK, 0, "chunks have no expiry");
             let (done, effects) = self
                 .update_full(key, |live, _| {
-                    let holds = match cond {
-                        Cond::Always => true,
-                        Cond::Nx => live.is_none(),
-                        Cond::Xx => live.is_some(),
-                    };
+                    let holds = cond.holds(live.is_some());
                     (if holds { Write::Del } else { Write::Keep }, holds)
                 })
                 .await?;
@@ -985,17 +1002,8 @@ impl KvShard {
                 set
             };
             match result {
-                Err(KvError::OutOfSpace(_)) if !retried && self.jobs_pending() => {
-                    // Space freed by deletes returns after a barrier: run one and retry.
-                    retried = true;
-                    self.settle().await?;
-                }
-                Err(KvError::OutOfSpace(r)) => {
-                    self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
-                    return Err(KvError::OutOfSpace(r));
-                }
-                Err(e) => return Err(e),
                 Ok(done) => return Ok((done.done, done.replaced)),
+                Err(e) => self.retry_out_of_space(e, &mut retried).await?,
             }
         }
     }
@@ -1023,14 +1031,12 @@ impl KvShard {
         let sess = self.shard.partition().session().await;
         let (chain, hits) = self.walk(&sess, loc, key, false, space).await?;
         let existed = !hits.is_empty();
-        let newest = hits.iter().max_by_key(|h| h.rec.version).cloned();
+        let newest = hits.into_iter().max_by_key(|h| h.rec.version);
         // NX / XX look at the live key: an expired one counts as absent.
         // (The clock is read only when the record has an expiry: SET is benchmarked.)
         let live = newest.as_ref().is_some_and(|n| n.rec.expires == 0 || n.rec.expires > now_ms());
-        match cond {
-            Cond::Nx if live => return Ok(SetDone { done: false, replaced: None }),
-            Cond::Xx if !live => return Ok(SetDone { done: false, replaced: None }),
-            _ => {}
+        if !cond.holds(live) {
+            return Ok(SetDone { done: false, replaced: None });
         }
         // A large value's manifest that this write replaces (by another value): its chunks
         // are the caller's to free, once this change is durable.

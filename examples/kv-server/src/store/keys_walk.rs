@@ -1,4 +1,4 @@
-//! Walking the keys of this shard's ranges (`CLUSTER COUNTKEYSINSLOT` / `GETKEYSINSLOT`).
+//! Walking the keys of this shard's ranges (KEYS, `CLUSTER COUNTKEYSINSLOT` / `GETKEYSINSLOT`).
 
 use super::{KvResult, KvShard};
 use crate::format::{BUCKETS_PER_RANGE, RANGE_BLOCKS};
@@ -6,7 +6,7 @@ use crate::format::{BUCKETS_PER_RANGE, RANGE_BLOCKS};
 impl KvShard {
     /// The live keys of the ranges this shard owns for which `keep` holds, each once, at most
     /// `max`. Walks one range at a time with [`KvShard::live_keys`] (each bucket under its
-    /// lock; writers of other buckets go on meanwhile), the walk KEYS and SCAN use.
+    /// lock; writers of other buckets go on meanwhile).
     pub async fn keys_where(
         &self,
         keep: impl Fn(&[u8]) -> bool,
