@@ -195,7 +195,7 @@ fn add_engine_figures(
     let mut reads = aq.read_latency_us.clone();
     if reads.subtract(&bq.read_latency_us).is_ok() && !reads.is_empty() {
         report.notes.push(format!(
-            "device reads during the timed run (queue, submission to completion): mean {:.0} us, \
+            "device reads during the timed run (the queue's call to completion): mean {:.0} us, \
              p50 {} us, p99 {} us",
             reads.mean(),
             reads.value_at_quantile(0.5),

@@ -156,7 +156,7 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
 
 impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
     /// Waits until every read abandoned while the device was filling its frame has ended (its
-    /// frame is then an orphan the next allocation takes back). A shard's stop waits for this
+    /// frame is then an orphan an allocation may take back). A shard's stop waits for this
     /// so that it frees its frames only once the kernel no longer writes them.
     pub async fn wait_abandoned_reads(&self) {
         loop {

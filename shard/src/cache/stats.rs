@@ -33,7 +33,8 @@ pub struct CacheStats {
     /// Frames dirty or being written now.
     pub dirty: u64,
     /// Frames out of use now because a read into them was abandoned (its future dropped)
-    /// while the kernel may still be writing them; each comes back when that read ends.
+    /// while the kernel may still be writing them; each is reused, once that read has ended,
+    /// by the first allocation that finds the free list empty.
     pub orphaned: u64,
     /// Frames in the partition.
     pub frames: u64,

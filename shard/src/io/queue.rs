@@ -311,8 +311,9 @@ impl<D: Device> IoQueue<D> {
     }
 
     /// Reads `block` straight into lent memory (a cache frame): the device may fill it with
-    /// no copy, and ends the loan when it is done with the memory. Otherwise as
-    /// [`IoQueue::read_into`].
+    /// no copy, and ends the loan when it is done with the memory. Unlike
+    /// [`IoQueue::read_into`], a failed or short read may leave the memory partly written.
+    /// Counts against the same `io_depth_max`.
     pub async fn read_in_place(&self, block: u64, dst: ReadTarget) -> Result<()> {
         let offset = self.check_direct_read(block, dst.len())?;
         let _slot = self.direct_read_slot().await;
