@@ -145,15 +145,16 @@ impl<D: Device + 'static> Shard<D> {
         self.read_with(block, |data| out.copy_from_slice(data)).await
     }
 
-    /// Runs `f` on `block`'s data, from its owner: in place for a local block, on the one copy
-    /// the owner made for a remote one.
+    /// Runs `f` on `block`'s data, from its owner: in place for a local block; for a remote one
+    /// in place too when it hits the owner's cache (the owner lends the bytes and keeps them
+    /// unchanged until `f` returns), else on the one copy the owner made.
     pub async fn read_with<R>(&self, block: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         check_span(block, 1, self.device_blocks())?;
         let owner = self.owner_of(block);
         if owner == self.id {
             return self.read_local_with(block, f).await;
         }
-        let answer = self.port.call(owner, Op::Read { block }, |_| {}).await?;
+        let answer = self.port.call(owner, Op::Borrow { block }, |_| {}).await?;
         Ok(answer.with_buf(f))
     }
 

@@ -28,6 +28,18 @@
 //!    shard's `closing_seen` is published, its rings and ingress are empty, no handler task of
 //!    its is running and none of its own requests waits for a reply. Every request is
 //!    therefore either served or refused with `ShutDown`; none hangs.
+//! 5. Loans: a shard's read of a remote block that hits the owner's cache is answered with a
+//!    pointer into the owner's frame, not a copy: the owner keeps the buffer pinned and
+//!    shared-borrowed (a [`Lent`](corebuf_shard::cache::Lent), so nothing changes the bytes)
+//!    until the requester's `Release` message arrives. The requester reads the bytes between
+//!    the reply's pop (Acquire) and the release's push (Release), and sends the release on
+//!    every path that ends the read: the result taken, the future dropped, the slot
+//!    abandoned. A release expects no reply and, like a prefetch, enters the ring only while
+//!    it has room beyond `credits` (else it waits in the requester for the next turn), so it
+//!    never takes a credited request's room. Neither side's poller exits while a loan of its
+//!    is open, so every release is delivered; loans to a dead shard end when the owner
+//!    notices the death, and a shard that dies itself leaks its open loans' memory rather
+//!    than free it under a reader.
 
 use std::any::Any;
 use std::future::Future;
@@ -65,6 +77,11 @@ pub(crate) type Answer = Box<dyn Any + Send>;
 pub(crate) enum Op<D: Device + 'static> {
     /// Copy `block`'s data into the request's buffer.
     Read { block: u64 },
+    /// Lend `block`'s bytes if it is a cache hit now (a [`Payload::Lent`] reply); otherwise
+    /// copy them into the request's buffer, as `Read` does (invariant 5).
+    Borrow { block: u64 },
+    /// End the loan `token` (invariant 5); no reply.
+    Release { token: u32 },
     /// Copy the request's buffer into `block` (a whole-block write, dirty in cache).
     Write { block: u64 },
     /// Start reads of `block..block + count`; no reply.
@@ -81,13 +98,19 @@ pub(crate) enum Op<D: Device + 'static> {
 
 impl<D: Device + 'static> Op<D> {
     fn expects_reply(&self) -> bool {
-        !matches!(self, Op::Prefetch { .. })
+        !matches!(self, Op::Prefetch { .. } | Op::Release { .. })
     }
 }
 
 /// What comes back.
 pub(crate) enum Payload {
     Done,
+    /// A `Borrow` that hit: the owner's frame, readable until the requester sends
+    /// `Release { token }` (invariant 5).
+    Lent {
+        bytes: LentPtr,
+        token: u32,
+    },
     Stats(Box<ShardStats>),
     Run(Answer),
 }
@@ -100,6 +123,15 @@ struct BufPtr(*mut u8);
 // buffer alone (invariant 2): ownership of the bytes moves with the request and back with the
 // reply.
 unsafe impl Send for BufPtr {}
+
+/// The first byte of a block an owner lent (invariant 5).
+#[derive(Clone, Copy)]
+pub(crate) struct LentPtr(*const u8);
+
+// SAFETY: the requester reads through the pointer only while the owner's loan keeps the bytes
+// valid and unchanged (invariant 5); the reply's and the release's ring operations order those
+// reads after the owner's last write and before its next one.
+unsafe impl Send for LentPtr {}
 
 /// A request on a shard-to-shard ring.
 struct Request<D: Device + 'static> {

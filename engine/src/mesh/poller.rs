@@ -10,7 +10,7 @@ use corebuf_shard::io::Device;
 
 use super::client::ClientRequest;
 use super::port::SlotState;
-use super::{BufPtr, Op, Payload, Port, Reply, Request, NO_SLOT};
+use super::{BufPtr, LentPtr, Op, Payload, Port, Reply, Request, NO_SLOT};
 use crate::shard::Shard;
 use crate::Result;
 
@@ -24,6 +24,7 @@ impl<D: Device + 'static> Port<D> {
                 && (!self.mesh.requests[peer * n + me].is_empty()
                     || !self.mesh.replies[peer * n + me].is_empty())
         }) || (!self.ingress_held_back.get() && !self.mesh.ingress[me].is_empty())
+            || !self.releases_pending.borrow().is_empty()
     }
 
     /// Whether this shard may stop polling (invariant 4).
@@ -46,12 +47,15 @@ impl<D: Device + 'static> Port<D> {
         let nobody_sends = (0..n).all(|peer| {
             self.mesh.closing_seen[peer].load(Ordering::Acquire) || self.mesh.is_dead(peer)
         });
+        self.notice_deaths();
         nobody_sends
             && !self.has_work()
             && self.mesh.ingress[me].is_empty()
             && self.handlers.get() == 0
             && self.client_handlers.get() == 0
             && self.nothing_awaited()
+            && self.borrowed.get() == 0
+            && self.loans.borrow().count() == 0
     }
 
     /// Whether none of this shard's requests to a live shard waits for its reply (taken
@@ -67,6 +71,7 @@ impl<D: Device + 'static> Port<D> {
         if dead == self.dead_seen.replace(dead) {
             return;
         }
+        self.loans.borrow_mut().end_dead(|peer| self.mesh.is_dead(peer));
         let mut slots = self.slots.borrow_mut();
         for slot in slots.iter_mut().filter(|s| self.mesh.is_dead(s.to)) {
             if let Some(waker) = slot.waker.take() {
@@ -122,6 +127,13 @@ impl<D: Device + 'static> Port<D> {
             while let Some(reply) = ring.pop() {
                 count += 1;
                 self.in_flight[peer].set(self.in_flight[peer].get() - 1);
+                let lent = match &reply.result {
+                    Ok(Payload::Lent { token, .. }) => Some(*token),
+                    _ => None,
+                };
+                if lent.is_some() {
+                    self.borrowed.set(self.borrowed.get() + 1);
+                }
                 let abandoned = {
                     let mut slots = self.slots.borrow_mut();
                     let slot = &mut slots[reply.slot as usize];
@@ -138,6 +150,9 @@ impl<D: Device + 'static> Port<D> {
                 };
                 if abandoned {
                     self.free_slot(reply.slot);
+                    if let Some(token) = lent {
+                        self.release(peer, token);
+                    }
                 }
             }
         }
@@ -157,7 +172,9 @@ impl<D: Device + 'static> Shard<D> {
         let mut idle_since: Option<Instant> = None;
         loop {
             let served = self.serve_turn();
-            if served > 0 {
+            if served > 0 || !port.releases_pending.borrow().is_empty() {
+                // Releases still waiting for ring room count as work: the owner must run (and
+                // drain its rings) before they can go, so yield rather than loop or sleep.
                 idle_since = None;
                 self.yield_turn().await;
                 continue;
@@ -197,6 +214,7 @@ impl<D: Device + 'static> Shard<D> {
         let port = self.port();
         let n = port.mesh.shards;
         let batch = port.mesh.config.batch_max;
+        port.flush_releases();
         port.ring_deferred();
         let mut served = port.drain_replies();
         let start = port.pick(n as u64) as usize;
@@ -211,7 +229,9 @@ impl<D: Device + 'static> Shard<D> {
             for _ in 0..limit {
                 let Some(request) = ring.pop() else { break };
                 served += 1;
-                port.counters.received.set(port.counters.received.get() + 1);
+                if !matches!(request.op, Op::Release { .. }) {
+                    port.counters.received.set(port.counters.received.get() + 1);
+                }
                 replied |= self.handle_request(peer, request);
             }
             // One doorbell for the batch's inline replies to this peer.
@@ -264,6 +284,22 @@ impl<D: Device + 'static> Shard<D> {
     /// pushed, the doorbell not yet rung).
     fn handle_request(self: &Rc<Self>, from: usize, request: Request<D>) -> bool {
         let Request { slot, op, buf } = request;
+        match op {
+            Op::Release { token } => {
+                self.port().loans.borrow_mut().end(token);
+                return false;
+            }
+            Op::Borrow { block } => {
+                if let Some(lent) = self.partition().get(block).and_then(|buf| buf.lend().ok()) {
+                    let port = self.port();
+                    port.counters.inline.set(port.counters.inline.get() + 1);
+                    let bytes = LentPtr(lent.as_ptr());
+                    let token = port.loans.borrow_mut().insert(from, lent);
+                    return self.reply(from, slot, Ok(Payload::Lent { bytes, token }));
+                }
+            }
+            _ => {}
+        }
         if let Some(result) = self.try_inline(&op, || bytes_of(buf, self.block_size())) {
             let port = self.port();
             port.counters.inline.set(port.counters.inline.get() + 1);
@@ -330,7 +366,7 @@ impl<D: Device + 'static> Shard<D> {
         bytes: impl FnOnce() -> &'b mut [u8],
     ) -> Option<Result<Payload>> {
         match op {
-            Op::Read { block } => {
+            Op::Read { block } | Op::Borrow { block } => {
                 let buf = self.partition().get(*block)?;
                 let data = buf.try_data().ok()?;
                 bytes().copy_from_slice(&data);
@@ -349,15 +385,19 @@ impl<D: Device + 'static> Shard<D> {
                 Some(Ok(Payload::Done))
             }
             Op::Stats => Some(Ok(Payload::Stats(Box::new(self.stats())))),
-            Op::WriteBack | Op::Barrier | Op::Run(_) => None,
+            Op::WriteBack | Op::Barrier | Op::Run(_) | Op::Release { .. } => None,
         }
     }
 
     /// Serves `op` in a handler task: it may wait.
     async fn serve_op(self: &Rc<Self>, op: Op<D>, bytes: &mut [u8]) -> Result<Payload> {
         match op {
-            Op::Read { block } => {
+            Op::Read { block } | Op::Borrow { block } => {
                 self.read_local_with(block, |data| bytes.copy_from_slice(data)).await?;
+                Ok(Payload::Done)
+            }
+            Op::Release { token } => {
+                self.port().loans.borrow_mut().end(token);
                 Ok(Payload::Done)
             }
             Op::Write { block } => {

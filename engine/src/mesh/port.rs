@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
+use corebuf_shard::cache::Lent;
 use corebuf_shard::io::Device;
 use corebuf_shard::rng::SimRng;
 use corebuf_shard::WaitList;
@@ -31,6 +32,69 @@ pub(super) enum SlotState {
     Abandoned,
     /// The reply came; the requester has not taken it.
     Done,
+}
+
+/// The loans an owner has open (invariant 5): each with the shard it was lent to.
+pub(super) struct Loans<D: Device + 'static> {
+    open: Vec<Option<(usize, Lent<D>)>>,
+    free: Vec<u32>,
+    count: usize,
+}
+
+impl<D: Device + 'static> Loans<D> {
+    fn new() -> Self {
+        Loans { open: Vec::new(), free: Vec::new(), count: 0 }
+    }
+
+    /// Records a loan to shard `to`; returns its token.
+    pub(super) fn insert(&mut self, to: usize, lent: Lent<D>) -> u32 {
+        self.count += 1;
+        if let Some(token) = self.free.pop() {
+            self.open[token as usize] = Some((to, lent));
+            return token;
+        }
+        self.open.push(Some((to, lent)));
+        (self.open.len() - 1) as u32
+    }
+
+    /// Ends loan `token` (its `Lent` drops: unshared, unpinned).
+    pub(super) fn end(&mut self, token: u32) {
+        let entry = self.open.get_mut(token as usize).and_then(Option::take);
+        debug_assert!(entry.is_some(), "a release names an open loan");
+        if entry.is_some() {
+            self.count -= 1;
+            self.free.push(token);
+        }
+    }
+
+    /// Ends every loan to a shard for which `dead` holds: its thread no longer reads.
+    pub(super) fn end_dead(&mut self, dead: impl Fn(usize) -> bool) {
+        for (token, entry) in self.open.iter_mut().enumerate() {
+            if entry.as_ref().is_some_and(|(to, _)| dead(*to)) {
+                *entry = None;
+                self.count -= 1;
+                self.free.push(token as u32);
+            }
+        }
+    }
+
+    pub(super) fn count(&self) -> usize {
+        self.count
+    }
+}
+
+impl<D: Device + 'static> Drop for Loans<D> {
+    fn drop(&mut self) {
+        // A shard unwinding from a panic may still have readers on other threads: leak the
+        // lent buffers (and with them the arena) rather than free memory being read. Without
+        // a panic, the poller only exits with no loan open (or in a simulated engine, whose
+        // shards share one thread and so cannot be reading now).
+        if std::thread::panicking() && self.count > 0 {
+            for entry in self.open.drain(..).flatten() {
+                std::mem::forget(entry);
+            }
+        }
+    }
 }
 
 /// Counters of one shard's message layer.
@@ -65,6 +129,12 @@ pub(crate) struct Port<D: Device + 'static> {
     pub(super) dead_seen: Cell<usize>,
     pub(super) delivery: Option<RefCell<SimRng>>,
     pub(super) counters: PortCounters,
+    /// As an owner: the loans open to requesters (invariant 5).
+    pub(super) loans: RefCell<Loans<D>>,
+    /// As a requester: lent replies popped whose release is not yet sent or pending.
+    pub(super) borrowed: Cell<usize>,
+    /// Releases that found no room in their ring: sent at the poller's next turn.
+    pub(super) releases_pending: RefCell<Vec<(usize, u32)>>,
 }
 
 impl<D: Device + 'static> std::fmt::Debug for Port<D> {
@@ -91,19 +161,31 @@ pub(crate) struct Answered<'p, D: Device + 'static> {
 }
 
 impl<D: Device + 'static> Answered<'_, D> {
-    /// The block's bytes the owner copied (a read).
+    /// The block's bytes: lent by the owner (a `Borrow` that hit) or copied into the slot's
+    /// buffer (a read).
     pub(crate) fn with_buf<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        if let Some(Payload::Lent { bytes, .. }) = &self.payload {
+            // SAFETY: invariant 5: the owner keeps the block's bytes (one block long) valid
+            // and unchanged until this answer's drop sends the release.
+            let data = unsafe { std::slice::from_raw_parts(bytes.0, self.port.block_size) };
+            return f(data);
+        }
         let slots = self.port.slots.borrow();
         f(&slots[self.slot as usize].buf)
     }
 
     pub(crate) fn take_payload(&mut self) -> Payload {
+        debug_assert!(!matches!(self.payload, Some(Payload::Lent { .. })), "a loan is released");
         self.payload.take().unwrap_or(Payload::Done)
     }
 }
 
 impl<D: Device + 'static> Drop for Answered<'_, D> {
     fn drop(&mut self) {
+        if let Some(Payload::Lent { token, .. }) = self.payload.take() {
+            let to = self.port.slots.borrow()[self.slot as usize].to;
+            self.port.release(to, token);
+        }
         self.port.free_slot(self.slot);
     }
 }
@@ -161,6 +243,9 @@ impl<D: Device + 'static> Port<D> {
             dead_seen: Cell::new(0),
             delivery,
             counters: PortCounters::default(),
+            loans: RefCell::new(Loans::new()),
+            borrowed: Cell::new(0),
+            releases_pending: RefCell::new(Vec::new()),
         }
     }
 
@@ -193,12 +278,63 @@ impl<D: Device + 'static> Port<D> {
     }
 
     pub(super) fn free_slot(&self, index: u32) {
-        let mut slots = self.slots.borrow_mut();
-        let slot = &mut slots[index as usize];
-        slot.state = SlotState::Free;
-        slot.waker = None;
-        slot.result = None;
+        let lent = {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            slot.state = SlotState::Free;
+            slot.waker = None;
+            match slot.result.take() {
+                Some(Ok(Payload::Lent { token, .. })) => Some((slot.to, token)),
+                _ => None,
+            }
+        };
         self.free_slots.borrow_mut().push(index);
+        // A lent answer nobody took (its future was dropped): end the loan (invariant 5).
+        if let Some((to, token)) = lent {
+            self.release(to, token);
+        }
+    }
+
+    /// Ends a loan from shard `to` (invariant 5): sends `Release { token }` now if its ring
+    /// has room beyond the credits, else at the poller's next turn.
+    pub(super) fn release(&self, to: usize, token: u32) {
+        self.borrowed.set(self.borrowed.get() - 1);
+        if !self.releases_pending.borrow().is_empty() || !self.try_push_release(to, token) {
+            self.releases_pending.borrow_mut().push((to, token));
+        }
+    }
+
+    /// Pushes a release if the ring has room beyond the credits (a dead owner needs none).
+    fn try_push_release(&self, to: usize, token: u32) -> bool {
+        if self.mesh.is_dead(to) {
+            return true;
+        }
+        let ring = &self.mesh.requests[self.id * self.mesh.shards + to];
+        if ring.len() + self.mesh.config.credits >= ring.capacity() {
+            return false;
+        }
+        let op = Op::Release { token };
+        let release = Request { slot: NO_SLOT, op, buf: BufPtr(std::ptr::null_mut()) };
+        if ring.push(release).is_err() {
+            return false;
+        }
+        self.doorbell_after_push(to);
+        true
+    }
+
+    /// Sends the releases that found no room before, in order, as far as there is room.
+    pub(super) fn flush_releases(&self) {
+        if self.releases_pending.borrow().is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut *self.releases_pending.borrow_mut());
+        let mut left = Vec::new();
+        for (to, token) in pending {
+            if !left.is_empty() || !self.try_push_release(to, token) {
+                left.push((to, token));
+            }
+        }
+        *self.releases_pending.borrow_mut() = left;
     }
 
     /// Pushes a request to shard `to` under the shutdown protocol (invariant 4). `Ok(false)`
@@ -214,16 +350,20 @@ impl<D: Device + 'static> Port<D> {
             return Ok(false);
         }
         self.counters.sent.set(self.counters.sent.get() + 1);
-        // The doorbell (a fence) matters only if `to` sleeps. While this shard's own poller is
-        // awake it rings once per turn for every peer sent to since (`ring_deferred`); when it
-        // sleeps, nobody would, so ring now.
+        self.doorbell_after_push(to);
+        Ok(true)
+    }
+
+    /// The doorbell (a fence) matters only if `to` sleeps. While this shard's own poller is
+    /// awake it rings once per turn for every peer sent to since (`ring_deferred`); when it
+    /// sleeps, nobody would, so ring now.
+    fn doorbell_after_push(&self, to: usize) {
         if self.mesh.doorbells[self.id].sleeping.load(Ordering::Relaxed) {
             self.ring(to);
         } else {
             self.ring_later[to].set(true);
             self.ring_pending.set(true);
         }
-        Ok(true)
     }
 
     /// Rings `to`'s doorbell now.

@@ -168,6 +168,26 @@ impl Arena {
         Some(FrameRef { bytes, flag })
     }
 
+    /// Records a shared borrow of frame `index` that no guard ends: [`Arena::unshare`] does.
+    /// Returns the frame's first byte, or `None` while it is mutably borrowed (or borrowed
+    /// `i16::MAX` times already). For a [`Lent`](super::Lent) buffer, whose bytes are read
+    /// through the pointer, maybe on another thread, until the loan ends.
+    pub(crate) fn share(&self, index: u32) -> Option<NonNull<u8>> {
+        let flag = self.flag(index);
+        if flag.get() < 0 || flag.get() == i16::MAX {
+            return None;
+        }
+        flag.set(flag.get() + 1);
+        NonNull::new(self.frame_ptr(index))
+    }
+
+    /// Ends a shared borrow recorded by [`Arena::share`].
+    pub(crate) fn unshare(&self, index: u32) {
+        let flag = self.flag(index);
+        debug_assert!(flag.get() > 0, "unshare of a frame not shared");
+        flag.set(flag.get() - 1);
+    }
+
     /// An exclusive view of frame `index`, or `None` while it is borrowed.
     #[inline]
     pub(crate) fn try_borrow_mut(&self, index: u32) -> Option<FrameMut<'_>> {

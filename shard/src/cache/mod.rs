@@ -22,5 +22,5 @@ mod writeback;
 pub use arena::{FrameMut, FrameRef};
 pub use config::CacheConfig;
 pub use partition::{Hook, Hooks, Partition, ReadHook};
-pub use session::{AuxMut, BufRef, Session};
+pub use session::{AuxMut, BufRef, Lent, Session};
 pub use stats::CacheStats;

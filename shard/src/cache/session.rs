@@ -360,6 +360,29 @@ impl<D: Device + 'static, A: Default + 'static> BufRef<'_, D, A> {
         inner.maybe_start_background_writer(dirty);
     }
 
+    /// Turns this pin into a [`Lent`]: the buffer stays pinned, and its bytes readable and
+    /// unchanged, until the loan is dropped, however long that is. The pin leaves the session
+    /// (as [`Partition::get`](super::Partition::get)'s pins are outside any). Fails with
+    /// [`Error::BufferBusy`] while the bytes are borrowed mutably.
+    pub fn lend(self) -> Result<Lent<D, A>> {
+        let Some(ptr) = self.inner.arena.share(self.frame) else {
+            return Err(Error::BufferBusy { block: self.block });
+        };
+        if let Some(held) = self.held {
+            held.set(held.get() - 1);
+        }
+        let lent = Lent {
+            inner: Rc::clone(self.inner),
+            frame: self.frame,
+            block: self.block,
+            ptr,
+            len: self.inner.block_size,
+        };
+        // The pin moves to the loan, which unpins on drop.
+        std::mem::forget(self);
+        Ok(lent)
+    }
+
     /// Whether the buffer holds modifications not yet written.
     pub fn is_dirty(&self) -> bool {
         self.inner.table.borrow().has(self.frame, flag::DIRTY)
@@ -378,6 +401,69 @@ impl<D: Device + 'static, A: Default + 'static> Drop for BufRef<'_, D, A> {
         if let Some(held) = self.held {
             held.set(held.get() - 1);
         }
+        let unpinned = inner.table.borrow_mut().unpin(self.frame);
+        if unpinned && inner.changes.has_waiters() {
+            inner.notify();
+        }
+    }
+}
+
+/// A buffer lent out by [`BufRef::lend`]: pinned, and its bytes shared-borrowed (so no
+/// [`BufRef::try_data_mut`] succeeds and nothing rewrites them), until it is dropped. It owns
+/// its hold on the partition, so it may outlive any session or borrow.
+///
+/// It is how a shard shows a block to a reader on another thread without copying it: the
+/// owner keeps the `Lent` (it is not `Send`) and hands out [`Lent::as_ptr`]; the bytes stay
+/// valid and unchanged until the owner drops the loan, which it must do only after the reader
+/// is done (with the happens-before edges of a message each way).
+pub struct Lent<D: Device + 'static, A: Default + 'static = ()> {
+    inner: Rc<Inner<D, A>>,
+    frame: u32,
+    block: u64,
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl<D: Device, A: Default> std::fmt::Debug for Lent<D, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lent").field("block", &self.block).finish()
+    }
+}
+
+impl<D: Device + 'static, A: Default + 'static> Lent<D, A> {
+    /// The block number.
+    pub fn block(&self) -> u64 {
+        self.block
+    }
+
+    /// The first of the block's bytes: valid for [`Lent::len`] bytes, and unchanged, while the
+    /// loan lives.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The block size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a block has bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The block's bytes.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: the loan holds a shared borrow of the frame (no mutable view of it exists
+        // or can be made while it lives) and the partition's memory (via `inner`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<D: Device + 'static, A: Default + 'static> Drop for Lent<D, A> {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        inner.arena.unshare(self.frame);
         let unpinned = inner.table.borrow_mut().unpin(self.frame);
         if unpinned && inner.changes.has_waiters() {
             inner.notify();
