@@ -8,6 +8,11 @@
 //!    values, every other slot is uninitialised.
 //! 3. A value is written before `tail` is published (Release) and read after `tail` is observed
 //!    (Acquire); a slot is reused only after `head` has moved past it (Release / Acquire).
+//! 4. Each end keeps its last view of the other end's position (the producer of `head`, the
+//!    consumer of `tail`) and reloads it only when the ring looks full (producer) or empty
+//!    (consumer), so the other end's cache line is read about once per batch, not per value.
+//!    A view is never ahead of the real position (positions only grow), so it errs only
+//!    toward "full" or "empty", which the reload then corrects.
 
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
@@ -17,12 +22,24 @@ use crossbeam_utils::CachePadded;
 
 /// A fixed-capacity SPSC queue. See the module's invariants.
 pub(crate) struct Ring<T> {
-    /// The consumer's position: the next slot to pop.
-    head: CachePadded<AtomicUsize>,
-    /// The producer's position: the next slot to fill.
-    tail: CachePadded<AtomicUsize>,
+    consumer: CachePadded<End>,
+    producer: CachePadded<End>,
     slots: Box<[UnsafeCell<MaybeUninit<T>>]>,
     mask: usize,
+}
+
+/// One end of a ring: its position (the consumer's `head`, the next slot to pop; the
+/// producer's `tail`, the next slot to fill) and its own last view of the other end's
+/// (invariant 4), touched only by this end's thread.
+struct End {
+    position: AtomicUsize,
+    other_seen: UnsafeCell<usize>,
+}
+
+impl End {
+    fn new() -> End {
+        End { position: AtomicUsize::new(0), other_seen: UnsafeCell::new(0) }
+    }
 }
 
 // SAFETY: values move from the producer's thread to the consumer's, so `T: Send` suffices; the
@@ -36,8 +53,8 @@ impl<T> Ring<T> {
     pub(crate) fn new(capacity: usize) -> Ring<T> {
         let capacity = capacity.max(2).next_power_of_two();
         Ring {
-            head: CachePadded::new(AtomicUsize::new(0)),
-            tail: CachePadded::new(AtomicUsize::new(0)),
+            consumer: CachePadded::new(End::new()),
+            producer: CachePadded::new(End::new()),
             slots: (0..capacity).map(|_| UnsafeCell::new(MaybeUninit::uninit())).collect(),
             mask: capacity - 1,
         }
@@ -50,8 +67,8 @@ impl<T> Ring<T> {
 
     /// Values in the ring now (exact for either end's own thread, a hint for others).
     pub(crate) fn len(&self) -> usize {
-        let tail = self.tail.load(Ordering::Acquire);
-        let head = self.head.load(Ordering::Acquire);
+        let tail = self.producer.position.load(Ordering::Acquire);
+        let head = self.consumer.position.load(Ordering::Acquire);
         tail.wrapping_sub(head)
     }
 
@@ -62,29 +79,39 @@ impl<T> Ring<T> {
 
     /// Appends `value`, or gives it back when the ring is full. Producer side only.
     pub(crate) fn push(&self, value: T) -> Result<(), T> {
-        let tail = self.tail.load(Ordering::Relaxed);
-        let head = self.head.load(Ordering::Acquire);
-        if tail.wrapping_sub(head) > self.mask {
-            return Err(value);
+        let tail = self.producer.position.load(Ordering::Relaxed);
+        // SAFETY: only the producer's thread touches its view (invariants 1, 4).
+        let head_seen = unsafe { &mut *self.producer.other_seen.get() };
+        if tail.wrapping_sub(*head_seen) > self.mask {
+            *head_seen = self.consumer.position.load(Ordering::Acquire);
+            if tail.wrapping_sub(*head_seen) > self.mask {
+                return Err(value);
+            }
         }
-        // SAFETY: slot `tail` is outside `head..tail`, so it is uninitialised and the consumer
-        // does not read it until `tail + 1` is published below (invariants 2, 3).
+        // SAFETY: slot `tail` is outside `head..tail` (the view is not ahead of `head`), so it
+        // is uninitialised and the consumer does not read it until `tail + 1` is published
+        // below (invariants 2, 3, 4).
         unsafe { (*self.slots[tail & self.mask].get()).write(value) };
-        self.tail.store(tail.wrapping_add(1), Ordering::Release);
+        self.producer.position.store(tail.wrapping_add(1), Ordering::Release);
         Ok(())
     }
 
     /// Takes the oldest value. Consumer side only.
     pub(crate) fn pop(&self) -> Option<T> {
-        let head = self.head.load(Ordering::Relaxed);
-        let tail = self.tail.load(Ordering::Acquire);
-        if head == tail {
-            return None;
+        let head = self.consumer.position.load(Ordering::Relaxed);
+        // SAFETY: only the consumer's thread touches its view (invariants 1, 4).
+        let tail_seen = unsafe { &mut *self.consumer.other_seen.get() };
+        if head == *tail_seen {
+            *tail_seen = self.producer.position.load(Ordering::Acquire);
+            if head == *tail_seen {
+                return None;
+            }
         }
-        // SAFETY: slot `head` is inside `head..tail`, initialised and published (Acquire
-        // above); after the read it counts as uninitialised once `head` moves on.
+        // SAFETY: slot `head` is inside `head..tail`, initialised and published (the Acquire
+        // load that set the view); after the read it counts as uninitialised once `head`
+        // moves on.
         let value = unsafe { (*self.slots[head & self.mask].get()).assume_init_read() };
-        self.head.store(head.wrapping_add(1), Ordering::Release);
+        self.consumer.position.store(head.wrapping_add(1), Ordering::Release);
         Some(value)
     }
 }
