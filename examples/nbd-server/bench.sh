@@ -10,8 +10,10 @@
 #                peers in their default page-cache modes, corebuf --cache-bytes 512M
 # Each scenario runs ROUNDS times; each round runs the three servers back to back (in an order
 # that rotates) and computes corebuf / (the better peer). The table shows the median IOPS, the
-# median ratio, and each server's CPU time per I/O (less sensitive to other load on the
-# machine than IOPS are).
+# median ratio, each server's CPU time per I/O (less sensitive to other load on the machine
+# than IOPS are) and fio's own CPU time per I/O against each server (fio runs on one of the
+# two cores: when its CPU time per I/O times the IOPS nears one second per second, fio is the
+# bottleneck).
 # Loopback only; every server it starts is stopped on exit.
 #
 # Usage: examples/nbd-server/bench.sh           (from anywhere in the repository)
@@ -96,19 +98,24 @@ start_server() { # server scenario
   wait_port
 }
 
-fio_iops() { # rw size [extra fio args...] -> IOPS (read for reads, write for writes)
+fio_iops() { # rw size [extra fio args...] -> IOPS (read for reads, write for writes); fio's
+  # own CPU seconds (user + system) go to $BENCH_DIR/fio.cpu
   local rw=$1 size=$2
   shift 2
   local field=8
   [ "$rw" = randwrite ] && field=49
-  fio --name=bench --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/" --bs=4k --iodepth=32 \
+  local TIMEFORMAT='%U %S'
+  { time fio --name=bench --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/" --bs=4k --iodepth=32 \
     --rw="$rw" --size="$size" --time_based --runtime="$RUNTIME" --randrepeat=0 \
-    --output-format=terse --terse-version=3 "$@" | awk -F';' -v f=$field '/^3;/ { print int($f) }'
+    --output-format=terse --terse-version=3 "$@" >"$BENCH_DIR/fio.out" 2>"$BENCH_DIR/fio.err"; } \
+    2>"$BENCH_DIR/fio.time"
+  awk '{ print $1 + $2 }' "$BENCH_DIR/fio.time" >"$BENCH_DIR/fio.cpu"
+  awk -F';' -v f=$field '/^3;/ { print int($f) }' "$BENCH_DIR/fio.out"
 }
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime, in clock ticks
 
-measure() { # server scenario -> "IOPS server-CPU-microseconds-per-I/O"
+measure() { # server scenario -> "IOPS server-CPU-us-per-I/O fio-CPU-us-per-I/O"
   local server=$1 scenario=$2
   [ "$scenario" = cold-read ] && drop_page_cache
   start_server "$server" "$scenario"
@@ -133,24 +140,27 @@ measure() { # server scenario -> "IOPS server-CPU-microseconds-per-I/O"
   ticks=$(($(cpu_ticks "$SERVER_PID") - ticks))
   stop_server
   # The server's CPU time (user + system) per I/O, over the measured run (fio's setup and
-  # teardown included, so a slight overestimate for every server alike).
+  # teardown included, so a slight overestimate for every server alike), and fio's own: the
+  # client shares this machine's two cores, and at QD 32 it can be the bottleneck.
   echo "$iops $(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v i="$iops" -v r="$RUNTIME" \
-    'BEGIN { printf "%.1f", (i > 0) ? t / hz * 1e6 / (i * r) : 0 }')"
+    'BEGIN { printf "%.1f", (i > 0) ? t / hz * 1e6 / (i * r) : 0 }') $(awk -v i="$iops" \
+    -v r="$RUNTIME" '{ printf "%.1f", (i > 0) ? $1 * 1e6 / (i * r) : 0 }' "$BENCH_DIR/fio.cpu")"
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-declare -A RESULTS CPU
+declare -A RESULTS CPU FIOCPU
 SERVERS=(corebuf qemu-nbd nbdkit)
 for round in $(seq "$ROUNDS"); do
   for scenario in $SCENARIOS; do
     # Rotate the order every round, so that no server always runs first or last.
     for k in 0 1 2; do
       server=${SERVERS[$(((k + round) % 3))]}
-      read -r iops cpu <<<"$(measure "$server" "$scenario")"
-      say "round $round  $scenario  $server: $iops IOPS, $cpu us of server CPU per I/O"
+      read -r iops cpu fiocpu <<<"$(measure "$server" "$scenario")"
+      say "round $round  $scenario  $server: $iops IOPS, $cpu us of server CPU and $fiocpu us of fio CPU per I/O"
       RESULTS[$scenario,$server,$round]=$iops
       CPU[$scenario,$server,$round]=$cpu
+      FIOCPU[$scenario,$server,$round]=$fiocpu
     done
   done
 done
@@ -177,6 +187,7 @@ for scenario in $SCENARIOS; do
   done
   med() { for round in $(seq "$ROUNDS"); do echo "${RESULTS[$scenario,$1,$round]}"; done | median; }
   medcpu() { for round in $(seq "$ROUNDS"); do echo "${CPU[$scenario,$1,$round]}"; done | median; }
+  medfio() { for round in $(seq "$ROUNDS"); do echo "${FIOCPU[$scenario,$1,$round]}"; done | median; }
   ratio=$(printf '%s' "$ratios" | median)
   goal=$(target "$scenario")
   met=$(awk -v r="$ratio" -v t="$goal" 'BEGIN { print (r >= t) ? "yes" : "NO" }')
@@ -185,4 +196,6 @@ for scenario in $SCENARIOS; do
   printf '  per-round ratios: %s\n' "$(printf '%s' "$ratios" | tr '\n' ' ')"
   printf '  server CPU per I/O (median, us): corebuf-nbd %s, qemu-nbd %s, nbdkit %s\n' \
     "$(medcpu corebuf)" "$(medcpu qemu-nbd)" "$(medcpu nbdkit)"
+  printf '  fio CPU per I/O against each (median, us): corebuf-nbd %s, qemu-nbd %s, nbdkit %s\n' \
+    "$(medfio corebuf)" "$(medfio qemu-nbd)" "$(medfio nbdkit)"
 done
