@@ -35,11 +35,15 @@
 //!    the reply's pop (Acquire) and the release's push (Release), and sends the release on
 //!    every path that ends the read: the result taken, the future dropped, the slot
 //!    abandoned. A release expects no reply and, like a prefetch, enters the ring only while
-//!    it has room beyond `credits` (else it waits in the requester for the next turn), so it
-//!    never takes a credited request's room. Neither side's poller exits while a loan of its
-//!    is open, so every release is delivered; loans to a dead shard end when the owner
-//!    notices the death, and a shard that dies itself leaks its open loans' memory rather
-//!    than free it under a reader.
+//!    it has room beyond `credits` (else it waits in the requester, whose poller then does
+//!    not sleep, for the next turn), so it never takes a credited request's room. A lent reply
+//!    still unclaimed at the requester's next poller turn (a future polled once and kept) is
+//!    copied into its slot's buffer and released, so no idle future holds the owner's block.
+//!    Neither side's poller exits while a loan of its is open, so every release is delivered;
+//!    loans to a dead shard end when the owner notices the death, and its late borrows and
+//!    releases are ignored (a token may have been reused); a shard that dies with loans open,
+//!    or with requests in flight, leaks their memory (its arena, its slot buffers) rather than
+//!    free it under a reader or a writer on another thread.
 
 use std::any::Any;
 use std::future::Future;

@@ -142,6 +142,9 @@ impl<D: Device + 'static> Port<D> {
                     } else {
                         slot.state = SlotState::Done;
                         slot.result = Some(reply.result.map_err(|e| *e));
+                        if lent.is_some() {
+                            self.lent_replies.borrow_mut().push(reply.slot);
+                        }
                         if let Some(waker) = slot.waker.take() {
                             waker.wake();
                         }
@@ -214,6 +217,7 @@ impl<D: Device + 'static> Shard<D> {
         let port = self.port();
         let n = port.mesh.shards;
         let batch = port.mesh.config.batch_max;
+        port.copy_unclaimed_loans();
         port.flush_releases();
         port.ring_deferred();
         let mut served = port.drain_replies();
@@ -285,8 +289,14 @@ impl<D: Device + 'static> Shard<D> {
     fn handle_request(self: &Rc<Self>, from: usize, request: Request<D>) -> bool {
         let Request { slot, op, buf } = request;
         match op {
+            // A dead peer's loans are ended by `notice_deaths` (now or at its next look: `dead`
+            // is set before `dead_count` grows), and it reads nothing any more: its late
+            // releases must not end a reused token, nor its late borrows open a loan.
+            Op::Release { .. } | Op::Borrow { .. } if self.port().mesh.is_dead(from) => {
+                return false;
+            }
             Op::Release { token } => {
-                self.port().loans.borrow_mut().end(token);
+                self.port().loans.borrow_mut().end(token, from);
                 return false;
             }
             Op::Borrow { block } => {
@@ -297,6 +307,9 @@ impl<D: Device + 'static> Shard<D> {
                     let token = port.loans.borrow_mut().insert(from, lent);
                     return self.reply(from, slot, Ok(Payload::Lent { bytes, token }));
                 }
+                // A miss, or bytes borrowed mutably now: a task copies them when it can.
+                self.spawn_handler(from, slot, op, buf);
+                return false;
             }
             _ => {}
         }
@@ -305,6 +318,12 @@ impl<D: Device + 'static> Shard<D> {
             port.counters.inline.set(port.counters.inline.get() + 1);
             return self.reply(from, slot, result);
         }
+        self.spawn_handler(from, slot, op, buf);
+        false
+    }
+
+    /// Serves shard `from`'s request in a task (it may wait), which replies when done.
+    fn spawn_handler(self: &Rc<Self>, from: usize, slot: u32, op: Op<D>, buf: BufPtr) {
         let port = self.port();
         port.handlers.set(port.handlers.get() + 1);
         let shard = Rc::clone(self);
@@ -318,7 +337,6 @@ impl<D: Device + 'static> Shard<D> {
             port.nudge();
         })
         .detach();
-        false
     }
 
     fn handle_client(self: &Rc<Self>, request: ClientRequest<D>) {
@@ -396,10 +414,7 @@ impl<D: Device + 'static> Shard<D> {
                 self.read_local_with(block, |data| bytes.copy_from_slice(data)).await?;
                 Ok(Payload::Done)
             }
-            Op::Release { token } => {
-                self.port().loans.borrow_mut().end(token);
-                Ok(Payload::Done)
-            }
+            Op::Release { .. } => unreachable!("a release is handled when it is popped"),
             Op::Write { block } => {
                 self.write_local(block, bytes).await?;
                 Ok(Payload::Done)

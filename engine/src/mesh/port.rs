@@ -57,11 +57,12 @@ impl<D: Device + 'static> Loans<D> {
         (self.open.len() - 1) as u32
     }
 
-    /// Ends loan `token` (its `Lent` drops: unshared, unpinned).
-    pub(super) fn end(&mut self, token: u32) {
-        let entry = self.open.get_mut(token as usize).and_then(Option::take);
-        debug_assert!(entry.is_some(), "a release names an open loan");
-        if entry.is_some() {
+    /// Ends loan `token`, lent to shard `to` (its `Lent` drops: unshared, unpinned). A token
+    /// that names no open loan to `to` is ignored.
+    pub(super) fn end(&mut self, token: u32, to: usize) {
+        let Some(entry) = self.open.get_mut(token as usize) else { return };
+        if entry.as_ref().is_some_and(|(peer, _)| *peer == to) {
+            *entry = None;
             self.count -= 1;
             self.free.push(token);
         }
@@ -85,11 +86,12 @@ impl<D: Device + 'static> Loans<D> {
 
 impl<D: Device + 'static> Drop for Loans<D> {
     fn drop(&mut self) {
-        // A shard unwinding from a panic may still have readers on other threads: leak the
-        // lent buffers (and with them the arena) rather than free memory being read. Without
-        // a panic, the poller only exits with no loan open (or in a simulated engine, whose
-        // shards share one thread and so cannot be reading now).
-        if std::thread::panicking() && self.count > 0 {
+        // Loans still open when the table goes: the shard died (its poller exits only with
+        // none open), and readers on other threads may still be in the lent frames. Leak the
+        // buffers, and with them the arena, rather than free memory being read. (Whether the
+        // thread is panicking says nothing here: a dead shard's last `Rc` is a thread-local,
+        // dropped after the unwind was caught.)
+        if self.count > 0 {
             for entry in self.open.drain(..).flatten() {
                 std::mem::forget(entry);
             }
@@ -135,6 +137,20 @@ pub(crate) struct Port<D: Device + 'static> {
     pub(super) borrowed: Cell<usize>,
     /// Releases that found no room in their ring: sent at the poller's next turn.
     pub(super) releases_pending: RefCell<Vec<(usize, u32)>>,
+    /// Slots that received a lent reply at the poller's last turn: one still unclaimed at the
+    /// next turn gets a copy instead, and the loan ends (a future nobody polls must not hold
+    /// the owner's block).
+    pub(super) lent_replies: RefCell<Vec<u32>>,
+}
+
+impl<D: Device + 'static> Drop for Port<D> {
+    fn drop(&mut self) {
+        // Requests still in flight when the port goes: the shard died, and their owners may
+        // still copy into the slot buffers (invariant 2). Leak them rather than free them.
+        if self.in_flight.iter().any(|n| n.get() > 0) {
+            std::mem::forget(std::mem::take(self.slots.get_mut()));
+        }
+    }
 }
 
 impl<D: Device + 'static> std::fmt::Debug for Port<D> {
@@ -246,6 +262,36 @@ impl<D: Device + 'static> Port<D> {
             loans: RefCell::new(Loans::new()),
             borrowed: Cell::new(0),
             releases_pending: RefCell::new(Vec::new()),
+            lent_replies: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Copies the bytes of every lent reply still unclaimed since the last turn into its
+    /// slot's buffer and ends the loan: the answer then reads the copy (invariant 5).
+    pub(super) fn copy_unclaimed_loans(&self) {
+        if self.lent_replies.borrow().is_empty() {
+            return;
+        }
+        let slots_lent = std::mem::take(&mut *self.lent_replies.borrow_mut());
+        for index in slots_lent {
+            let ended = {
+                let mut slots = self.slots.borrow_mut();
+                let slot = &mut slots[index as usize];
+                match (&slot.state, &slot.result) {
+                    (SlotState::Done, Some(Ok(Payload::Lent { bytes, token }))) => {
+                        // SAFETY: invariant 5: the loan is open until the release below.
+                        let data = unsafe { std::slice::from_raw_parts(bytes.0, self.block_size) };
+                        slot.buf.copy_from_slice(data);
+                        let ended = (slot.to, *token);
+                        slot.result = Some(Ok(Payload::Done));
+                        Some(ended)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some((to, token)) = ended {
+                self.release(to, token);
+            }
         }
     }
 
@@ -301,6 +347,8 @@ impl<D: Device + 'static> Port<D> {
         self.borrowed.set(self.borrowed.get() - 1);
         if !self.releases_pending.borrow().is_empty() || !self.try_push_release(to, token) {
             self.releases_pending.borrow_mut().push((to, token));
+            // Only this shard's poller sends pending releases: it must not sleep on them.
+            self.mesh.doorbells[self.id].ring();
         }
     }
 
@@ -322,7 +370,7 @@ impl<D: Device + 'static> Port<D> {
         true
     }
 
-    /// Sends the releases that found no room before, in order, as far as there is room.
+    /// Sends the releases that found no room before, as far as their rings have room.
     pub(super) fn flush_releases(&self) {
         if self.releases_pending.borrow().is_empty() {
             return;
@@ -330,7 +378,7 @@ impl<D: Device + 'static> Port<D> {
         let pending = std::mem::take(&mut *self.releases_pending.borrow_mut());
         let mut left = Vec::new();
         for (to, token) in pending {
-            if !left.is_empty() || !self.try_push_release(to, token) {
+            if !self.try_push_release(to, token) {
                 left.push((to, token));
             }
         }
