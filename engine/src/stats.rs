@@ -58,6 +58,7 @@ impl EngineStats {
             sum.session_waits += c.session_waits;
             sum.prefetch_reads += c.prefetch_reads;
             sum.prefetch_skipped += c.prefetch_skipped;
+            sum.zero_fills += c.zero_fills;
             sum.pinned += c.pinned;
             sum.dirty += c.dirty;
             sum.orphaned += c.orphaned;

@@ -65,8 +65,9 @@ struct Args {
     /// Cache bytes of the whole server, split over the shards (suffixes K, M, G).
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     cache_bytes: u64,
-    /// Durability, as Redis's appendfsync: `always` answers writes after a barrier covering
-    /// them, `everysec` runs a barrier every second, `no` leaves it to eviction and shutdown.
+    /// Durability, as Redis's appendfsync: `always` answers writes after their shard's log
+    /// commit covering them (group commit), `everysec` commits each shard's log every second,
+    /// `no` leaves the log to its write-behind and the checkpoints.
     #[arg(long, value_enum, default_value_t = Fsync::Everysec)]
     fsync: Fsync,
     /// Most client connections (split over the shards).
@@ -125,10 +126,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Creates the data file at `size` bytes of zeroes if it does not exist.
-fn create_if_absent(path: &Path, size: u64) -> Result<(), String> {
+/// Creates the data file at `size` bytes of zeroes if it does not exist; true if it did.
+fn create_if_absent(path: &Path, size: u64) -> Result<bool, String> {
     if path.exists() {
-        return Ok(());
+        return Ok(false);
     }
     if size < 2 * RANGE_BLOCKS * BLOCK_SIZE as u64 || !size.is_multiple_of(BLOCK_SIZE as u64) {
         return Err(format!(
@@ -149,7 +150,8 @@ fn create_if_absent(path: &Path, size: u64) -> Result<(), String> {
         file.write_all(&zeroes[..n]).map_err(|e| format!("write {}: {e}", path.display()))?;
         left -= n as u64;
     }
-    file.sync_all().map_err(|e| format!("sync {}: {e}", path.display()))
+    file.sync_all().map_err(|e| format!("sync {}: {e}", path.display()))?;
+    Ok(true)
 }
 
 fn read_block(file: &File, block: u64) -> Result<Vec<u8>, String> {
@@ -294,7 +296,7 @@ fn run(args: Args) -> Result<(), String> {
         cluster::install(layout)?;
     }
     probe_port(&args.bind, args.port)?;
-    create_if_absent(&args.path, args.size)?;
+    let created = create_if_absent(&args.path, args.size)?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -342,6 +344,18 @@ fn run(args: Args) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
     let serving = (|| -> Result<signal_hook::iterator::Handle, String> {
+        if created {
+            // Every block past the two superblock copies (written around the engine) still
+            // holds the zeroes just written: the first touch of a bucket needs no read.
+            let blocks = sb.device_blocks;
+            for s in 0..shards {
+                futures_lite::future::block_on(client.run_on(s, move |shard| async move {
+                    shard.partition().assume_zeroed(2, blocks - 2)
+                }))
+                .map_err(|e| format!("start shard {s}: {e}"))?
+                .map_err(|e| format!("start shard {s}: {e}"))?;
+            }
+        }
         for s in 0..shards {
             let (geo, stop_tx) = (Arc::clone(&geo), stop_tx.clone());
             futures_lite::future::block_on(client.run_on(s, move |shard| async move {

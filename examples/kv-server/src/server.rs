@@ -1620,11 +1620,12 @@ async fn info(kv: &Rc<KvShard>, section: Option<&str>) -> String {
         let _ = write!(
             s,
             "# Cache\r\ncache_frames:{}\r\ncache_hits:{hits}\r\ncache_misses:{misses}\r\n\
-             cache_hit_ratio:{ratio:.4}\r\ncache_evictions:{}\r\ncache_writebacks:{}\r\n\
-             cache_dirty:{}\r\ndevice_reads:{}\r\ndevice_writes:{}\r\ndevice_flushes:{}\r\n\
+             cache_hit_ratio:{ratio:.4}\r\ncache_zero_fills:{}\r\ncache_evictions:{}\r\n\
+             cache_writebacks:{}\r\ncache_dirty:{}\r\ndevice_reads:{}\r\ndevice_writes:{}\r\ndevice_flushes:{}\r\n\
              device_bytes_read:{}\r\ndevice_bytes_written:{}\r\nmessages_sent:{}\r\n\
              messages_received:{}\r\n",
             sum(|p| p.frames),
+            sum(|p| p.zero_fills),
             sum(|p| p.evictions),
             sum(|p| p.writebacks),
             sum(|p| p.dirty),

@@ -41,11 +41,12 @@ type Sess = Session<DmaDevice>;
 /// The durability policy (Redis's `appendfsync`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fsync {
-    /// A write is answered only after a barrier covering it completed (group commit).
+    /// A write is answered only after its shard's log commit covering it (one write and one
+    /// `fdatasync` of the log for every record appended since the previous commit).
     Always,
-    /// A barrier runs every second when anything was written.
+    /// Each shard commits its log every second when anything was appended.
     Everysec,
-    /// No periodic barrier: eviction and shutdown write the data.
+    /// No periodic commit: the log's write-behind and the checkpoints write the records.
     No,
 }
 
@@ -572,6 +573,8 @@ pub struct InfoPart {
     pub cache_hits: u64,
     /// Cache misses.
     pub cache_misses: u64,
+    /// Misses of never-written blocks of a new data file, zeroed instead of read.
+    pub zero_fills: u64,
     /// Evictions.
     pub evictions: u64,
     /// Write-backs.
@@ -2365,6 +2368,7 @@ impl KvShard {
             shard: self.shard.id(),
             cache_hits: s.cache.hits,
             cache_misses: s.cache.misses,
+            zero_fills: s.cache.zero_fills,
             evictions: s.cache.evictions,
             writebacks: s.cache.writebacks,
             frames: s.cache.frames,

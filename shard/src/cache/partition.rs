@@ -269,6 +269,20 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
         Some(Session { inner: Rc::clone(inner), held: Cell::new(0) })
     }
 
+    /// Declares that the device reads as zeroes in `block..block + count` until this
+    /// partition writes there (a file just created full of zeroes, say): a miss on such a
+    /// block, or a prefetch of it, zeroes the frame instead of reading the device, until the
+    /// block is first marked dirty (counted in [`CacheStats::zero_fills`]). Nothing else may
+    /// write those blocks meanwhile. Replaces an earlier declaration; blocks dirty or being
+    /// written now are left out. Costs a bit of memory per block of the range.
+    ///
+    /// [`CacheStats::zero_fills`]: super::CacheStats::zero_fills
+    pub fn assume_zeroed(&self, block: u64, count: u64) -> Result<()> {
+        self.inner.check_range(block, count)?;
+        self.inner.table.borrow_mut().assume_zeroed(block, block + count);
+        Ok(())
+    }
+
     /// Starts reads of the uncached blocks of `block..block + count` and returns at once.
     /// It never waits, never pins, never evicts pinned or dirty data, and skips blocks when
     /// no clean frame or request buffer is free. Returns how many reads it started.
@@ -481,18 +495,24 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         block: u64,
     ) -> Result<()> {
         let frame = guard.frame;
-        // Nobody else borrows a READING frame's bytes: `get` and `read` do not hand it out
-        // until it is VALID, and eviction, forget and release_move skip it. The device reads
-        // straight into the frame; if this future is dropped first, the guard makes the frame
-        // an orphan until the device gives it back.
-        let target =
-            self.arena.lend(frame, &self.changes).expect("a READING frame is not borrowed");
-        if let Err(e) = self.queue.read_in_place(block, target).await {
-            self.table.borrow_mut().stats_mut().read_errors += 1;
-            return Err(e);
+        let zero = self.table.borrow_mut().take_zero_fill(block);
+        if !zero {
+            // Nobody else borrows a READING frame's bytes: `get` and `read` do not hand it out
+            // until it is VALID, and eviction, forget and release_move skip it. The device
+            // reads straight into the frame; if this future is dropped first, the guard makes
+            // the frame an orphan until the device gives it back.
+            let target =
+                self.arena.lend(frame, &self.changes).expect("a READING frame is not borrowed");
+            if let Err(e) = self.queue.read_in_place(block, target).await {
+                self.table.borrow_mut().stats_mut().read_errors += 1;
+                return Err(e);
+            }
         }
-        // The device ended the loan with the read.
+        // The device ended the loan with the read (or there was none).
         let mut data = self.arena.try_borrow_mut(frame).expect("a READING frame is not borrowed");
+        if zero {
+            data.fill(0);
+        }
         if let Some(check) = &self.hooks.on_read {
             if let Err(e) = check(block, &data) {
                 self.table.borrow_mut().stats_mut().read_errors += 1;

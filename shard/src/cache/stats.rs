@@ -8,6 +8,10 @@ pub struct CacheStats {
     pub hits: u64,
     /// `read` calls that went to the device.
     pub misses: u64,
+    /// Misses (and prefetches) of blocks the partition knows read as zeroes
+    /// ([`Partition::assume_zeroed`](super::Partition::assume_zeroed)): the frame was zeroed
+    /// instead of read.
+    pub zero_fills: u64,
     /// `read` calls that joined a device read already in flight (single flight).
     pub joins: u64,
     /// `new` calls that installed a fresh buffer.

@@ -71,6 +71,35 @@ pub(crate) struct Table {
     writing_count: usize,
     pinned_frames: usize,
     stats: CacheStats,
+    /// Blocks the device reads as zeroes until this partition writes them (set by
+    /// `Partition::assume_zeroed`, cleared block by block when a buffer is first dirtied).
+    known_zero: Option<KnownZero>,
+}
+
+/// A bit per block of `first..first + 64 * bits.len()`: set while the block is known to read
+/// as zeroes.
+#[derive(Debug)]
+struct KnownZero {
+    first: u64,
+    end: u64,
+    bits: Vec<u64>,
+}
+
+impl KnownZero {
+    fn contains(&self, block: u64) -> bool {
+        if block < self.first || block >= self.end {
+            return false;
+        }
+        let i = block - self.first;
+        self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn clear(&mut self, block: u64) {
+        if block >= self.first && block < self.end {
+            let i = block - self.first;
+            self.bits[(i / 64) as usize] &= !(1 << (i % 64));
+        }
+    }
 }
 
 impl Table {
@@ -103,7 +132,32 @@ impl Table {
             writing_count: 0,
             pinned_frames: 0,
             stats: CacheStats::default(),
+            known_zero: None,
         })
+    }
+
+    /// Records that blocks `first..end` read as zeroes until written (replacing any earlier
+    /// such range), except those already dirty or being written here.
+    pub(crate) fn assume_zeroed(&mut self, first: u64, end: u64) {
+        let len = end.saturating_sub(first);
+        let mut zero =
+            KnownZero { first, end: first + len, bits: vec![!0u64; len.div_ceil(64) as usize] };
+        for frame in 0..self.hot.len() as u32 {
+            let h = &self.hot[frame as usize];
+            if h.has(flag::DIRTY | flag::WRITING) {
+                zero.clear(h.block());
+            }
+        }
+        self.known_zero = Some(zero);
+    }
+
+    /// Whether `block` is known to read as zeroes (counted as a zero fill if so).
+    pub(crate) fn take_zero_fill(&mut self, block: u64) -> bool {
+        let zero = self.known_zero.as_ref().is_some_and(|z| z.contains(block));
+        if zero {
+            self.stats.zero_fills += 1;
+        }
+        zero
     }
 
     /// Bytes of metadata per frame: the hot and cold records, the dirty list, the policy's
@@ -378,6 +432,10 @@ impl Table {
 
     /// Records a modification of `start..end` (byte offsets in the block).
     pub(crate) fn mark_dirty(&mut self, frame: u32, start: usize, end: usize) {
+        if let Some(zero) = &mut self.known_zero {
+            // From now on the device may hold this frame's bytes for the block.
+            zero.clear(self.hot[frame as usize].block());
+        }
         let seq = self.dirty_seq;
         self.dirty_seq += 1;
         let h = &self.hot[frame as usize];
