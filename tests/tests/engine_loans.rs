@@ -229,14 +229,22 @@ fn loans_of_reads_dropped_unpolled_all_end() {
     });
 }
 
-fn threaded(path: &std::path::Path, shards: usize, cache: u64) -> Engine {
-    Engine::builder()
-        .path(path)
+/// A threaded engine of `shards` shards and `cache` bytes over a new data file (kept alive by
+/// the returned directory), and a block of shard 1's, read once so that it is in its cache.
+fn threaded_with_cached_block(shards: usize, cache: u64) -> (tempfile::TempDir, Engine, u64) {
+    let dir = scratch_dir();
+    let path = data_file(dir.path(), BLOCKS, BS);
+    let engine = Engine::builder()
+        .path(&path)
         .shards(shards)
         .range_blocks(4)
         .cache_size_bytes(cache)
         .build()
-        .expect("an engine")
+        .expect("an engine");
+    let client = engine.client();
+    let block = (0..BLOCKS).find(|&b| client.owner_of(b) == 1).expect("a block of shard 1");
+    client.read_blocking(block).expect("a warming read");
+    (dir, engine, block)
 }
 
 /// A `Borrow` that a requester pushed just before it died is served by the owner after the
@@ -245,12 +253,8 @@ fn threaded(path: &std::path::Path, shards: usize, cache: u64) -> Engine {
 /// owner's poller never exits (`may_exit` wants `loans.count() == 0`), so shutdown hangs.
 #[test]
 fn a_borrow_from_a_shard_that_died_does_not_hang_shutdown() {
-    let dir = scratch_dir();
-    let path = data_file(dir.path(), BLOCKS, BS);
-    let engine = threaded(&path, 2, 2 * 64 * BS as u64);
+    let (_dir, engine, block) = threaded_with_cached_block(2, 2 * 64 * BS as u64);
     let client = engine.client();
-    let block = (0..BLOCKS).find(|&b| client.owner_of(b) == 1).expect("a block of shard 1");
-    client.read_blocking(block).expect("a warming read");
     let (started_tx, started_rx) = mpsc::channel();
     let blocker = {
         let client = client.clone();
@@ -285,12 +289,8 @@ fn a_borrow_from_a_shard_that_died_does_not_hang_shutdown() {
 /// loan, and the bytes change under its reader.
 #[test]
 fn a_release_from_a_shard_that_died_does_not_end_another_shards_loan() {
-    let dir = scratch_dir();
-    let path = data_file(dir.path(), BLOCKS, BS);
-    let engine = threaded(&path, 3, 3 * 64 * BS as u64);
+    let (_dir, engine, block) = threaded_with_cached_block(3, 3 * 64 * BS as u64);
     let client = engine.client();
-    let block = (0..BLOCKS).find(|&b| client.owner_of(b) == 1).expect("a block of shard 1");
-    client.read_blocking(block).expect("a warming read");
 
     // Shard 2 reads the block by loan (token 0) and, inside its reader, waits to die.
     let (inside2_tx, inside2_rx) = mpsc::channel();
@@ -389,15 +389,11 @@ fn threads_named(name: &str) -> std::collections::HashSet<std::ffi::OsString> {
 /// `panicking()` is false: the loans drop, the arena is freed under the reader.
 #[test]
 fn an_owner_that_dies_does_not_free_the_frame_a_remote_reader_reads() {
-    let dir = scratch_dir();
-    let path = data_file(dir.path(), BLOCKS, BS);
-    // 8 MiB per shard: the arena is its own mapping, so a free unmaps it.
     let earlier = threads_named("corebuf-shard-1");
-    let engine = threaded(&path, 2, 2 * (8 << 20));
+    // 8 MiB per shard: the arena is its own mapping, so a free unmaps it.
+    let (_dir, engine, block) = threaded_with_cached_block(2, 2 * (8 << 20));
     let shard_thread_alive = |name: &str| !threads_named(name).is_subset(&earlier);
     let client = engine.client();
-    let block = (0..BLOCKS).find(|&b| client.owner_of(b) == 1).expect("a block of shard 1");
-    client.read_blocking(block).expect("a warming read");
     let (inside_tx, inside_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let reader = {
