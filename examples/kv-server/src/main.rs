@@ -344,7 +344,10 @@ fn run(args: Args) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
     let serving = (|| -> Result<signal_hook::iterator::Handle, String> {
-        if created {
+        // The declaration costs each shard a bit per block of the file: only while that stays
+        // within 1/64 of its share of the cache (a file of up to 512 times that share).
+        let bitmap_bytes = sb.device_blocks / 8;
+        if created && bitmap_bytes <= args.cache_bytes / shards as u64 / 64 {
             // Every block past the two superblock copies (written around the engine) still
             // holds the zeroes just written: the first touch of a bucket needs no read.
             let blocks = sb.device_blocks;
