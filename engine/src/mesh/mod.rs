@@ -32,11 +32,13 @@
 //!    pointer into the owner's frame, not a copy: the owner keeps the buffer pinned and
 //!    shared-borrowed (a [`Lent`](corebuf_shard::cache::Lent), so nothing changes the bytes)
 //!    until the requester's `Release` message arrives. The requester reads the bytes between
-//!    the reply's pop (Acquire) and the release's push (Release), and sends the release on
+//!    the reply's pop (Acquire) and the release's push (Release), and releases the loan on
 //!    every path that ends the read: the result taken, the future dropped, the slot
-//!    abandoned. A release expects no reply and, like a prefetch, enters the ring only while
-//!    it has room beyond `credits` (else it waits in the requester, whose poller then does
-//!    not sleep, for the next turn), so it never takes a credited request's room. A lent reply
+//!    abandoned. A release rides on the requester's next request to the owner (the request's
+//!    `release` field, ended before its op is served), or else goes alone at the requester's
+//!    next poller turn (whose poller does not sleep while releases wait): a `Release` message
+//!    that expects no reply and, like a prefetch, enters the ring only while it has room
+//!    beyond `credits`, so it never takes a credited request's room. A lent reply
 //!    still unclaimed at the requester's next poller turn (a future polled once and kept) is
 //!    copied into its slot's buffer and released, so no idle future holds the owner's block.
 //!    Neither side's poller exits while a loan of its is open, so every release is delivered;
@@ -141,11 +143,15 @@ unsafe impl Send for LentPtr {}
 struct Request<D: Device + 'static> {
     /// The requester's pending slot, or [`NO_SLOT`] when no reply is expected.
     slot: u32,
+    /// A loan of the receiving shard's that the requester is done with, ended before `op` is
+    /// served, or [`NO_LOAN`]: a release rides on the next request to its owner (invariant 5).
+    release: u32,
     op: Op<D>,
     buf: BufPtr,
 }
 
 const NO_SLOT: u32 = u32::MAX;
+const NO_LOAN: u32 = u32::MAX;
 
 /// A reply on a shard-to-shard ring.
 ///

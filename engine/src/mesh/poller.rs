@@ -10,7 +10,7 @@ use corebuf_shard::io::Device;
 
 use super::client::ClientRequest;
 use super::port::SlotState;
-use super::{BufPtr, LentPtr, Op, Payload, Port, Reply, Request, NO_SLOT};
+use super::{BufPtr, LentPtr, Op, Payload, Port, Reply, Request, NO_LOAN, NO_SLOT};
 use crate::shard::Shard;
 use crate::Result;
 
@@ -287,7 +287,10 @@ impl<D: Device + 'static> Shard<D> {
     /// Serves one request from shard `from`; true if it was answered inline (its reply is
     /// pushed, the doorbell not yet rung).
     fn handle_request(self: &Rc<Self>, from: usize, request: Request<D>) -> bool {
-        let Request { slot, op, buf } = request;
+        let Request { slot, release, op, buf } = request;
+        if release != NO_LOAN && !self.port().mesh.is_dead(from) {
+            self.port().loans.borrow_mut().end(release, from);
+        }
         match op {
             // A dead peer's loans are ended by `notice_deaths` (now or at its next look: `dead`
             // is set before `dead_count` grows), and it reads nothing any more: its late

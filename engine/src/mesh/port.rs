@@ -10,7 +10,7 @@ use corebuf_shard::io::Device;
 use corebuf_shard::rng::SimRng;
 use corebuf_shard::WaitList;
 
-use super::{BufPtr, Mesh, Op, Payload, Request, NO_SLOT};
+use super::{BufPtr, Mesh, Op, Payload, Request, NO_LOAN, NO_SLOT};
 use crate::{Error, Result};
 
 /// A request this shard sent and whose reply it has not consumed.
@@ -345,10 +345,20 @@ impl<D: Device + 'static> Port<D> {
     /// has room beyond the credits, else at the poller's next turn.
     pub(super) fn release(&self, to: usize, token: u32) {
         self.borrowed.set(self.borrowed.get() - 1);
-        if !self.releases_pending.borrow().is_empty() || !self.try_push_release(to, token) {
-            self.releases_pending.borrow_mut().push((to, token));
-            // Only this shard's poller sends pending releases: it must not sleep on them.
+        self.releases_pending.borrow_mut().push((to, token));
+        // Only this shard's poller sends pending releases (or a request to `to` takes it): it
+        // must not sleep on them.
+        if self.mesh.doorbells[self.id].sleeping.load(Ordering::Relaxed) {
             self.mesh.doorbells[self.id].ring();
+        }
+    }
+
+    /// Takes a pending release for shard `to`, if any, to ride on a request.
+    fn take_release_for(&self, to: usize) -> u32 {
+        let mut pending = self.releases_pending.borrow_mut();
+        match pending.iter().rposition(|&(peer, _)| peer == to) {
+            Some(i) => pending.swap_remove(i).1,
+            None => NO_LOAN,
         }
     }
 
@@ -362,7 +372,8 @@ impl<D: Device + 'static> Port<D> {
             return false;
         }
         let op = Op::Release { token };
-        let release = Request { slot: NO_SLOT, op, buf: BufPtr(std::ptr::null_mut()) };
+        let buf = BufPtr(std::ptr::null_mut());
+        let release = Request { slot: NO_SLOT, release: NO_LOAN, op, buf };
         if ring.push(release).is_err() {
             return false;
         }
@@ -394,7 +405,14 @@ impl<D: Device + 'static> Port<D> {
         if self.mesh.closing.load(Ordering::Relaxed) {
             return Err(Error::ShutDown);
         }
-        if self.mesh.requests[pair].push(request).is_err() {
+        let mut request = request;
+        if !self.releases_pending.borrow().is_empty() {
+            request.release = self.take_release_for(to);
+        }
+        if let Err(request) = self.mesh.requests[pair].push(request) {
+            if request.release != NO_LOAN {
+                self.releases_pending.borrow_mut().push((to, request.release));
+            }
             return Ok(false);
         }
         self.counters.sent.set(self.counters.sent.get() + 1);
@@ -455,7 +473,7 @@ impl<D: Device + 'static> Port<D> {
             fill(&mut slots[slot as usize].buf);
             BufPtr(slots[slot as usize].buf.as_mut_ptr())
         };
-        match self.push(to, Request { slot, op, buf }) {
+        match self.push(to, Request { slot, release: NO_LOAN, op, buf }) {
             Ok(true) => {}
             Ok(false) => unreachable!("a credited request always has room (invariant 1)"),
             Err(e) => {
@@ -500,6 +518,7 @@ impl<D: Device + 'static> Port<D> {
             return Ok(()); // skipped under pressure, as prefetch may
         }
         let op = Op::Prefetch { block, count };
-        self.push(to, Request { slot: NO_SLOT, op, buf: BufPtr(std::ptr::null_mut()) }).map(|_| ())
+        let buf = BufPtr(std::ptr::null_mut());
+        self.push(to, Request { slot: NO_SLOT, release: NO_LOAN, op, buf }).map(|_| ())
     }
 }
