@@ -140,6 +140,8 @@ impl<D: Device + 'static> Mesh<D> {
 
     /// A client's prefetch: sent if shard `to`'s ingress has room now, else skipped.
     pub(crate) fn client_prefetch(&self, to: usize, block: u64, count: u64) -> Result<()> {
+        // A longer span is cut short, as prefetch may skip.
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
         match self.ingress[to].push(ClientRequest { op: Op::Prefetch { block, count }, call: None })
         {
             Ok(()) => {

@@ -90,8 +90,9 @@ pub(crate) enum Op<D: Device + 'static> {
     Release { token: u32 },
     /// Copy the request's buffer into `block` (a whole-block write, dirty in cache).
     Write { block: u64 },
-    /// Start reads of `block..block + count`; no reply.
-    Prefetch { block: u64, count: u64 },
+    /// Start reads of `block..block + count`; no reply. (`count` is 32 bits, and `Run` boxes
+    /// its closure's box, so that a request is 32 bytes: two to a cache line.)
+    Prefetch { block: u64, count: u32 },
     /// The first phase of the global barrier: write back this shard's dirty buffers.
     WriteBack,
     /// A whole global barrier, coordinated by the receiving shard.
@@ -99,7 +100,7 @@ pub(crate) enum Op<D: Device + 'static> {
     /// The shard's statistics.
     Stats,
     /// Run a closure on the shard.
-    Run(Job<D>),
+    Run(Box<Job<D>>),
 }
 
 impl<D: Device + 'static> Op<D> {
@@ -118,7 +119,8 @@ pub(crate) enum Payload {
         token: u32,
     },
     Stats(Box<ShardStats>),
-    Run(Answer),
+    /// Boxed once more, so that a reply is 24 bytes.
+    Run(Box<Answer>),
 }
 
 /// The requester's slot buffer, block-sized (invariant 2 keeps it alive and unshared).
@@ -297,20 +299,25 @@ impl<D: Device + 'static> Mesh<D> {
 }
 
 /// Boxes a closure into a [`Job`] whose answer is its result.
-pub(crate) fn job_box<T, F, Fut, D>(job: F) -> Job<D>
+pub(crate) fn job_box<T, F, Fut, D>(job: F) -> Box<Job<D>>
 where
     T: Send + 'static,
     F: FnOnce(Rc<Shard<D>>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
     D: Device + 'static,
 {
-    Box::new(move |shard| Box::pin(async move { Box::new(job(shard).await) as Answer }))
+    Box::new(Box::new(move |shard| {
+        Box::pin(async move { Box::new(job(shard).await) as Answer })
+            as Pin<Box<dyn Future<Output = Answer>>>
+    }))
 }
 
 /// The result of a job, unboxed.
 pub(crate) fn job_answer<T: 'static>(payload: Payload) -> T {
     match payload {
-        Payload::Run(answer) => *answer.downcast::<T>().expect("a job answers with its own type"),
+        Payload::Run(answer) => {
+            *(*answer).downcast::<T>().expect("a job answers with its own type")
+        }
         _ => unreachable!("a Run request is answered with Payload::Run"),
     }
 }
@@ -322,3 +329,8 @@ pub(crate) fn stats_answer(payload: Payload) -> ShardStats {
         _ => unreachable!("a Stats request is answered with Payload::Stats"),
     }
 }
+
+// Ring slots are what crosses between cores: two requests or almost three replies to a
+// 64-byte cache line.
+const _: () = assert!(std::mem::size_of::<Request<corebuf_shard::io::DmaDevice>>() == 32);
+const _: () = assert!(std::mem::size_of::<Reply>() == 24);

@@ -402,7 +402,7 @@ impl<D: Device + 'static> Shard<D> {
                 Some(Ok(Payload::Done))
             }
             Op::Prefetch { block, count } => {
-                let _ = self.partition().prefetch(*block, *count);
+                let _ = self.partition().prefetch(*block, u64::from(*count));
                 Some(Ok(Payload::Done))
             }
             Op::Stats => Some(Ok(Payload::Stats(Box::new(self.stats())))),
@@ -423,13 +423,13 @@ impl<D: Device + 'static> Shard<D> {
                 Ok(Payload::Done)
             }
             Op::Prefetch { block, count } => {
-                let _ = self.partition().prefetch(block, count);
+                let _ = self.partition().prefetch(block, u64::from(count));
                 Ok(Payload::Done)
             }
             Op::WriteBack => self.partition().write_back_dirty().await.map(|()| Payload::Done),
             Op::Barrier => self.flush().await.map(|()| Payload::Done),
             Op::Stats => Ok(Payload::Stats(Box::new(self.stats()))),
-            Op::Run(job) => Ok(Payload::Run(job(Rc::clone(self)).await)),
+            Op::Run(job) => Ok(Payload::Run(Box::new((*job)(Rc::clone(self)).await))),
         }
     }
 }

@@ -517,7 +517,8 @@ impl<D: Device + 'static> Port<D> {
         if ring.len() + self.mesh.config.credits >= ring.capacity() {
             return Ok(()); // skipped under pressure, as prefetch may
         }
-        let op = Op::Prefetch { block, count };
+        // A longer span is cut short, as prefetch may skip.
+        let op = Op::Prefetch { block, count: u32::try_from(count).unwrap_or(u32::MAX) };
         let buf = BufPtr(std::ptr::null_mut());
         self.push(to, Request { slot: NO_SLOT, release: NO_LOAN, op, buf }).map(|_| ())
     }
