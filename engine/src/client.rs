@@ -69,7 +69,8 @@ impl<D: Device + 'static> Client<D> {
     pub async fn read(&self, block: u64) -> Result<Vec<u8>> {
         check_span(block, 1, self.device_blocks)?;
         let owner = self.owner_of(block);
-        let data = vec![0u8; self.block_size];
+        // Empty: the owner fills it (writing the bytes once, not zeroes first).
+        let data = Vec::with_capacity(self.block_size);
         let (_, data) = self.mesh.client_call(owner, Op::Read { block }, data).await?;
         Ok(data)
     }

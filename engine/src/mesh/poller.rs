@@ -349,10 +349,14 @@ impl<D: Device + 'static> Shard<D> {
             let _ = self.try_inline(&op, || &mut []);
             return;
         };
-        // A read's buffer comes block-sized from `Client::read`; a write's carries the data.
+        // A read's buffer comes empty (with room for a block) from `Client::read`, so that
+        // the client never writes it before the shard does; a write's carries the data.
         let inline = {
             let mut state = responder.call.state.lock().unwrap_or_else(|e| e.into_inner());
-            self.try_inline(&op, || &mut state.data[..])
+            match op {
+                Op::Read { block } => self.read_inline_into(block, &mut state.data),
+                _ => self.try_inline(&op, || &mut state.data[..]),
+            }
         };
         if let Some(result) = inline {
             let port = self.port();
@@ -368,6 +372,9 @@ impl<D: Device + 'static> Shard<D> {
                 let mut state = responder.call.state.lock().unwrap_or_else(|e| e.into_inner());
                 std::mem::take(&mut state.data)
             };
+            if matches!(op, Op::Read { .. }) {
+                data.resize(shard.block_size(), 0);
+            }
             let result = shard.serve_op(op, &mut data).await;
             responder.call.state.lock().unwrap_or_else(|e| e.into_inner()).data = data;
             responder.answer(result);
@@ -378,6 +385,16 @@ impl<D: Device + 'static> Shard<D> {
             }
         })
         .detach();
+    }
+
+    /// A client's read of `block` served at once if it hits: its bytes appended to `out`
+    /// (which comes empty).
+    fn read_inline_into(&self, block: u64, out: &mut Vec<u8>) -> Option<Result<Payload>> {
+        let buf = self.partition().get(block)?;
+        let data = buf.try_data().ok()?;
+        out.clear();
+        out.extend_from_slice(&data);
+        Some(Ok(Payload::Done))
     }
 
     /// Serves `op` at once if it needs no waiting: a cache hit, a prefetch, stats.
