@@ -42,8 +42,9 @@
 //!    still unclaimed at the requester's next poller turn (a future polled once and kept) is
 //!    copied into its slot's buffer and released, so no idle future holds the owner's block.
 //!    Neither side's poller exits while a loan of its is open, so every release is delivered;
-//!    loans to a dead shard end when the owner notices the death, and its late borrows and
-//!    releases are ignored (a token may have been reused); a shard that dies with loans open,
+//!    loans to a dead shard end when the owner notices the death, its late borrows are
+//!    ignored, and a release ends only a loan to its sender (a dead shard's token may have
+//!    been reused for another's); a shard that dies with loans open,
 //!    or with requests in flight, leaks their memory (its arena, its slot buffers) rather than
 //!    free it under a reader or a writer on another thread.
 

@@ -176,8 +176,8 @@ impl<D: Device + 'static> Shard<D> {
         loop {
             let served = self.serve_turn();
             if served > 0 || !port.releases_pending.borrow().is_empty() {
-                // Releases still waiting for ring room count as work: the owner must run (and
-                // drain its rings) before they can go, so yield rather than loop or sleep.
+                // Releases not sent yet count as work: the next turn sends them (or, if their
+                // ring is full, the owner must drain it first), so yield rather than sleep.
                 idle_since = None;
                 self.yield_turn().await;
                 continue;
@@ -288,16 +288,15 @@ impl<D: Device + 'static> Shard<D> {
     /// pushed, the doorbell not yet rung).
     fn handle_request(self: &Rc<Self>, from: usize, request: Request<D>) -> bool {
         let Request { slot, release, op, buf } = request;
-        if release != NO_LOAN && !self.port().mesh.is_dead(from) {
+        // `Loans::end` ends only a loan to `from`: a late release from a shard that died (whose
+        // loans `notice_deaths` ended, and whose tokens may be reused) ends nothing.
+        if release != NO_LOAN {
             self.port().loans.borrow_mut().end(release, from);
         }
         match op {
-            // A dead peer's loans are ended by `notice_deaths` (now or at its next look: `dead`
-            // is set before `dead_count` grows), and it reads nothing any more: its late
-            // releases must not end a reused token, nor its late borrows open a loan.
-            Op::Release { .. } | Op::Borrow { .. } if self.port().mesh.is_dead(from) => {
-                return false;
-            }
+            // A dead peer reads nothing any more, and `notice_deaths` has ended (or at its next
+            // look ends: `dead` is set before `dead_count` grows) its loans: open no new one.
+            Op::Borrow { .. } if self.port().mesh.is_dead(from) => return false,
             Op::Release { token } => {
                 self.port().loans.borrow_mut().end(token, from);
                 return false;

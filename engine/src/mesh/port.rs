@@ -135,7 +135,8 @@ pub(crate) struct Port<D: Device + 'static> {
     pub(super) loans: RefCell<Loans<D>>,
     /// As a requester: lent replies popped whose release is not yet sent or pending.
     pub(super) borrowed: Cell<usize>,
-    /// Releases that found no room in their ring: sent at the poller's next turn.
+    /// Releases not sent yet: each rides on the next request to its owner, or goes alone at
+    /// the poller's next turn that finds room in the ring.
     pub(super) releases_pending: RefCell<Vec<(usize, u32)>>,
     /// Slots that received a lent reply at the poller's last turn: one still unclaimed at the
     /// next turn gets a copy instead, and the loan ends (a future nobody polls must not hold
@@ -341,8 +342,8 @@ impl<D: Device + 'static> Port<D> {
         }
     }
 
-    /// Ends a loan from shard `to` (invariant 5): sends `Release { token }` now if its ring
-    /// has room beyond the credits, else at the poller's next turn.
+    /// Ends a loan from shard `to` (invariant 5): the release waits in `releases_pending` for
+    /// the next request to `to` or the poller's next turn, whichever comes first.
     pub(super) fn release(&self, to: usize, token: u32) {
         self.borrowed.set(self.borrowed.get() - 1);
         self.releases_pending.borrow_mut().push((to, token));
@@ -367,14 +368,13 @@ impl<D: Device + 'static> Port<D> {
         if self.mesh.is_dead(to) {
             return true;
         }
-        let ring = &self.mesh.requests[self.id * self.mesh.shards + to];
-        if ring.len() + self.mesh.config.credits >= ring.capacity() {
+        if !self.room_beyond_credits(to) {
             return false;
         }
         let op = Op::Release { token };
         let buf = BufPtr(std::ptr::null_mut());
         let release = Request { slot: NO_SLOT, release: NO_LOAN, op, buf };
-        if ring.push(release).is_err() {
+        if self.mesh.requests[self.id * self.mesh.shards + to].push(release).is_err() {
             return false;
         }
         self.doorbell_after_push(to);
@@ -510,11 +510,17 @@ impl<D: Device + 'static> Port<D> {
         }
     }
 
+    /// Whether the ring to shard `to` has room beyond the credits: what a message that
+    /// expects no reply (a prefetch, a release) may take without ever taking a credited
+    /// request's room (invariant 1).
+    fn room_beyond_credits(&self, to: usize) -> bool {
+        let ring = &self.mesh.requests[self.id * self.mesh.shards + to];
+        ring.len() + self.mesh.config.credits < ring.capacity()
+    }
+
     /// Sends a prefetch to shard `to` if its ring has room beyond the credits; never waits.
     pub(crate) fn prefetch(&self, to: usize, block: u64, count: u64) -> Result<()> {
-        let pair = self.id * self.mesh.shards + to;
-        let ring = &self.mesh.requests[pair];
-        if ring.len() + self.mesh.config.credits >= ring.capacity() {
+        if !self.room_beyond_credits(to) {
             return Ok(()); // skipped under pressure, as prefetch may
         }
         // A longer span is cut short, as prefetch may skip.
