@@ -344,26 +344,23 @@ fn run(args: Args) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
     let serving = (|| -> Result<signal_hook::iterator::Handle, String> {
-        // The declaration costs each shard a bit per block of the file: only while that stays
-        // within 1/64 of its share of the cache (a file of up to 512 times that share).
+        // A file created by this run holds zeroes past its two superblock copies (written
+        // around the engine): the first touch of a bucket needs no read. Declaring it costs
+        // each shard a bit per block, so only while that stays within 1/64 of its share of
+        // the cache (a file of up to 512 times that share).
         let bitmap_bytes = sb.device_blocks / 8;
-        if created && bitmap_bytes <= args.cache_bytes / shards as u64 / 64 {
-            // Every block past the two superblock copies (written around the engine) still
-            // holds the zeroes just written: the first touch of a bucket needs no read.
-            let blocks = sb.device_blocks;
-            for s in 0..shards {
-                futures_lite::future::block_on(client.run_on(s, move |shard| async move {
-                    shard.partition().assume_zeroed(2, blocks - 2)
-                }))
-                .map_err(|e| format!("start shard {s}: {e}"))?
-                .map_err(|e| format!("start shard {s}: {e}"))?;
-            }
-        }
+        let zeroed = (created && bitmap_bytes <= args.cache_bytes / shards as u64 / 64)
+            .then_some(sb.device_blocks);
         for s in 0..shards {
             let (geo, stop_tx) = (Arc::clone(&geo), stop_tx.clone());
             futures_lite::future::block_on(client.run_on(s, move |shard| async move {
+                if let Some(blocks) = zeroed {
+                    shard.partition().assume_zeroed(2, blocks - 2)?;
+                }
                 KvShard::install(shard, geo, stop_tx);
+                Ok::<(), corebuf::Error>(())
             }))
+            .map_err(|e| format!("start shard {s}: {e}"))?
             .map_err(|e| format!("start shard {s}: {e}"))?;
         }
         replay_logs(&client, shards)?;
