@@ -10,7 +10,6 @@
 mod common;
 
 use std::cell::Cell;
-use std::path::Path;
 use std::rc::Rc;
 
 use common::{config, device_file, image, run, version_of, yield_times, BLOCK_BYTES};
@@ -35,21 +34,7 @@ struct LateDevice {
 impl Device for LateDevice {
     type Buf = SimBuf;
 
-    fn path(&self) -> &Path {
-        self.sim.path()
-    }
-
-    fn size_bytes(&self) -> u64 {
-        self.sim.size_bytes()
-    }
-
-    fn alignment_bytes(&self) -> u64 {
-        self.sim.alignment_bytes()
-    }
-
-    fn alloc_buf(&self, len: usize) -> SimBuf {
-        self.sim.alloc_buf(len)
-    }
+    common::sim_passthrough!();
 
     async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         self.sim.read_at(offset, dst).await
@@ -76,18 +61,6 @@ impl Device for LateDevice {
             futures_lite::future::yield_now().await;
         }
         Ok(())
-    }
-
-    async fn write_at(&self, offset: u64, buf: &SimBuf) -> Result<()> {
-        self.sim.write_at(offset, buf).await
-    }
-
-    async fn flush(&self) -> Result<()> {
-        self.sim.flush().await
-    }
-
-    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.sim.discard(offset, len).await
     }
 }
 

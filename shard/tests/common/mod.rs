@@ -95,3 +95,45 @@ pub async fn yield_times(times: usize) {
         futures_lite::future::yield_now().await;
     }
 }
+
+/// The `Device` methods of a test wrapper around a `SimDevice` field `sim` that pass through
+/// unchanged: everything but the reads, which the wrapper writes itself. Use inside
+/// `impl Device for Wrapper { type Buf = SimBuf; ... }`.
+#[allow(unused_macros)] // each test crate uses only some helpers
+macro_rules! sim_passthrough {
+    () => {
+        fn path(&self) -> &std::path::Path {
+            self.sim.path()
+        }
+
+        fn size_bytes(&self) -> u64 {
+            self.sim.size_bytes()
+        }
+
+        fn alignment_bytes(&self) -> u64 {
+            self.sim.alignment_bytes()
+        }
+
+        fn alloc_buf(&self, len: usize) -> corebuf_shard::io::SimBuf {
+            self.sim.alloc_buf(len)
+        }
+
+        async fn write_at(
+            &self,
+            offset: u64,
+            buf: &corebuf_shard::io::SimBuf,
+        ) -> corebuf_shard::Result<()> {
+            self.sim.write_at(offset, buf).await
+        }
+
+        async fn flush(&self) -> corebuf_shard::Result<()> {
+            self.sim.flush().await
+        }
+
+        async fn discard(&self, offset: u64, len: u64) -> corebuf_shard::Result<()> {
+            self.sim.discard(offset, len).await
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use sim_passthrough;
