@@ -152,3 +152,47 @@ fn async_read_of_a_cached_block_is_ready_at_its_first_poll() {
         assert_eq!(part.stats().hits, 1);
     });
 }
+
+#[test]
+fn warm_is_only_a_hint_it_reads_pins_and_counts_nothing() {
+    run(async {
+        let (part, sim, open) = partition(16);
+        let session = part.session().await;
+        for b in [2, 5] {
+            drop(session.read(b).await.expect("read"));
+        }
+        // A read in flight: its frame is in the index, its bytes not yet there.
+        open.set(false);
+        let reader = {
+            let part = part.clone();
+            glommio::spawn_local(async move {
+                let session = part.session().await;
+                let buf = session.read(9).await.expect("read");
+                let version = version_of(&buf.data(), 9);
+                version
+            })
+        };
+        yield_times(5).await;
+        let before = part.stats();
+        // Cached, absent, being read, beyond the device, and more than one group of blocks.
+        let blocks: Vec<u64> =
+            [2, 5, 9, 3, BLOCKS + 100, u64::MAX].into_iter().chain(0..BLOCKS).collect();
+        part.warm(&blocks, BLOCK_BYTES);
+        part.warm(&blocks, usize::MAX);
+        part.warm(&[], 64);
+        let after = part.stats();
+        assert_eq!(
+            (after.hits, after.misses, after.pinned),
+            (before.hits, before.misses, before.pinned),
+            "{after:?}"
+        );
+        assert_eq!(sim.counters().reads, 2, "warm reads nothing from the device");
+        assert!(part.get(3).is_none(), "warm caches nothing");
+        assert!(part.get(9).is_none(), "a block being read is still not handed out");
+        let buf = part.get(5).expect("still cached");
+        assert_eq!(version_of(&buf.data(), 5), Some(1));
+        drop(buf);
+        open.set(true);
+        assert_eq!(reader.await, Some(1));
+    });
+}

@@ -301,8 +301,26 @@ async fn commit_writes(kv: &KvShard, out: &mut [OpOut], wrote: &[usize]) {
     }
 }
 
+/// Bytes of a bucket head [`warm_buckets`] asks the CPU for: the header and the first records.
+const WARM_BYTES: usize = 256;
+
+/// Asks the CPU for the cached bucket heads of `ops` before they run one after another, so
+/// that their lookups overlap their waits on memory instead of taking them in turn (a hint:
+/// nothing is read from the device and nothing changes).
+fn warm_buckets(kv: &KvShard, ops: &[Op]) {
+    const GROUP: usize = 16;
+    for group in ops.chunks(GROUP) {
+        let mut heads = [0u64; GROUP];
+        for (head, op) in heads.iter_mut().zip(group) {
+            *head = kv.geo.locate(op.key()).head;
+        }
+        kv.shard.partition().warm(&heads[..group.len()], WARM_BYTES);
+    }
+}
+
 /// Runs operations in order on this shard (their owner).
 pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
+    warm_buckets(&kv, &ops);
     let mut out = Vec::with_capacity(ops.len());
     let mut wrote = Vec::new();
     for op in ops {
@@ -342,6 +360,7 @@ async fn exec_local(
     out: &mut Vec<OpOut>,
     values: &mut Vec<u8>,
 ) {
+    warm_buckets(kv, ops);
     // Empty (no allocation) unless the batch writes.
     let mut wrote = Vec::new();
     for op in ops.drain(..) {

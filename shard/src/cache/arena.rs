@@ -23,6 +23,8 @@ use crate::wait::Changes;
 const FRAME_ALIGNMENT: usize = 4096;
 /// The arena's alignment when it is at least this large: a huge page.
 const HUGE_PAGE_BYTES: usize = 2 << 20;
+/// Bytes per CPU cache line (the step of [`Arena::prefetch`]).
+const CACHE_LINE: usize = 64;
 
 /// `frame_count` frames of `frame_bytes` each.
 ///
@@ -150,6 +152,19 @@ impl Arena {
         assert!((index as usize) < self.hot.len(), "frame index in range");
         // SAFETY: index < frame_count, so the offset stays inside the allocation.
         unsafe { self.base.as_ptr().add(index as usize * self.frame_bytes) }
+    }
+
+    /// Asks the CPU to start loading the first `bytes` of frame `index` (a hint; an index out
+    /// of range is ignored).
+    #[inline]
+    pub(crate) fn prefetch(&self, index: u32, bytes: usize) {
+        if index as usize >= self.hot.len() {
+            return;
+        }
+        let frame = self.frame_ptr(index);
+        for offset in (0..bytes.min(self.frame_bytes)).step_by(CACHE_LINE) {
+            super::prefetch_read(frame.wrapping_add(offset));
+        }
     }
 
     /// A shared view of frame `index`, or `None` while it is mutably borrowed (or borrowed

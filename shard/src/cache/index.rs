@@ -100,6 +100,31 @@ impl FrameIndex {
         }
     }
 
+    /// Asks the CPU to start loading `block`'s home slot (a hint for [`Self::likely_frame`]).
+    #[inline]
+    pub(crate) fn prefetch_home(&self, block: u64) {
+        let (at, _) = self.place(block);
+        super::prefetch_read(&self.slots[at]);
+    }
+
+    /// The frame that probably holds `block`, read from the slots alone: the first slot of its
+    /// probe run whose tag matches (without tags, the first occupied one). No hot record is
+    /// read, so the answer may name another block's frame; it is for hints, never for data.
+    #[inline]
+    pub(crate) fn likely_frame(&self, block: u64) -> Option<u32> {
+        let (mut at, tag) = self.place(block);
+        loop {
+            let slot = self.slots[at];
+            if slot == EMPTY {
+                return None;
+            }
+            if slot & self.tag_mask == tag {
+                return Some(self.frame_of(slot));
+            }
+            at = self.next(at);
+        }
+    }
+
     /// Adds `frame` for `block` (which `hot[frame].block()` already holds, and which is not in
     /// the index).
     pub(crate) fn insert(&mut self, block: u64, frame: u32, hot: &[Hot]) {

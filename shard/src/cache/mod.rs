@@ -24,3 +24,17 @@ pub use config::CacheConfig;
 pub use partition::{Hook, Hooks, Partition, ReadHook};
 pub use session::{AuxMut, BufRef, Lent, Session};
 pub use stats::CacheStats;
+
+/// Asks the CPU to start loading the cache line at `p` (a hint: it never faults and changes
+/// nothing; a no-op on architectures without a prefetch instruction here).
+#[inline(always)]
+pub(crate) fn prefetch_read<T>(p: *const T) {
+    // SAFETY: SSE is part of x86_64's baseline, and a prefetch reads no memory the program
+    // sees: it never faults, whatever the address.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}

@@ -188,6 +188,21 @@ impl Table {
         }
     }
 
+    /// Hints for [`super::Partition::warm`]: starts loading `block`'s index slot.
+    #[inline]
+    pub(crate) fn prefetch_index(&self, block: u64) {
+        self.index.prefetch_home(block);
+    }
+
+    /// Hints for [`super::Partition::warm`]: the frame that probably holds `block` (from the
+    /// index slots alone, so possibly another block's), its hot record asked of the CPU.
+    #[inline]
+    pub(crate) fn prefetch_likely_frame(&self, block: u64) -> Option<u32> {
+        let frame = self.index.likely_frame(block)?;
+        super::prefetch_read(self.hot.get(frame as usize)?);
+        Some(frame)
+    }
+
     /// The hit path: if `block` is cached with its data, pins it, records the hit and returns
     /// its frame. One index probe and one hot record; `None` if absent or still being read.
     #[inline]
