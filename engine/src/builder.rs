@@ -46,6 +46,8 @@ pub struct EngineBuilder {
     pub(crate) log_size_bytes: u64,
     pub(crate) log_path: Option<PathBuf>,
     pub(crate) read_check: Option<ReadCheck>,
+    pub(crate) dirty_high_percent: u8,
+    pub(crate) dirty_low_percent: u8,
 }
 
 /// The function of [`EngineBuilder::check_on_read`].
@@ -83,6 +85,8 @@ impl Default for EngineBuilder {
             log_size_bytes: 0,
             log_path: None,
             read_check: None,
+            dirty_high_percent: CacheConfig::default().dirty_high_percent,
+            dirty_low_percent: CacheConfig::default().dirty_low_percent,
         }
     }
 }
@@ -122,6 +126,18 @@ impl EngineBuilder {
     /// Write-backs in flight per shard. Default 32.
     pub fn writebacks_in_flight_max(mut self, max: usize) -> Self {
         self.writebacks_in_flight_max = max;
+        self
+    }
+
+    /// Background write-back: a shard starts writing dirty buffers when more than `high`
+    /// percent of its frames are dirty, and stops when `low` percent are left unwritten.
+    /// Default 50 and 25 (dm-bufio's write-back of a cache that alone holds its changes). A
+    /// server whose log holds every change ([`EngineBuilder::log_size_bytes`]) may set them
+    /// high: its buffers then reach the device at checkpoints and evictions rather than in
+    /// the middle of its log commits, whose flushes wait for every write in flight.
+    pub fn dirty_percent(mut self, high: u8, low: u8) -> Self {
+        self.dirty_high_percent = high;
+        self.dirty_low_percent = low;
         self
     }
 
@@ -267,7 +283,8 @@ impl EngineBuilder {
         CacheConfig {
             cache_size_bytes: self.cache_size_bytes / self.shard_count().max(1) as u64,
             pins_per_session_max: self.pins_per_session_max,
-            ..CacheConfig::default()
+            dirty_high_percent: self.dirty_high_percent,
+            dirty_low_percent: self.dirty_low_percent,
         }
     }
 
@@ -297,6 +314,15 @@ impl EngineBuilder {
         }
         if !(1..=1 << 16).contains(&self.ring_credits) {
             return Err(Error::config("ring_capacity", "must be between 1 and 65536"));
+        }
+        if self.dirty_low_percent > self.dirty_high_percent || self.dirty_high_percent > 100 {
+            return Err(Error::config(
+                "dirty_percent",
+                format!(
+                    "high {} and low {}: needs low <= high <= 100",
+                    self.dirty_high_percent, self.dirty_low_percent
+                ),
+            ));
         }
         if self.cache_size_bytes / (shards as u64) < self.block_size_bytes as u64 {
             return Err(Error::config(

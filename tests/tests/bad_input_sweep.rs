@@ -129,6 +129,12 @@ fn builder_rejects_every_out_of_range_setting() {
         "writebacks_in_flight_max",
     );
     expect_config("zero io depth", build("io depth", good().io_depth_max(0)), "io_depth_max");
+    expect_config("dirty 101 %", build("dirty", good().dirty_percent(101, 0)), "dirty_percent");
+    expect_config(
+        "dirty low > high",
+        build("dirty", good().dirty_percent(10, 20)),
+        "dirty_percent",
+    );
     // A cache of more than 2^32 - 1 frames.
     let absurd_cache = good().block_size_bytes(512).cache_size_bytes(u64::MAX);
     expect_config("u64::MAX cache", build("absurd cache", absurd_cache), "cache_size_bytes");

@@ -85,6 +85,15 @@ struct Args {
     /// `spin_before_park`): cross-shard messages to a parked shard wait for a thread wake-up.
     #[arg(long, default_value_t = 0)]
     spin_us: u64,
+    /// Background write-back of each shard's cache starts when more than this percentage of
+    /// its buffers is dirty. The log holds every change, so buffers need reach the data file
+    /// only at checkpoints and evictions: write-backs in the middle of the load make each log
+    /// commit's flush wait for them.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(0..=100))]
+    dirty_high_percent: u8,
+    /// ... and stops when this percentage is left unwritten (at most --dirty-high-percent).
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    dirty_low_percent: u8,
     /// Cluster mode: every node of a static Redis Cluster, `HOST:PORT,HOST:PORT,...` (the same
     /// list on each node). The 16384 slots are split evenly over them in this order; this node
     /// is the one at --bind and --port (which must not be 0).
@@ -265,6 +274,12 @@ fn run(args: Args) -> Result<(), String> {
         // Without a log, acknowledged writes would not be durable.
         return Err(format!("--log-size {}: at least 64K", args.log_size));
     }
+    if args.dirty_low_percent > args.dirty_high_percent {
+        return Err(format!(
+            "--dirty-low-percent {} is above --dirty-high-percent {}",
+            args.dirty_low_percent, args.dirty_high_percent
+        ));
+    }
     if !(1024..=format::MAX_VALUE as u32).contains(&args.chunk_bytes) {
         return Err(format!("--chunk-bytes {}: 1024 to {}", args.chunk_bytes, format::MAX_VALUE));
     }
@@ -317,6 +332,7 @@ fn run(args: Args) -> Result<(), String> {
         .shards(shards)
         .log_size_bytes(args.log_size)
         .spin_before_park(Duration::from_micros(args.spin_us))
+        .dirty_percent(args.dirty_high_percent, args.dirty_low_percent)
         .log_path(args.log_path.clone().unwrap_or_else(|| {
             let mut name = args.path.as_os_str().to_owned();
             name.push(".log");

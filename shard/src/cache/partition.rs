@@ -248,12 +248,13 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
     }
 
     /// A hint to the CPU before a batch of lookups: starts loading the index slots of
-    /// `blocks`, then the metadata and the first `bytes` of the frames they are probably
-    /// cached in, so that the lookups that follow find those lines loaded instead of waiting
-    /// on memory one after another (a cache of many frames misses the CPU's caches on every
-    /// probe). It reads no device, pins nothing and changes nothing: the lookups that follow
-    /// still check everything. Blocks are taken 16 at a time (`WARM_GROUP`), so a long slice does
-    /// not ask for more lines than the CPU can fetch at once.
+    /// `blocks`, then the metadata (what a hit reads and what marking dirty writes) and the
+    /// first `bytes` of the frames they are probably cached in, so that the lookups that
+    /// follow find those lines loaded instead of waiting on memory one after another (a cache
+    /// of many frames misses the CPU's caches on every probe). It reads no device, pins
+    /// nothing and changes nothing: the lookups that follow still check everything. Blocks
+    /// are taken 16 at a time (`WARM_GROUP`), so a long slice does not ask for more lines than
+    /// the CPU can fetch at once.
     pub fn warm(&self, blocks: &[u64], bytes: usize) {
         let table = self.inner.table.borrow();
         for group in blocks.chunks(WARM_GROUP) {

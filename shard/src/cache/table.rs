@@ -195,11 +195,13 @@ impl Table {
     }
 
     /// Hints for [`super::Partition::warm`]: the frame that probably holds `block` (from the
-    /// index slots alone, so possibly another block's), its hot record asked of the CPU.
+    /// index slots alone, so possibly another block's), its hot record (read by a hit) and its
+    /// cold one (written by `mark_dirty`) asked of the CPU.
     #[inline]
     pub(crate) fn prefetch_likely_frame(&self, block: u64) -> Option<u32> {
         let frame = self.index.likely_frame(block)?;
         super::prefetch_read(self.hot.get(frame as usize)?);
+        super::prefetch_read(self.cold.get(frame as usize)?);
         Some(frame)
     }
 
