@@ -430,7 +430,10 @@ enum Flow {
 struct Conn {
     kv: Rc<KvShard>,
     stream: TcpStream,
+    /// Bytes read from the socket: `rbuf[..rfill]` (the rest is room, zeroed once when the
+    /// buffer grew, so that a read does not zero its room again every time).
     rbuf: Vec<u8>,
+    rfill: usize,
     wbuf: Vec<u8>,
     ops: Vec<Op>,
     items: Vec<Item>,
@@ -507,6 +510,7 @@ async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
                 kv: Rc::clone(&kv2),
                 stream,
                 rbuf: Vec::new(),
+                rfill: 0,
                 wbuf: Vec::new(),
                 ops: Vec::new(),
                 items: Vec::new(),
@@ -544,18 +548,21 @@ impl Conn {
             }
             // Read straight into the buffer's spare room: more at a time while a long request
             // (a large value) is arriving.
-            let len = self.rbuf.len();
-            self.rbuf.resize(len + READ_CHUNK.max(len.min(READ_LONG_MAX)), 0);
+            let len = self.rfill;
+            let want = len + READ_CHUNK.max(len.min(READ_LONG_MAX));
+            if self.rbuf.len() < want {
+                self.rbuf.resize(want, 0);
+            }
             let kv = Rc::clone(&self.kv);
             let stream = &mut self.stream;
-            let room = &mut self.rbuf[len..];
+            let room = &mut self.rbuf[len..want];
             let read = futures_lite::future::or(async { Some(stream.read(room).await) }, async {
                 kv.stop.wait().await;
                 None
             })
             .await;
             match read {
-                Some(Ok(n)) if n > 0 => self.rbuf.truncate(len + n),
+                Some(Ok(n)) if n > 0 => self.rfill = len + n,
                 // End of stream, an error, or the server stops: a half-read request costs
                 // nothing more than its buffer, dropped here.
                 _ => return,
@@ -565,12 +572,13 @@ impl Conn {
 
     /// Parses and executes every complete command in the read buffer.
     async fn process(&mut self) -> Flow {
-        let rbuf = std::mem::take(&mut self.rbuf);
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        let fill = self.rfill;
         let mut args = std::mem::take(&mut self.args);
         let mut pos = 0;
         let mut flow = Flow::Continue;
-        while pos < rbuf.len() {
-            match resp::parse_into(&rbuf[pos..], &mut args) {
+        while pos < fill {
+            match resp::parse_into(&rbuf[pos..fill], &mut args) {
                 Parsed::Incomplete => break,
                 Parsed::Error(msg) => {
                     let c = &self.kv.counters;
@@ -616,11 +624,15 @@ impl Conn {
         }
         self.run_batch().await;
         self.args = args;
-        self.rbuf = rbuf;
-        self.rbuf.drain(..pos.min(self.rbuf.len()));
-        if self.rbuf.capacity() > 4 * READ_CHUNK && self.rbuf.len() < READ_CHUNK {
-            self.rbuf.shrink_to(2 * READ_CHUNK);
+        let pos = pos.min(fill);
+        rbuf.copy_within(pos..fill, 0);
+        self.rfill = fill - pos;
+        if rbuf.len() > 4 * READ_CHUNK && self.rfill < READ_CHUNK {
+            // A long request has been served: do not keep its buffer for an idle connection.
+            rbuf.truncate(2 * READ_CHUNK);
+            rbuf.shrink_to_fit();
         }
+        self.rbuf = rbuf;
         flow
     }
 
