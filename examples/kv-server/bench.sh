@@ -6,7 +6,9 @@
 # GET and SET with -P 16 -c 50 (and MSET once). Loopback only; every server it starts is stopped.
 #
 # Usage: examples/kv-server/bench.sh            (from anywhere in the repository)
-# Environment: REQUESTS (default 300000), KEYS (default 100000), SHARDS (default: cores),
+# Environment: REQUESTS (default 300000), KEYS (default 100000),
+#              SHARDS (default: cores - 1, at least 1: redis-benchmark, one thread, runs on this
+#              machine too and needs a core of its own; redis-server is one thread),
 #              BENCH_DIR (default target/kv-bench; must be on a real file system, not tmpfs),
 #              CORE_PORT / REDIS_PORT (default 7481 / 7482).
 set -euo pipefail
@@ -14,7 +16,8 @@ cd "$(dirname "$0")/../.."
 
 REQUESTS=${REQUESTS:-300000}
 KEYS=${KEYS:-100000}
-SHARDS=${SHARDS:-$(nproc)}
+CORES=$(nproc)
+SHARDS=${SHARDS:-$((CORES > 1 ? CORES - 1 : 1))}
 BENCH_DIR=${BENCH_DIR:-target/kv-bench}
 CORE_PORT=${CORE_PORT:-7481}
 REDIS_PORT=${REDIS_PORT:-7482}
@@ -94,7 +97,8 @@ run() {
   local label=$1 port=$2 tests=$3
   shift 3
   local out
-  out=$(redis-benchmark -p "$port" -t "$tests" -P 16 -c 50 -n "$REQUESTS" -r "$KEYS" -q "$@" 2>/dev/null |
+  # redis-benchmark spins forever on a server that went away: bounded here.
+  out=$(timeout 600 redis-benchmark -p "$port" -t "$tests" -P 16 -c 50 -n "$REQUESTS" -r "$KEYS" -q "$@" 2>/dev/null |
     tr '\r' '\n' | grep 'requests per second' || true)
   while read -r line; do
     [ -z "$line" ] && continue
