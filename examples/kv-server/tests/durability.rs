@@ -324,6 +324,23 @@ fn foreign_and_future_files_are_refused() {
 }
 
 #[test]
+fn write_back_thresholds_out_of_order_are_refused_before_any_file_is_made() {
+    let dir = scratch("dirty-percent");
+    let path = dir.path().join("data");
+    let args = ["--shards", "1", "--cache-bytes", "1M", "--dirty-high-percent", "10"];
+    let err = Server::try_start(&path, &[&args[..], &["--dirty-low-percent", "20"]].concat())
+        .err()
+        .expect("refused");
+    assert!(err.contains("--dirty-low-percent 20 is above --dirty-high-percent 10"), "{err}");
+    assert!(!path.exists(), "no data file was created");
+    // Both at 100: write-back only at checkpoints and evictions; the server runs.
+    let all = ["--size", "4M", "--dirty-high-percent", "100", "--dirty-low-percent", "100"];
+    let server = Server::start(&path, &[&args[..4], &all[..]].concat());
+    assert_eq!(server.client().cmds(&["SET", "a", "b"]), ok());
+    server.shutdown();
+}
+
+#[test]
 fn one_server_per_data_file_and_per_port() {
     let dir = scratch("exclusive");
     let path = dir.path().join("data");
