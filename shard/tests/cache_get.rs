@@ -154,7 +154,7 @@ fn async_read_of_a_cached_block_is_ready_at_its_first_poll() {
 }
 
 #[test]
-fn warm_is_only_a_hint_it_reads_pins_and_counts_nothing() {
+fn warm_and_warm_index_are_only_hints_they_read_pin_and_count_nothing() {
     run(async {
         let (part, sim, open) = partition(16);
         let session = part.session().await;
@@ -177,6 +177,7 @@ fn warm_is_only_a_hint_it_reads_pins_and_counts_nothing() {
         // Cached, absent, being read, beyond the device, and more than one group of blocks.
         let blocks: Vec<u64> =
             [2, 5, 9, 3, BLOCKS + 100, u64::MAX].into_iter().chain(0..BLOCKS).collect();
+        part.warm_index(&blocks);
         part.warm(&blocks, BLOCK_BYTES);
         part.warm(&blocks, usize::MAX);
         part.warm(&[], 64);

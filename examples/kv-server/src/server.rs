@@ -301,47 +301,49 @@ async fn commit_writes(kv: &KvShard, out: &mut [OpOut], wrote: &[usize]) {
     }
 }
 
-/// Bytes of a bucket head [`warm_buckets`] asks the CPU for: the header and the first records.
+/// Bytes of a bucket head [`warm_ahead`] asks the CPU for: the header and the first records.
 const WARM_BYTES: usize = 256;
-/// Operations whose bucket heads are asked of the CPU at a time, one group ahead of the one
-/// running: far enough for the lines to arrive, near enough for them to stay in the CPU's
-/// caches until used (warming a whole 160-key MSET pipeline at once helped little).
+/// Operations whose bucket heads are asked of the CPU at a time. While one group runs, the
+/// next one's frames are warmed and the one after's index slots: far enough ahead for the
+/// lines to arrive, near enough for them to stay in the CPU's caches until used (warming a
+/// whole 160-key MSET pipeline at once helped little).
 const WARM_GROUP: usize = 16;
 
-/// Asks the CPU for the cached bucket heads of `ops` (a hint: nothing is read from the device
-/// and nothing changes), so that their lookups overlap their waits on memory instead of taking
-/// them in turn.
-fn warm_buckets(kv: &KvShard, ops: &[Op]) {
-    let mut heads = [0u64; WARM_GROUP];
-    for group in ops.chunks(WARM_GROUP) {
-        for (head, op) in heads.iter_mut().zip(group) {
-            *head = kv.geo.locate(op.key()).head;
-        }
-        kv.shard.partition().warm(&heads[..group.len()], WARM_BYTES);
-    }
+/// The bucket heads of `ops`, in order, appended to `heads`.
+fn bucket_heads(kv: &KvShard, ops: &[Op], heads: &mut Vec<u64>) {
+    heads.extend(ops.iter().map(|op| kv.geo.locate(op.key()).head));
 }
 
-/// Pops the next operation of `ops`, which holds them in reverse order (the next one last),
-/// after `done` have run: every [`WARM_GROUP`] operations, first warms the group after the
-/// one starting (and at the start, that one too).
-fn next_op(kv: &KvShard, ops: &mut Vec<Op>, done: usize) -> Option<Op> {
-    if done.is_multiple_of(WARM_GROUP) {
-        let n = ops.len();
-        let next = n.saturating_sub(WARM_GROUP);
-        if done == 0 {
-            warm_buckets(kv, &ops[next..]);
-        }
-        warm_buckets(kv, &ops[next.saturating_sub(WARM_GROUP)..next]);
+/// Before operation `done` of a batch whose bucket heads are `heads` runs: every
+/// [`WARM_GROUP`] operations, asks the CPU for the frames of the next group's heads and the
+/// index slots of the group after (at the start, the first group's frames too). A hint:
+/// nothing is read from the device and nothing changes.
+fn warm_ahead(kv: &KvShard, heads: &[u64], done: usize) {
+    if !done.is_multiple_of(WARM_GROUP) {
+        return;
     }
-    ops.pop()
+    let part = kv.shard.partition();
+    let span = |k: usize| {
+        let start = (done + k * WARM_GROUP).min(heads.len());
+        &heads[start..(start + WARM_GROUP).min(heads.len())]
+    };
+    if done == 0 {
+        part.warm(span(0), WARM_BYTES);
+    }
+    part.warm(span(1), WARM_BYTES);
+    part.warm_index(span(2));
 }
 
 /// Runs operations in order on this shard (their owner).
 pub async fn exec_ops(kv: Rc<KvShard>, mut ops: Vec<Op>) -> Vec<OpOut> {
     let mut out = Vec::with_capacity(ops.len());
     let mut wrote = Vec::new();
+    let mut heads = Vec::with_capacity(ops.len());
+    bucket_heads(&kv, &ops, &mut heads);
     ops.reverse();
-    while let Some(op) = next_op(&kv, &mut ops, out.len()) {
+    loop {
+        warm_ahead(&kv, &heads, out.len());
+        let Some(op) = ops.pop() else { break };
         if op.writes() {
             wrote.push(out.len());
         }
@@ -375,6 +377,7 @@ pub async fn run_one(kv: &Rc<KvShard>, op: Op) -> OpOut {
 async fn exec_local(
     kv: &Rc<KvShard>,
     ops: &mut Vec<Op>,
+    heads: &[u64],
     out: &mut Vec<OpOut>,
     values: &mut Vec<u8>,
 ) {
@@ -382,7 +385,9 @@ async fn exec_local(
     let mut wrote = Vec::new();
     ops.reverse();
     let first = out.len();
-    while let Some(op) = next_op(kv, ops, out.len() - first) {
+    loop {
+        warm_ahead(kv, heads, out.len() - first);
+        let Some(op) = ops.pop() else { break };
         if op.writes() {
             wrote.push(out.len());
         }
@@ -462,6 +467,8 @@ struct Conn {
     results: Vec<Option<OpOut>>,
     local_idx: Vec<usize>,
     local_ops: Vec<Op>,
+    /// The bucket heads of `local_ops`, in order.
+    local_heads: Vec<u64>,
     local_out: Vec<OpOut>,
     /// Values of the local GETs of the current batch.
     values: Vec<u8>,
@@ -537,6 +544,7 @@ async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
                 results: Vec::new(),
                 local_idx: Vec::new(),
                 local_ops: Vec::new(),
+                local_heads: Vec::new(),
                 local_out: Vec::new(),
                 values: Vec::new(),
                 id: CLIENT_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
@@ -700,11 +708,14 @@ impl Conn {
             let kv = Rc::clone(&self.kv);
             let me = kv.shard.id();
             let mut remote_groups: Vec<(usize, Vec<usize>, Vec<Op>)> = Vec::new();
+            self.local_heads.clear();
             for (i, op) in self.ops.drain(..).enumerate() {
-                let owner = kv.owner_of_key(op.key());
+                let loc = kv.geo.locate(op.key());
+                let owner = kv.owner_of_loc(&loc);
                 if owner == me {
                     self.local_idx.push(i);
                     self.local_ops.push(op);
+                    self.local_heads.push(loc.head);
                     continue;
                 }
                 match remote_groups.iter_mut().find(|g| g.0 == owner) {
@@ -730,7 +741,9 @@ impl Conn {
                 remote.push((idx, task));
             }
             if !self.local_ops.is_empty() {
-                exec_local(&kv, &mut self.local_ops, &mut self.local_out, &mut self.values).await;
+                let heads = &self.local_heads;
+                exec_local(&kv, &mut self.local_ops, heads, &mut self.local_out, &mut self.values)
+                    .await;
                 for (i, out) in self.local_idx.drain(..).zip(self.local_out.drain(..)) {
                     results[i] = Some(out);
                 }

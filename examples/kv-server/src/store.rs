@@ -703,7 +703,11 @@ impl KvShard {
 
     /// The shard that owns `key`.
     pub fn owner_of_key(&self, key: &[u8]) -> usize {
-        let loc = self.geo.locate(key);
+        self.owner_of_loc(&self.geo.locate(key))
+    }
+
+    /// The shard that owns a key at `loc`.
+    pub fn owner_of_loc(&self, loc: &Loc) -> usize {
         self.shard.owner_of(loc.range * RANGE_BLOCKS)
     }
 
