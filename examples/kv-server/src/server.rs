@@ -371,9 +371,10 @@ pub async fn run_one(kv: &Rc<KvShard>, op: Op) -> OpOut {
     outs.into_iter().next().unwrap_or(OpOut::Err("ERR internal: no result".into()))
 }
 
-/// Runs this shard's own operations of a batch (it owns their keys), draining `ops` into `out`
-/// in order. GET values go to `values` (the connection's buffer, reused from batch to batch):
-/// a GET of an inline value whose blocks are cached allocates nothing.
+/// Runs the operations of a batch that this shard owns (for a connection of its own, or as one
+/// message from another shard's), draining `ops` into `out` in order; `heads` are their bucket
+/// heads. GET values go to `values` (for a local group, the connection's buffer, reused from
+/// batch to batch): a GET of an inline value whose blocks are cached allocates nothing.
 async fn exec_local(
     kv: &Rc<KvShard>,
     ops: &mut Vec<Op>,
@@ -415,6 +416,15 @@ async fn exec_local(
         out.push(result);
     }
     commit_writes(kv, out, &wrote).await;
+}
+
+/// The operations of a batch that another shard owns: their places in the batch, and their
+/// bucket heads (computed when the batch was routed).
+struct RemoteGroup {
+    owner: usize,
+    idx: Vec<usize>,
+    ops: Vec<Op>,
+    heads: Vec<u64>,
 }
 
 /// How to render a reply from operation results.
@@ -707,7 +717,7 @@ impl Conn {
             results.resize_with(self.ops.len(), || None);
             let kv = Rc::clone(&self.kv);
             let me = kv.shard.id();
-            let mut remote_groups: Vec<(usize, Vec<usize>, Vec<Op>)> = Vec::new();
+            let mut remote_groups: Vec<RemoteGroup> = Vec::new();
             self.local_heads.clear();
             for (i, op) in self.ops.drain(..).enumerate() {
                 let loc = kv.geo.locate(op.key());
@@ -718,24 +728,35 @@ impl Conn {
                     self.local_heads.push(loc.head);
                     continue;
                 }
-                match remote_groups.iter_mut().find(|g| g.0 == owner) {
+                match remote_groups.iter_mut().find(|g| g.owner == owner) {
                     Some(group) => {
-                        group.1.push(i);
-                        group.2.push(op);
+                        group.idx.push(i);
+                        group.ops.push(op);
+                        group.heads.push(loc.head);
                     }
-                    None => remote_groups.push((owner, vec![i], vec![op])),
+                    None => remote_groups.push(RemoteGroup {
+                        owner,
+                        idx: vec![i],
+                        ops: vec![op],
+                        heads: vec![loc.head],
+                    }),
                 }
             }
             let mut remote = Vec::new();
-            for (owner, idx, ops) in remote_groups {
+            for RemoteGroup { owner, idx, ops, heads } in remote_groups {
                 kv.counters.remote_batches.set(kv.counters.remote_batches.get() + 1);
                 let shard = Rc::clone(&kv.shard);
                 let task = glommio::spawn_local(async move {
                     shard
-                        .run_on(
-                            owner,
-                            move |_| async move { exec_ops(KvShard::current(), ops).await },
-                        )
+                        .run_on(owner, move |_| async move {
+                            // As the local group: GET values gathered in one buffer, so a
+                            // remote GET allocates nothing of its own either.
+                            let kv = KvShard::current();
+                            let (mut ops, mut out, mut values) =
+                                (ops, Vec::with_capacity(heads.len()), Vec::new());
+                            exec_local(&kv, &mut ops, &heads, &mut out, &mut values).await;
+                            (out, values)
+                        })
                         .await
                 });
                 remote.push((idx, task));
@@ -750,9 +771,15 @@ impl Conn {
             }
             for (idx, task) in remote {
                 match task.await {
-                    Ok(outs) => {
+                    Ok((outs, values)) => {
+                        // Their values go after the local ones: rebase their ranges.
+                        let base = self.values.len();
+                        self.values.extend_from_slice(&values);
                         for (i, out) in idx.into_iter().zip(outs) {
-                            results[i] = Some(out);
+                            results[i] = Some(match out {
+                                OpOut::Local(r) => OpOut::Local(r.start + base..r.end + base),
+                                out => out,
+                            });
                         }
                     }
                     Err(e) => {
