@@ -478,6 +478,9 @@ pub struct KvShard {
     pub geo: Arc<Geometry>,
     locks: BucketLocks,
     ranges: RefCell<HashMap<u64, Rc<RangeSlot>>>,
+    /// A bit per range, set once the range is loaded (it never unloads): the check every write
+    /// makes, without the map.
+    loaded: Box<[Cell<bool>]>,
     committer: Committer,
     jobs: RefCell<Vec<Job>>,
     due: RefCell<VecDeque<JobKind>>,
@@ -659,6 +662,7 @@ impl KvShard {
         let (geo_seed, shard_id) = (geo.tag_seed, shard.id());
         let kv = Rc::new(KvShard {
             shard,
+            loaded: (0..geo.ranges).map(|_| Cell::new(false)).collect(),
             geo,
             locks: BucketLocks::default(),
             ranges: RefCell::new(HashMap::new()),
@@ -1793,6 +1797,9 @@ impl KvShard {
     /// Loads `range`'s free space and key count (once per run): from its header if a clean
     /// shutdown wrote it after the last crash, else by walking (and repairing) its chains.
     async fn ensure_loaded(&self, range: u64) -> KvResult<()> {
+        if self.loaded.get(range as usize).is_some_and(Cell::get) {
+            return Ok(());
+        }
         loop {
             let slot = self.slot(range);
             let loading = match &*slot.state.borrow() {
@@ -1811,7 +1818,12 @@ impl KvShard {
             *slot.state.borrow_mut() = SlotState::Loading;
             let loaded = self.load_range(range).await;
             *slot.state.borrow_mut() = match &loaded {
-                Ok(alloc) => SlotState::Loaded(alloc.clone()),
+                Ok(alloc) => {
+                    if let Some(bit) = self.loaded.get(range as usize) {
+                        bit.set(true);
+                    }
+                    SlotState::Loaded(alloc.clone())
+                }
                 Err(_) => SlotState::Unloaded,
             };
             slot.ready.notify_all();
