@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{bulk, ok, scratch, Reply, Server};
+use common::{bulk, encode, ok, pattern, scratch, Reply, Server};
 
 #[test]
 fn malformed_requests_get_a_protocol_error_and_a_closed_connection() {
@@ -136,5 +136,60 @@ fn random_garbage_never_takes_the_server_down() {
     assert_eq!(c.cmds(&["PING"]), Reply::Simple("PONG".into()));
     assert_eq!(c.cmds(&["SET", "still", "here"]), ok());
     assert_eq!(c.cmds(&["GET", "still"]), bulk("here"));
+    server.shutdown();
+}
+
+/// Pipelined commands that arrive a few bytes at a time, in pieces of every size, with long
+/// requests (values larger than the read buffer's room, which it grows for and shrinks after)
+/// among short ones: every reply comes back, in order, and every value reads back whole.
+#[test]
+fn pipelined_commands_split_across_reads_around_long_requests() {
+    let dir = scratch("split-reads");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--size", "64M", "--shards", "1", "--cache-bytes", "8M"],
+    );
+    let big = pattern(1, 200 << 10);
+    let mid = pattern(2, 40 << 10);
+    let mut stream = Vec::new();
+    let mut expected = Vec::new();
+    for round in 0..3u8 {
+        let a = format!("a{round}");
+        let mut push = |args: &[&[u8]], reply: Reply| {
+            stream.extend_from_slice(&encode(args));
+            expected.push(reply);
+        };
+        push(&[b"SET", a.as_bytes(), b"1"], ok());
+        push(&[b"SET", b"big", &big], ok());
+        push(&[b"GET", a.as_bytes()], bulk("1"));
+        push(&[b"SET", b"mid", &mid], ok());
+        push(&[b"INCR", b"counter"], Reply::Int(round as i64 * 2 + 1));
+        push(&[b"STRLEN", b"big"], Reply::Int(big.len() as i64));
+        push(&[b"INCR", b"counter"], Reply::Int(round as i64 * 2 + 2));
+        for k in 0..40 {
+            let key = format!("k{round}:{k}");
+            let value = format!("v{k}");
+            push(&[b"SET", key.as_bytes(), value.as_bytes()], ok());
+            push(&[b"GET", key.as_bytes()], bulk(value));
+        }
+        push(&[b"STRLEN", b"mid"], Reply::Int(mid.len() as i64));
+    }
+    let mut c = server.client();
+    let mut at = 0;
+    let mut piece = 0usize;
+    while at < stream.len() {
+        // 1 to 7 bytes at a time at first (every header split), then 1 to 37 KiB.
+        let len = if at < 2000 { 1 + piece % 7 } else { 1 + (piece * 7919) % (37 << 10) };
+        let end = (at + len).min(stream.len());
+        c.send_raw(&stream[at..end]);
+        at = end;
+        piece += 1;
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    for (i, want) in expected.iter().enumerate() {
+        assert_eq!(&c.read_reply(), want, "reply {i}");
+    }
+    assert_eq!(c.cmd(&[b"GET", b"big"]), bulk(&big));
+    assert_eq!(c.cmd(&[b"GET", b"mid"]), bulk(&mid));
     server.shutdown();
 }
