@@ -148,17 +148,6 @@ impl OpOut {
     }
 }
 
-/// The reply to a read of `key` whose live value is `entry`: a large value streams.
-fn entry_reply(key: &[u8], entry: Option<store::Entry>) -> OpOut {
-    match entry {
-        Some(e) if e.manifest => match e.large() {
-            Some(m) => OpOut::Large(Box::new(LargeRef::whole(key.to_vec(), m))),
-            None => OpOut::Err(damaged_manifest(key)),
-        },
-        e => OpOut::Value(e.map(|e| e.value)),
-    }
-}
-
 /// A key as error messages show it: its first 128 bytes, lossily as text.
 pub fn shown_key(key: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(&key[..key.len().min(128)])
@@ -170,10 +159,24 @@ pub fn damaged_manifest(key: &[u8]) -> String {
 }
 
 /// Runs one operation on its owner (this shard).
-async fn run_op(kv: &Rc<KvShard>, op: Op) -> OpOut {
+async fn run_op(kv: &Rc<KvShard>, op: Op, values: &mut Vec<u8>) -> OpOut {
     let me = kv.shard.id();
     let result = match op {
-        Op::Get(k) => kv.get_entry(k.as_bytes()).await.map(|e| entry_reply(k.as_bytes(), e)),
+        Op::Get(k) => {
+            let start = values.len();
+            kv.get_into(k.as_bytes(), values).await.map(|got| match got {
+                Got::Value => OpOut::Local(start..values.len()),
+                Got::Missing => OpOut::Value(None),
+                Got::Manifest => {
+                    let m = Manifest::decode(&values[start..]);
+                    values.truncate(start);
+                    match m {
+                        Ok(m) => OpOut::Large(Box::new(LargeRef::whole(k.as_bytes().to_vec(), m))),
+                        Err(_) => OpOut::Err(damaged_manifest(k.as_bytes())),
+                    }
+                }
+            })
+        }
         Op::Set(k, v, c, e) => kv
             .set_full(&k, &v, e, c, 0)
             .await
@@ -309,11 +312,6 @@ const WARM_BYTES: usize = 256;
 /// whole 160-key MSET pipeline at once helped little).
 const WARM_GROUP: usize = 16;
 
-/// The bucket heads of `ops`, in order, appended to `heads`.
-fn bucket_heads(kv: &KvShard, ops: &[Op], heads: &mut Vec<u64>) {
-    heads.extend(ops.iter().map(|op| kv.geo.locate(op.key()).head));
-}
-
 /// Before operation `done` of a batch whose bucket heads are `heads` runs: every
 /// [`WARM_GROUP`] operations, asks the CPU for the frames of the next group's heads and the
 /// index slots of the group after (at the start, the first group's frames too). A hint:
@@ -334,23 +332,25 @@ fn warm_ahead(kv: &KvShard, heads: &[u64], done: usize) {
     part.warm_index(span(2));
 }
 
-/// Runs operations in order on this shard (their owner).
-pub async fn exec_ops(kv: Rc<KvShard>, mut ops: Vec<Op>) -> Vec<OpOut> {
-    let mut out = Vec::with_capacity(ops.len());
-    let mut wrote = Vec::new();
-    let mut heads = Vec::with_capacity(ops.len());
-    bucket_heads(&kv, &ops, &mut heads);
-    ops.reverse();
-    loop {
-        warm_ahead(&kv, &heads, out.len());
-        let Some(op) = ops.pop() else { break };
-        if op.writes() {
-            wrote.push(out.len());
-        }
-        out.push(run_op(&kv, op).await);
-    }
-    commit_writes(&kv, &mut out, &wrote).await;
-    out
+/// Runs operations in order on this shard (their owner); a GET's value comes as
+/// [`OpOut::Value`].
+pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
+    let heads = ops.iter().map(|op| kv.geo.locate(op.key()).head).collect();
+    let (out, values) = exec_owned(kv, ops, heads).await;
+    out.into_iter()
+        .map(|out| match out {
+            OpOut::Local(range) => OpOut::Value(Some(values[range].to_vec())),
+            out => out,
+        })
+        .collect()
+}
+
+/// Runs operations (bucket heads `heads`) in order on this shard, their owner: the results,
+/// and the buffer their GET values ([`OpOut::Local`]) are in.
+async fn exec_owned(kv: Rc<KvShard>, mut ops: Vec<Op>, heads: Vec<u64>) -> (Vec<OpOut>, Vec<u8>) {
+    let (mut out, mut values) = (Vec::with_capacity(ops.len()), Vec::new());
+    exec_local(&kv, &mut ops, &heads, &mut out, &mut values).await;
+    (out, values)
 }
 
 /// Runs one operation on its key's owner (with its log commit under `--fsync always`).
@@ -392,27 +392,7 @@ async fn exec_local(
         if op.writes() {
             wrote.push(out.len());
         }
-        let result = match op {
-            Op::Get(k) => {
-                let start = values.len();
-                match kv.get_into(k.as_bytes(), values).await {
-                    Ok(Got::Value) => OpOut::Local(start..values.len()),
-                    Ok(Got::Missing) => OpOut::Value(None),
-                    Ok(Got::Manifest) => {
-                        let m = Manifest::decode(&values[start..]);
-                        values.truncate(start);
-                        match m {
-                            Ok(m) => {
-                                OpOut::Large(Box::new(LargeRef::whole(k.as_bytes().to_vec(), m)))
-                            }
-                            Err(_) => OpOut::Err(damaged_manifest(k.as_bytes())),
-                        }
-                    }
-                    Err(e) => OpOut::Err(e.to_string()),
-                }
-            }
-            op => run_op(kv, op).await,
-        };
+        let result = run_op(kv, op, values).await;
         out.push(result);
     }
     commit_writes(kv, out, &wrote).await;
@@ -751,11 +731,7 @@ impl Conn {
                         .run_on(owner, move |_| async move {
                             // As the local group: GET values gathered in one buffer, so a
                             // remote GET allocates nothing of its own either.
-                            let kv = KvShard::current();
-                            let (mut ops, mut out, mut values) =
-                                (ops, Vec::with_capacity(heads.len()), Vec::new());
-                            exec_local(&kv, &mut ops, &heads, &mut out, &mut values).await;
-                            (out, values)
+                            exec_owned(KvShard::current(), ops, heads).await
                         })
                         .await
                 });

@@ -256,11 +256,9 @@ impl<D: Device + 'static, A: Default + 'static> Partition<D, A> {
     /// are taken 16 at a time (`WARM_GROUP`), so a long slice does not ask for more lines than
     /// the CPU can fetch at once.
     pub fn warm(&self, blocks: &[u64], bytes: usize) {
-        let table = self.inner.table.borrow();
         for group in blocks.chunks(WARM_GROUP) {
-            for &block in group {
-                table.prefetch_index(block);
-            }
+            self.warm_index(group);
+            let table = self.inner.table.borrow();
             for &block in group {
                 if let Some(frame) = table.prefetch_likely_frame(block) {
                     self.inner.arena.prefetch(frame, bytes);
