@@ -48,6 +48,17 @@ fn partition(frames: u64) -> (Partition<GatedDevice>, SimDevice, Rc<Cell<bool>>)
     (part, sim, open)
 }
 
+/// A task that reads `block` in a session of its own and answers the version it holds.
+fn spawn_read(part: &Partition<GatedDevice>, block: u64) -> glommio::Task<Option<u64>> {
+    let part = part.clone();
+    glommio::spawn_local(async move {
+        let session = part.session().await;
+        let buf = session.read(block).await.expect("read");
+        let version = version_of(&buf.data(), block);
+        version
+    })
+}
+
 #[test]
 fn get_of_an_absent_block_is_none_and_does_no_io() {
     run(async {
@@ -88,15 +99,7 @@ fn get_of_a_block_being_read_is_none_until_the_read_completes() {
     run(async {
         let (part, _, open) = partition(16);
         open.set(false);
-        let reader = {
-            let part = part.clone();
-            glommio::spawn_local(async move {
-                let session = part.session().await;
-                let buf = session.read(9).await.expect("read");
-                let version = version_of(&buf.data(), 9);
-                version
-            })
-        };
+        let reader = spawn_read(&part, 9);
         yield_times(5).await;
         assert_eq!(part.stats().misses, 1, "the read is installed and in flight");
         assert!(part.get(9).is_none(), "a block still being read is not handed out");
@@ -163,15 +166,7 @@ fn warm_and_warm_index_are_only_hints_they_read_pin_and_count_nothing() {
         }
         // A read in flight: its frame is in the index, its bytes not yet there.
         open.set(false);
-        let reader = {
-            let part = part.clone();
-            glommio::spawn_local(async move {
-                let session = part.session().await;
-                let buf = session.read(9).await.expect("read");
-                let version = version_of(&buf.data(), 9);
-                version
-            })
-        };
+        let reader = spawn_read(&part, 9);
         yield_times(5).await;
         let before = part.stats();
         // Cached, absent, being read, beyond the device, and more than one group of blocks.
