@@ -4,8 +4,8 @@
 #
 # Each round starts every binary in turn on a fresh data file (1 GiB, 256 MiB cache), runs
 # SET, GET (300 000 requests over 100 000 keys) and MSET (30 000), and prints req/s with the
-# server's CPU time per request (user + system, from /proc), which other load on the machine
-# distorts less than req/s.
+# server's CPU time per request (user + system, from /proc): a second figure to compare, as
+# other load on the machine moves req/s and CPU per request differently.
 #
 # Usage: examples/kv-server/scripts/ab.sh BIN_A BIN_B [BIN ...]
 #        (copy the binaries out of target/ first: a build between rounds would change them)
