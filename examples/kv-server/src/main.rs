@@ -25,6 +25,10 @@ mod server;
 mod stop;
 mod store;
 
+/// mimalloc as the global allocator (see Cargo.toml).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::Write as _;
