@@ -22,7 +22,7 @@ use crate::format::{rflags, Manifest, MAX_KEY, MAX_VALUE, PROTO_MAX_BULK};
 use crate::keyspace;
 use crate::large::{self, LargeRef, Orphan};
 use crate::resp::{self, Parsed};
-use crate::store::{self, Cond, Fsync, Got, InfoPart, KvShard, Space};
+use crate::store::{self, Cond, Fsync, Got, InfoPart, KvShard, Loc, Space};
 
 /// Operations that run on a key's owner shard (everything in them is `Send`).
 #[derive(Debug)]
@@ -159,12 +159,12 @@ pub fn damaged_manifest(key: &[u8]) -> String {
 }
 
 /// Runs one operation on its owner (this shard).
-async fn run_op(kv: &Rc<KvShard>, op: Op, values: &mut Vec<u8>) -> OpOut {
+async fn run_op(kv: &Rc<KvShard>, op: Op, loc: &Loc, values: &mut Vec<u8>) -> OpOut {
     let me = kv.shard.id();
     let result = match op {
         Op::Get(k) => {
             let start = values.len();
-            kv.get_into(k.as_bytes(), values).await.map(|got| match got {
+            kv.get_into_at(loc, k.as_bytes(), values).await.map(|got| match got {
                 Got::Value => OpOut::Local(start..values.len()),
                 Got::Missing => OpOut::Value(None),
                 Got::Manifest => {
@@ -178,11 +178,11 @@ async fn run_op(kv: &Rc<KvShard>, op: Op, values: &mut Vec<u8>) -> OpOut {
             })
         }
         Op::Set(k, v, c, e) => kv
-            .set_full(&k, &v, e, c, 0)
+            .set_full_at(loc, &k, &v, e, c, 0)
             .await
             .map(|(done, orphan)| OpOut::freeing(OpOut::Done(done), orphan, me)),
         Op::SetManifest(k, m, c, e, fresh) => {
-            match kv.set_full(&k, &m.encode(), e, c, rflags::MANIFEST).await {
+            match kv.set_full_at(loc, &k, &m.encode(), e, c, rflags::MANIFEST).await {
                 Ok((true, replaced)) => {
                     free_if_expired(kv, fresh.then_some(m), e);
                     Ok(OpOut::freeing(OpOut::Done(true), replaced, me))
@@ -312,31 +312,40 @@ const WARM_BYTES: usize = 256;
 /// whole 160-key MSET pipeline at once helped little).
 const WARM_GROUP: usize = 16;
 
-/// Before operation `done` of a batch whose bucket heads are `heads` runs: every
-/// [`WARM_GROUP`] operations, asks the CPU for the frames of the next group's heads and the
-/// index slots of the group after (at the start, the first group's frames too). A hint:
-/// nothing is read from the device and nothing changes.
-fn warm_ahead(kv: &KvShard, heads: &[u64], done: usize) {
+/// Before operation `done` of a batch whose keys are at `locs` runs: every [`WARM_GROUP`]
+/// operations, asks the CPU for the frames of the next group's bucket heads and the index
+/// slots of the group after (at the start, the first group's frames too). A hint: nothing is
+/// read from the device and nothing changes.
+fn warm_ahead(kv: &KvShard, locs: &[Loc], done: usize) {
     if !done.is_multiple_of(WARM_GROUP) {
         return;
     }
     let part = kv.shard.partition();
-    let span = |k: usize| {
-        let start = (done + k * WARM_GROUP).min(heads.len());
-        &heads[start..(start + WARM_GROUP).min(heads.len())]
+    // Group `k` after `done`: its bucket heads, in a buffer on the stack.
+    let span = |k: usize, heads: &mut [u64; WARM_GROUP]| -> usize {
+        let start = (done + k * WARM_GROUP).min(locs.len());
+        let group = &locs[start..(start + WARM_GROUP).min(locs.len())];
+        for (h, loc) in heads.iter_mut().zip(group) {
+            *h = loc.head;
+        }
+        group.len()
     };
+    let mut heads = [0u64; WARM_GROUP];
     if done == 0 {
-        part.warm(span(0), WARM_BYTES);
+        let n = span(0, &mut heads);
+        part.warm(&heads[..n], WARM_BYTES);
     }
-    part.warm(span(1), WARM_BYTES);
-    part.warm_index(span(2));
+    let n = span(1, &mut heads);
+    part.warm(&heads[..n], WARM_BYTES);
+    let n = span(2, &mut heads);
+    part.warm_index(&heads[..n]);
 }
 
 /// Runs operations in order on this shard (their owner); a GET's value comes as
 /// [`OpOut::Value`].
 pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
-    let heads = ops.iter().map(|op| kv.geo.locate(op.key()).head).collect();
-    let (out, values) = exec_owned(kv, ops, heads).await;
+    let locs = ops.iter().map(|op| kv.geo.locate(op.key())).collect();
+    let (out, values) = exec_owned(kv, ops, locs).await;
     out.into_iter()
         .map(|out| match out {
             OpOut::Local(range) => OpOut::Value(Some(values[range].to_vec())),
@@ -345,11 +354,11 @@ pub async fn exec_ops(kv: Rc<KvShard>, ops: Vec<Op>) -> Vec<OpOut> {
         .collect()
 }
 
-/// Runs operations (bucket heads `heads`) in order on this shard, their owner: the results,
+/// Runs operations (their keys at `locs`) in order on this shard, their owner: the results,
 /// and the buffer their GET values ([`OpOut::Local`]) are in.
-async fn exec_owned(kv: Rc<KvShard>, mut ops: Vec<Op>, heads: Vec<u64>) -> (Vec<OpOut>, Vec<u8>) {
+async fn exec_owned(kv: Rc<KvShard>, mut ops: Vec<Op>, locs: Vec<Loc>) -> (Vec<OpOut>, Vec<u8>) {
     let (mut out, mut values) = (Vec::with_capacity(ops.len()), Vec::new());
-    exec_local(&kv, &mut ops, &heads, &mut out, &mut values).await;
+    exec_local(&kv, &mut ops, &locs, &mut out, &mut values).await;
     (out, values)
 }
 
@@ -372,13 +381,13 @@ pub async fn run_one(kv: &Rc<KvShard>, op: Op) -> OpOut {
 }
 
 /// Runs the operations of a batch that this shard owns (for a connection of its own, or as one
-/// message from another shard's), draining `ops` into `out` in order; `heads` are their bucket
-/// heads. GET values go to `values` (for a local group, the connection's buffer, reused from
+/// message from another shard's), draining `ops` into `out` in order; `locs` are their keys'
+/// places. GET values go to `values` (for a local group, the connection's buffer, reused from
 /// batch to batch): a GET of an inline value whose blocks are cached allocates nothing.
 async fn exec_local(
     kv: &Rc<KvShard>,
     ops: &mut Vec<Op>,
-    heads: &[u64],
+    locs: &[Loc],
     out: &mut Vec<OpOut>,
     values: &mut Vec<u8>,
 ) {
@@ -387,24 +396,25 @@ async fn exec_local(
     ops.reverse();
     let first = out.len();
     loop {
-        warm_ahead(kv, heads, out.len() - first);
+        let done = out.len() - first;
+        warm_ahead(kv, locs, done);
         let Some(op) = ops.pop() else { break };
         if op.writes() {
             wrote.push(out.len());
         }
-        let result = run_op(kv, op, values).await;
+        let result = run_op(kv, op, &locs[done], values).await;
         out.push(result);
     }
     commit_writes(kv, out, &wrote).await;
 }
 
 /// The operations of a batch that another shard owns: their places in the batch, and their
-/// bucket heads (computed when the batch was routed).
+/// keys' places (computed when the batch was routed).
 struct RemoteGroup {
     owner: usize,
     idx: Vec<usize>,
     ops: Vec<Op>,
-    heads: Vec<u64>,
+    locs: Vec<Loc>,
 }
 
 /// How to render a reply from operation results.
@@ -457,8 +467,8 @@ struct Conn {
     results: Vec<Option<OpOut>>,
     local_idx: Vec<usize>,
     local_ops: Vec<Op>,
-    /// The bucket heads of `local_ops`, in order.
-    local_heads: Vec<u64>,
+    /// The places of `local_ops`' keys, in order.
+    local_locs: Vec<Loc>,
     local_out: Vec<OpOut>,
     /// Values of the local GETs of the current batch.
     values: Vec<u8>,
@@ -534,7 +544,7 @@ async fn accept_loop(kv: Rc<KvShard>, listener: TcpListener) {
                 results: Vec::new(),
                 local_idx: Vec::new(),
                 local_ops: Vec::new(),
-                local_heads: Vec::new(),
+                local_locs: Vec::new(),
                 local_out: Vec::new(),
                 values: Vec::new(),
                 id: CLIENT_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
@@ -698,32 +708,32 @@ impl Conn {
             let kv = Rc::clone(&self.kv);
             let me = kv.shard.id();
             let mut remote_groups: Vec<RemoteGroup> = Vec::new();
-            self.local_heads.clear();
+            self.local_locs.clear();
             for (i, op) in self.ops.drain(..).enumerate() {
                 let loc = kv.geo.locate(op.key());
                 let owner = kv.owner_of_loc(&loc);
                 if owner == me {
                     self.local_idx.push(i);
                     self.local_ops.push(op);
-                    self.local_heads.push(loc.head);
+                    self.local_locs.push(loc);
                     continue;
                 }
                 match remote_groups.iter_mut().find(|g| g.owner == owner) {
                     Some(group) => {
                         group.idx.push(i);
                         group.ops.push(op);
-                        group.heads.push(loc.head);
+                        group.locs.push(loc);
                     }
                     None => remote_groups.push(RemoteGroup {
                         owner,
                         idx: vec![i],
                         ops: vec![op],
-                        heads: vec![loc.head],
+                        locs: vec![loc],
                     }),
                 }
             }
             let mut remote = Vec::new();
-            for RemoteGroup { owner, idx, ops, heads } in remote_groups {
+            for RemoteGroup { owner, idx, ops, locs } in remote_groups {
                 kv.counters.remote_batches.set(kv.counters.remote_batches.get() + 1);
                 let shard = Rc::clone(&kv.shard);
                 let task = glommio::spawn_local(async move {
@@ -731,15 +741,15 @@ impl Conn {
                         .run_on(owner, move |_| async move {
                             // As the local group: GET values gathered in one buffer, so a
                             // remote GET allocates nothing of its own either.
-                            exec_owned(KvShard::current(), ops, heads).await
+                            exec_owned(KvShard::current(), ops, locs).await
                         })
                         .await
                 });
                 remote.push((idx, task));
             }
             if !self.local_ops.is_empty() {
-                let heads = &self.local_heads;
-                exec_local(&kv, &mut self.local_ops, heads, &mut self.local_out, &mut self.values)
+                let locs = &self.local_locs;
+                exec_local(&kv, &mut self.local_ops, locs, &mut self.local_out, &mut self.values)
                     .await;
                 for (i, out) in self.local_idx.drain(..).zip(self.local_out.drain(..)) {
                     results[i] = Some(out);

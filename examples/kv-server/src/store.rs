@@ -736,13 +736,15 @@ impl KvShard {
     /// when the value is inline and its blocks are cached (lock entries are pooled, records
     /// are parsed in place). A value in extent blocks is read by [`KvShard::get_entry`]. A
     /// large value's manifest is appended as it is ([`Got::Manifest`]).
-    pub async fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> KvResult<Got> {
-        let loc = self.geo.locate(key);
+    /// `loc` is the key's place (`self.geo.locate(key)`): the batch that routed the key computed
+    /// it already.
+    pub async fn get_into_at(&self, loc: &Loc, key: &[u8], out: &mut Vec<u8>) -> KvResult<Got> {
+        debug_assert_eq!(*loc, self.geo.locate(key));
         let start = out.len();
         let newest = {
             let _lock = self.locks.read(loc.bucket_id).await;
             let sess = self.shard.partition().session().await;
-            self.newest_inline_into(&sess, &loc, key, out).await?
+            self.newest_inline_into(&sess, loc, key, out).await?
         };
         let c = &self.counters;
         match newest {
@@ -979,6 +981,21 @@ impl KvShard {
         cond: Cond,
         kind: u8,
     ) -> KvResult<(bool, Option<Manifest>)> {
+        self.set_full_at(&self.geo.locate(key), key, value, expires, cond, kind).await
+    }
+
+    /// [`KvShard::set_full`] with the key's place `loc` (`self.geo.locate(key)`) already
+    /// known: the batch that routed the key computed it.
+    pub async fn set_full_at(
+        &self,
+        loc: &Loc,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+        cond: Cond,
+        kind: u8,
+    ) -> KvResult<(bool, Option<Manifest>)> {
+        debug_assert_eq!(*loc, self.geo.locate(key));
         if value.len() > format::MAX_VALUE {
             return Err(KvError::Engine(format!(
                 "internal: a record value of {} bytes (the limit is {})",
@@ -997,14 +1014,13 @@ impl KvShard {
             return Ok((done, effects.orphan));
         }
         self.counters.ops.set(self.counters.ops.get() + 1);
-        let loc = self.geo.locate(key);
         let mut retried = false;
         loop {
             let result = {
                 let _token = self.begin_write()?;
                 self.ensure_loaded(loc.range).await?;
                 let _lock = self.locks.write(loc.bucket_id).await;
-                let set = self.set_locked(&loc, key, value, expires, cond, kind).await;
+                let set = self.set_locked(loc, key, value, expires, cond, kind).await;
                 if let Ok(SetDone { done: true, .. }) = set {
                     // After the change is in the cache, under the bucket lock: the log's
                     // order is the order of the changes (see corebuf::ShardLog's contract).
