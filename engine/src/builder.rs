@@ -46,6 +46,7 @@ pub struct EngineBuilder {
     pub(crate) log_size_bytes: u64,
     pub(crate) log_path: Option<PathBuf>,
     pub(crate) read_check: Option<ReadCheck>,
+    pub(crate) write_seal: Option<WriteSeal>,
     pub(crate) dirty_high_percent: u8,
     pub(crate) dirty_low_percent: u8,
 }
@@ -60,6 +61,20 @@ pub(crate) struct ReadCheck(pub(crate) Arc<ReadCheckFn>);
 impl std::fmt::Debug for ReadCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ReadCheck")
+    }
+}
+
+/// The function of [`EngineBuilder::seal_on_write`].
+type WriteSealFn = dyn Fn(u64, &mut [u8]) + Send + Sync;
+
+/// A change made to every block just before it is written (see
+/// [`EngineBuilder::seal_on_write`]).
+#[derive(Clone)]
+pub(crate) struct WriteSeal(pub(crate) Arc<WriteSealFn>);
+
+impl std::fmt::Debug for WriteSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteSeal")
     }
 }
 
@@ -85,6 +100,7 @@ impl Default for EngineBuilder {
             log_size_bytes: 0,
             log_path: None,
             read_check: None,
+            write_seal: None,
             dirty_high_percent: CacheConfig::default().dirty_high_percent,
             dirty_low_percent: CacheConfig::default().dirty_low_percent,
         }
@@ -241,6 +257,16 @@ impl EngineBuilder {
         self
     }
 
+    /// Changes every block just before each write of it to the device (a checksum over its
+    /// bytes, say, as dm-bufio's `write_callback`): `seal(block, bytes)` runs on the cached
+    /// bytes, so its change is both written and kept in the cache. A caller that seals here
+    /// need not seal on every change of a cached block; the write waits while the block's
+    /// bytes are borrowed. Default: none.
+    pub fn seal_on_write(mut self, seal: impl Fn(u64, &mut [u8]) + Send + Sync + 'static) -> Self {
+        self.write_seal = Some(WriteSeal(Arc::new(seal)));
+        self
+    }
+
     pub(crate) fn shard_count(&self) -> usize {
         self.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
@@ -258,6 +284,12 @@ impl EngineBuilder {
                 Error::io(crate::IoOp::Read, &path, block * block_bytes, source).with_block(block)
             })
         }))
+    }
+
+    /// The partition's `on_write` hook for [`EngineBuilder::seal_on_write`].
+    pub(crate) fn write_hook(&self) -> Option<corebuf_shard::cache::Hook<()>> {
+        let seal = self.write_seal.clone()?;
+        Some(Box::new(move |block, data, _aux| (seal.0)(block, data)))
     }
 
     pub(crate) fn queue_config(&self) -> QueueConfig {

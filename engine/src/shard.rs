@@ -64,7 +64,11 @@ impl<D: Device + 'static> Shard<D> {
     ) -> Result<Rc<Shard<D>>> {
         let path = device.path().to_path_buf();
         let queue = IoQueue::new(device, builder.queue_config())?;
-        let hooks = Hooks { on_read: builder.read_hook(&path), ..Hooks::default() };
+        let hooks = Hooks {
+            on_read: builder.read_hook(&path),
+            on_write: builder.write_hook(),
+            ..Hooks::default()
+        };
         let partition = Partition::new(queue, builder.cache_config(), hooks)?;
         let router = Router::new(mesh.shards(), builder.range_blocks);
         Ok(Rc::new_cyclic(|me| Shard {

@@ -342,10 +342,12 @@ fn run(args: Args) -> Result<(), String> {
             name.push(".log");
             PathBuf::from(name)
         }))
-        // Checksums are verified when a block comes from the device, not on every cache hit.
+        // Checksums are verified when a block comes from the device, not on every cache hit,
+        // and computed when a block goes to the device, not on every change of a cached one.
         .check_on_read(|block, data| {
             format::check_block(block, data).map(|_| ()).map_err(|e| e.to_string())
         })
+        .seal_on_write(|_block, data| format::seal_if_formatted(data))
         .build()
         .map_err(|e| format!("start the engine: {e}"))?;
     let client = engine.client();

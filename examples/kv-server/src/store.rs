@@ -1085,7 +1085,6 @@ impl KvShard {
                         let mut data = buf.data_mut();
                         format::remove_record(&mut data, n.rec.offset, n.rec.len);
                         format::append_record(&mut data, &record);
-                        format::seal(&mut data);
                     }
                     buf.mark_dirty();
                     drop(buf);
@@ -1602,7 +1601,6 @@ impl KvShard {
                     );
                 }
                 format::append_record(&mut data, record);
-                format::seal(&mut data);
             }
             buf.mark_dirty();
             return Ok(());
@@ -1622,7 +1620,6 @@ impl KvShard {
                     loc.bucket_id,
                 );
                 format::append_record(&mut data, record);
-                format::seal(&mut data);
             }
             fresh.mark_dirty();
             drop(fresh);
@@ -1640,7 +1637,6 @@ impl KvShard {
                     );
                 }
                 format::set_next(&mut data, block, tag);
-                format::seal(&mut data);
             }
             buf.mark_dirty();
             Ok::<(), KvError>(())
@@ -1718,9 +1714,6 @@ impl KvShard {
                         changed = true;
                     }
                 }
-                if changed {
-                    format::seal(&mut data);
-                }
                 drop(data);
                 if changed {
                     buf.mark_dirty();
@@ -1735,7 +1728,6 @@ impl KvShard {
                 {
                     let mut data = pbuf.data_mut();
                     format::set_next(&mut data, next.0, next.1);
-                    format::seal(&mut data);
                 }
                 pbuf.mark_dirty();
                 unlinked.push((block - loc.range * RANGE_BLOCKS) as u16);
@@ -1929,7 +1921,6 @@ impl KvShard {
                 {
                     let mut data = pbuf.data_mut();
                     format::set_next(&mut data, 0, 0);
-                    format::seal(&mut data);
                 }
                 pbuf.mark_dirty();
                 break;
