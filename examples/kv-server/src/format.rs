@@ -794,6 +794,7 @@ pub fn encode_inline(key: &[u8], value: &[u8], version: u64, expires: u64) -> Ve
 
 /// Encodes an inline record with the kind flags `kind_flags` ([`rflags::MANIFEST`] or
 /// [`rflags::CHUNK`], or 0; the expiry flag follows from `expires`).
+#[cfg(test)]
 pub fn encode_inline_with(
     key: &[u8],
     value: &[u8],
@@ -801,10 +802,24 @@ pub fn encode_inline_with(
     expires: u64,
     kind_flags: u8,
 ) -> Vec<u8> {
-    let mut r = vec![0u8; inline_record_len(key.len(), value.len(), expires)];
-    let at = put_record_head(&mut r, rtype::INLINE, key, value.len(), version, expires, kind_flags);
-    r[at..].copy_from_slice(value);
+    let mut r = Vec::new();
+    encode_inline_into(&mut r, key, value, version, expires, kind_flags);
     r
+}
+
+/// [`encode_inline_with`] into `out` (its bytes replaced, its capacity reused).
+pub fn encode_inline_into(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    value: &[u8],
+    version: u64,
+    expires: u64,
+    kind_flags: u8,
+) {
+    out.clear();
+    out.resize(inline_record_len(key.len(), value.len(), expires), 0);
+    let at = put_record_head(out, rtype::INLINE, key, value.len(), version, expires, kind_flags);
+    out[at..].copy_from_slice(value);
 }
 
 /// Encodes an extent record (`expires`: unix milliseconds, 0 for none).

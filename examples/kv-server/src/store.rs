@@ -506,6 +506,9 @@ pub struct KvShard {
     replay_expired: RefCell<Vec<(Vec<u8>, Manifest)>>,
     /// The record being encoded (kept to reuse its capacity).
     log_buf: RefCell<Vec<u8>>,
+    /// The inline record a SET is writing (kept to reuse its capacity; taken out while in
+    /// use, so a SET that runs meanwhile starts a new one).
+    record_buf: RefCell<Vec<u8>>,
     /// The next bucket id the expiry sweep visits.
     sweep_cursor: Cell<u64>,
     /// The sweep rests: its last full pass found no key with an expiry on this shard, and none
@@ -682,6 +685,7 @@ impl KvShard {
             replaying: Cell::new(false),
             replay_expired: RefCell::new(Vec::new()),
             log_buf: RefCell::new(Vec::new()),
+            record_buf: RefCell::new(Vec::new()),
             sweep_cursor: Cell::new(0),
             sweep_idle: Cell::new(false),
             sweep_pass_volatile: Cell::new(false),
@@ -1075,27 +1079,35 @@ impl KvShard {
         });
         let version = self.id();
         if format::inline_record_len(key.len(), value.len(), expires) <= format::INLINE_RECORD_MAX {
-            let record = format::encode_inline_with(key, value, version, expires, kind);
-            if let Some(n) = &newest {
-                let used = chain[n.chain_index].used;
-                if used - n.rec.len + record.len() <= RECORD_AREA {
-                    // Replace in place: one block write, atomic.
-                    let buf = sess.read(n.block).await?;
-                    {
-                        let mut data = buf.data_mut();
-                        format::remove_record(&mut data, n.rec.offset, n.rec.len);
-                        format::append_record(&mut data, &record);
+            let mut record = self.record_buf.take();
+            format::encode_inline_into(&mut record, key, value, version, expires, kind);
+            // Whether the record replaced the newest one in its block.
+            let written = async {
+                if let Some(n) = &newest {
+                    let used = chain[n.chain_index].used;
+                    if used - n.rec.len + record.len() <= RECORD_AREA {
+                        // Replace in place: one block write, atomic.
+                        let buf = sess.read(n.block).await?;
+                        {
+                            let mut data = buf.data_mut();
+                            format::remove_record(&mut data, n.rec.offset, n.rec.len);
+                            format::append_record(&mut data, &record);
+                        }
+                        buf.mark_dirty();
+                        return Ok(true);
                     }
-                    buf.mark_dirty();
-                    drop(buf);
-                    if let Body::Extents(_, list) = &n.rec.body {
-                        self.defer(JobKind::Free { range: loc.range, blocks: list.clone() });
-                    }
-                    self.note_write();
-                    return Ok(SetDone { done: true, replaced });
                 }
+                self.insert(&sess, loc, &chain, &record).await.map(|()| false)
             }
-            self.insert(&sess, loc, &chain, &record).await?;
+            .await;
+            self.record_buf.replace(record);
+            if written? {
+                if let Some(Body::Extents(_, list)) = newest.as_ref().map(|n| &n.rec.body) {
+                    self.defer(JobKind::Free { range: loc.range, blocks: list.clone() });
+                }
+                self.note_write();
+                return Ok(SetDone { done: true, replaced });
+            }
         } else {
             let n = format::extent_count(value.len());
             let blocks = self.alloc(loc.range, n)?;
