@@ -1060,6 +1060,11 @@ impl KvShard {
         }
         let space = Space::of_flags(kind);
         let sess = self.shard.partition().session().await;
+        if let Some(done) =
+            self.replace_in_head(&sess, loc, key, value, expires, cond, kind).await?
+        {
+            return Ok(done);
+        }
         let (chain, hits) = self.walk(&sess, loc, key, false, space).await?;
         let existed = !hits.is_empty();
         let newest = hits.into_iter().max_by_key(|h| h.rec.version);
@@ -1133,6 +1138,79 @@ impl KvShard {
         }
         self.note_write();
         Ok(SetDone { done: true, replaced })
+    }
+
+    /// The common overwrite, without [`KvShard::walk`]: a bucket of one block that holds one
+    /// record of `key`, inline and not a large value's manifest, which the new inline record
+    /// replaces in place (as the general path would). One read of the head block and nothing
+    /// allocated. `None` when that is not the case (nothing was changed): the general path
+    /// runs, and reports anything damaged. Arguments as [`KvShard::set_locked`]'s.
+    #[allow(clippy::too_many_arguments)]
+    async fn replace_in_head(
+        &self,
+        sess: &Sess,
+        loc: &Loc,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+        cond: Cond,
+        kind: u8,
+    ) -> KvResult<Option<SetDone>> {
+        let new_len = format::inline_record_len(key.len(), value.len(), expires);
+        if new_len > format::INLINE_RECORD_MAX {
+            return Ok(None);
+        }
+        let space = Space::of_flags(kind);
+        let buf = sess.read(loc.head).await?;
+        let (offset, len, old_expires) = {
+            let data = buf.data();
+            let Some((rbk, zero)) = self.check_chain_block(loc, loc.head, &data, None)? else {
+                return Ok(None);
+            };
+            if zero || rbk.next.0 != 0 {
+                return Ok(None);
+            }
+            let end = format::RECORD_BLOCK_HEADER + rbk.used;
+            let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
+            let mut found = None;
+            while at < end {
+                let Ok(rec) = format::parse_record(loc.head, &data, at, end) else {
+                    return Ok(None);
+                };
+                at += rec.len;
+                count += 1;
+                if Space::of_flags(rec.flags) != space
+                    || &data[rec.key.0..rec.key.0 + rec.key.1] != key
+                {
+                    continue;
+                }
+                if found.is_some() || rec.is_manifest() || !matches!(rec.body, Body::Inline(_)) {
+                    return Ok(None);
+                }
+                found = Some((rec.offset, rec.len, rec.expires));
+            }
+            let fits = |&(_, len, _): &(usize, usize, u64)| rbk.used - len + new_len <= RECORD_AREA;
+            match found.filter(fits) {
+                Some(hit) if count == rbk.count => hit,
+                _ => return Ok(None),
+            }
+        };
+        // NX / XX look at the live key (the clock is read only if it has an expiry).
+        let live = old_expires == 0 || old_expires > now_ms();
+        if !cond.holds(live) {
+            return Ok(Some(SetDone { done: false, replaced: None }));
+        }
+        let mut record = self.record_buf.take();
+        format::encode_inline_into(&mut record, key, value, self.id(), expires, kind);
+        {
+            let mut data = buf.data_mut();
+            format::remove_record(&mut data, offset, len);
+            format::append_record(&mut data, &record);
+        }
+        self.record_buf.replace(record);
+        buf.mark_dirty();
+        self.note_write();
+        Ok(Some(SetDone { done: true, replaced: None }))
     }
 
     /// Deletes `key` in `space`; returns whether it existed (an expired key is deleted too,
