@@ -1060,9 +1060,7 @@ impl KvShard {
         }
         let space = Space::of_flags(kind);
         let sess = self.shard.partition().session().await;
-        if let Some(done) =
-            self.replace_in_head(&sess, loc, key, value, expires, cond, kind).await?
-        {
+        if let Some(done) = self.set_in_head(&sess, loc, key, value, expires, cond, kind).await? {
             return Ok(done);
         }
         let (chain, hits) = self.walk(&sess, loc, key, false, space).await?;
@@ -1140,13 +1138,14 @@ impl KvShard {
         Ok(SetDone { done: true, replaced })
     }
 
-    /// The common overwrite, without [`KvShard::walk`]: a bucket of one block that holds one
+    /// The common SET, without [`KvShard::walk`]: a bucket of one block that either holds one
     /// record of `key`, inline and not a large value's manifest, which the new inline record
-    /// replaces in place (as the general path would). One read of the head block and nothing
+    /// replaces in place, or holds none and has room for it (a never-written head is
+    /// initialised), as the general path would do. One read of the head block and nothing
     /// allocated. `None` when that is not the case (nothing was changed): the general path
     /// runs, and reports anything damaged. Arguments as [`KvShard::set_locked`]'s.
     #[allow(clippy::too_many_arguments)]
-    async fn replace_in_head(
+    async fn set_in_head(
         &self,
         sess: &Sess,
         loc: &Loc,
@@ -1162,12 +1161,13 @@ impl KvShard {
         }
         let space = Space::of_flags(kind);
         let buf = sess.read(loc.head).await?;
-        let (offset, len, old_expires) = {
+        // The record to replace (offset, length, expiry), if any; whether the block is zeroes.
+        let (old, zero) = {
             let data = buf.data();
             let Some((rbk, zero)) = self.check_chain_block(loc, loc.head, &data, None)? else {
                 return Ok(None);
             };
-            if zero || rbk.next.0 != 0 {
+            if rbk.next.0 != 0 {
                 return Ok(None);
             }
             let end = format::RECORD_BLOCK_HEADER + rbk.used;
@@ -1189,14 +1189,14 @@ impl KvShard {
                 }
                 found = Some((rec.offset, rec.len, rec.expires));
             }
-            let fits = |&(_, len, _): &(usize, usize, u64)| rbk.used - len + new_len <= RECORD_AREA;
-            match found.filter(fits) {
-                Some(hit) if count == rbk.count => hit,
-                _ => return Ok(None),
+            let freed = found.map_or(0, |(_, len, _)| len);
+            if count != rbk.count || rbk.used - freed + new_len > RECORD_AREA {
+                return Ok(None);
             }
+            (found, zero)
         };
         // NX / XX look at the live key (the clock is read only if it has an expiry).
-        let live = old_expires == 0 || old_expires > now_ms();
+        let live = old.is_some_and(|(_, _, expires)| expires == 0 || expires > now_ms());
         if !cond.holds(live) {
             return Ok(Some(SetDone { done: false, replaced: None }));
         }
@@ -1204,11 +1204,20 @@ impl KvShard {
         format::encode_inline_into(&mut record, key, value, self.id(), expires, kind);
         {
             let mut data = buf.data_mut();
-            format::remove_record(&mut data, offset, len);
+            if zero {
+                let head = format::kind::HEAD;
+                format::init_record_block(&mut data, head, loc.head, 0, loc.bucket_id);
+            }
+            if let Some((offset, len, _)) = old {
+                format::remove_record(&mut data, offset, len);
+            }
             format::append_record(&mut data, &record);
         }
         self.record_buf.replace(record);
         buf.mark_dirty();
+        if old.is_none() && space == Space::User {
+            self.add_keys(loc.range, 1);
+        }
         self.note_write();
         Ok(Some(SetDone { done: true, replaced: None }))
     }
