@@ -442,6 +442,9 @@ impl Table {
         self.index.remove(old_block, &self.hot);
         self.hot[frame as usize].set_block(new_block);
         self.index.insert(new_block, frame, &self.hot);
+        // The caller wrote the old block first, so the frame turns dirty here, and
+        // `mark_dirty` clears the new block's known-zero bit.
+        debug_assert!(!self.hot[frame as usize].has(flag::DIRTY), "the old block is written");
         self.mark_dirty(frame, 0, block_size);
     }
 
@@ -449,10 +452,6 @@ impl Table {
 
     /// Records a modification of `start..end` (byte offsets in the block).
     pub(crate) fn mark_dirty(&mut self, frame: u32, start: usize, end: usize) {
-        if let Some(zero) = &mut self.known_zero {
-            // From now on the device may hold this frame's bytes for the block.
-            zero.clear(self.hot[frame as usize].block());
-        }
         let seq = self.dirty_seq;
         self.dirty_seq += 1;
         let h = &self.hot[frame as usize];
@@ -462,6 +461,12 @@ impl Table {
             c.dirty_start = c.dirty_start.min(start as u16);
             c.dirty_last = c.dirty_last.max(last);
         } else {
+            if let Some(zero) = &mut self.known_zero {
+                // From now on the device may hold this frame's bytes for the block. Only when
+                // the frame turns dirty: a dirty frame's bit was cleared then (the bitmap word
+                // is a cache miss, and a buffer is often changed many times between writes).
+                zero.clear(h.block());
+            }
             h.add_flags(flag::DIRTY);
             c.oldest_dirty_seq = seq;
             c.dirty_start = start as u16;
