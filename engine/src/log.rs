@@ -137,6 +137,26 @@ impl ShardLog {
         }
     }
 
+    /// Whether [`ShardLog::try_append`] of a `payload_len`-byte record would append it now
+    /// (it fits the staging ring and the log). Nothing can change that before the caller's
+    /// next await.
+    pub fn can_append_now(&self, payload_len: usize) -> bool {
+        self.log.can_append_now(payload_len)
+    }
+
+    /// [`ShardLog::append`] without waiting: `Ok(None)` (nothing appended) where `append`
+    /// would wait (the staging ring is full, or the log is full and needs a checkpoint).
+    /// For a caller that changes the cache and appends the change's record in one step, with
+    /// no await at all (contract 1 above, and no other task can change the block meanwhile),
+    /// having checked [`ShardLog::can_append_now`] before changing anything.
+    pub fn try_append(&self, payload: &[u8]) -> Result<Option<u64>, LogError> {
+        let appended = self.log.try_append(payload)?;
+        if appended.is_some() {
+            self.maybe_start_checkpoint();
+        }
+        Ok(appended)
+    }
+
     /// Waits until every record before `lsn` is durable (group commit: one write of the tail
     /// and one flush cover every record appended before it started).
     pub async fn commit(&self, lsn: u64) -> Result<(), LogError> {

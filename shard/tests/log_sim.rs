@@ -530,3 +530,64 @@ fn a_clean_close_leaves_nothing_to_replay() {
         assert_eq!(replay.records[0].payload, b"after");
     });
 }
+
+#[test]
+fn try_append_appends_exactly_when_append_would_not_wait() {
+    run(async {
+        // A slow device: without an await the writer cannot drain the staging ring.
+        let dev = device(64, 50, 11);
+        let (log, _) = open(dev.clone(), 40).await.expect("open");
+        let mut model = Model::default();
+        let too_large = vec![7u8; 8193];
+        assert!(!log.can_append_now(too_large.len()));
+        assert!(matches!(log.try_append(&too_large), Err(LogError::RecordTooLarge { .. })));
+        // Without awaiting, appends go into the staging ring until it is full.
+        let mut i = 0;
+        let refused = loop {
+            let p = payload(i);
+            let predicted = log.can_append_now(p.len());
+            let lsn = log.head();
+            match log.try_append(&p).expect("no error") {
+                Some(end) => {
+                    assert!(predicted, "record {i}: appended although it said it could not");
+                    assert_eq!(end, lsn + record_bytes(p.len()), "the position append returns");
+                    model.records.push((lsn, p));
+                }
+                None => {
+                    assert!(!predicted, "record {i}: refused although it said it could");
+                    assert_eq!(log.head(), lsn, "a refused record leaves the head alone");
+                    break p;
+                }
+            }
+            i += 1;
+        };
+        assert!(i > 8, "the 32 KiB staging ring took {i} records before it was full");
+        // `append` waits for the writer instead; then `try_append` works again.
+        let lsn = log.head();
+        log.append(&refused).await.expect("append waits for room");
+        model.records.push((lsn, refused));
+        i += 1;
+        // Until the log itself is full: then `try_append` refuses and `append` fails.
+        loop {
+            let p = payload(i);
+            let lsn = log.head();
+            match log.try_append(&p).expect("no error") {
+                Some(_) => model.records.push((lsn, p)),
+                None => match log.append(&p).await {
+                    Ok(_) => model.records.push((lsn, p)),
+                    Err(e) => {
+                        assert!(matches!(e, LogError::Full { .. }), "{e:?}");
+                        assert!(!log.can_append_now(p.len()));
+                        break;
+                    }
+                },
+            }
+            i += 1;
+        }
+        log.commit(log.head()).await.expect("commit");
+        model.acked_end = log.head();
+        let (_log, replay) = open(reopen_device(dev.durable_image()), 40).await.expect("reopen");
+        model.check(&replay.records, "records from try_append and append");
+        assert_eq!(replay.records.len(), model.records.len());
+    });
+}

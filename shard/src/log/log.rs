@@ -287,6 +287,33 @@ impl<D: Device + 'static> Log<D> {
         Ok(inner.append_now(payload, need))
     }
 
+    /// Whether [`Log::try_append`] of a `payload_len`-byte record would append it now: it fits
+    /// the staging ring and the log. Nothing can change that before the caller's next await.
+    pub fn can_append_now(&self, payload_len: usize) -> bool {
+        payload_len <= self.inner.config.record_bytes_max
+            && matches!(self.inner.fits_staging(record_bytes(payload_len)), Ok(true))
+    }
+
+    /// [`Log::append`] without waiting: `Ok(None)` (nothing appended) where `append` would
+    /// wait for the staging ring or fail with [`LogError::Full`]; other errors as `append`'s.
+    /// For a caller that must append in the same step as the change the record describes
+    /// (no await between them), having checked [`Log::can_append_now`] first.
+    pub fn try_append(&self, payload: &[u8]) -> Result<Option<u64>, LogError> {
+        let inner = &self.inner;
+        if payload.len() > inner.config.record_bytes_max {
+            return Err(LogError::RecordTooLarge {
+                len: payload.len(),
+                max: inner.config.record_bytes_max,
+            });
+        }
+        let need = record_bytes(payload.len());
+        match inner.fits_staging(need) {
+            Ok(true) => Ok(Some(inner.append_now(payload, need))),
+            Ok(false) | Err(LogError::Full { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Waits until every record before `lsn` is durable (clamped to the head). Records
     /// appended by anyone before the commit's write share it: one write of the tail and one
     /// flush cover them all. Appends go on meanwhile.
