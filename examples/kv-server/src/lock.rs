@@ -88,6 +88,12 @@ impl BucketLocks {
     }
 
     /// Bucket locks held or waited for now.
+    /// Whether no one holds or awaits `id`'s lock (so a change made without an await needs
+    /// none).
+    pub fn is_free(&self, id: u64) -> bool {
+        !self.map.borrow().contains_key(&id)
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.borrow().len()

@@ -158,6 +158,19 @@ pub fn damaged_manifest(key: &[u8]) -> String {
     format!("ERR the large value of key '{}' has a damaged manifest", shown_key(key))
 }
 
+/// Runs one operation on its owner (this shard) without an await, if it can be done so: a
+/// plain SET of a key whose bucket is cached ([`KvShard::try_set_now`]). `None`: nothing was
+/// done, [`run_op`] runs it.
+fn run_now(kv: &KvShard, op: &Op, loc: &Loc) -> Option<OpOut> {
+    match op {
+        Op::Set(k, v, cond, 0) => Some(match kv.try_set_now(loc, k, v, *cond)? {
+            Ok(done) => OpOut::Done(done),
+            Err(e) => OpOut::Err(e.to_string()),
+        }),
+        _ => None,
+    }
+}
+
 /// Runs one operation on its owner (this shard).
 async fn run_op(kv: &Rc<KvShard>, op: Op, loc: &Loc, values: &mut Vec<u8>) -> OpOut {
     let me = kv.shard.id();
@@ -402,7 +415,10 @@ async fn exec_local(
         if op.writes() {
             wrote.push(out.len());
         }
-        let result = run_op(kv, op, &locs[done], values).await;
+        let result = match run_now(kv, &op, &locs[done]) {
+            Some(result) => result,
+            None => run_op(kv, op, &locs[done], values).await,
+        };
         out.push(result);
     }
     commit_writes(kv, out, &wrote).await;

@@ -551,6 +551,15 @@ fn space_key(key: &[u8], flags: u8) -> Vec<u8> {
     k
 }
 
+/// What [`KvShard::plan_in_head`] found a SET can do in a bucket's head block.
+#[derive(Clone, Copy, Debug)]
+struct HeadPlan {
+    /// The key's one record, to replace: its offset, length and expiry (`None`: append).
+    old: Option<(usize, usize, u64)>,
+    /// The block is zeroes (never written): initialise it first.
+    zero: bool,
+}
+
 /// What a chain walk found in one block.
 #[derive(Debug, Clone)]
 struct ChainBlock {
@@ -1159,46 +1168,117 @@ impl KvShard {
         if new_len > format::INLINE_RECORD_MAX {
             return Ok(None);
         }
-        let space = Space::of_flags(kind);
         let buf = sess.read(loc.head).await?;
-        // The record to replace (offset, length, expiry), if any; whether the block is zeroes.
-        let (old, zero) = {
-            let data = buf.data();
-            let Some((rbk, zero)) = self.check_chain_block(loc, loc.head, &data, None)? else {
-                return Ok(None);
-            };
-            if rbk.next.0 != 0 {
-                return Ok(None);
-            }
-            let end = format::RECORD_BLOCK_HEADER + rbk.used;
-            let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
-            let mut found = None;
-            while at < end {
-                let Ok(rec) = format::parse_record(loc.head, &data, at, end) else {
-                    return Ok(None);
-                };
-                at += rec.len;
-                count += 1;
-                if Space::of_flags(rec.flags) != space
-                    || &data[rec.key.0..rec.key.0 + rec.key.1] != key
-                {
-                    continue;
-                }
-                if found.is_some() || rec.is_manifest() || !matches!(rec.body, Body::Inline(_)) {
-                    return Ok(None);
-                }
-                found = Some((rec.offset, rec.len, rec.expires));
-            }
-            let freed = found.map_or(0, |(_, len, _)| len);
-            if count != rbk.count || rbk.used - freed + new_len > RECORD_AREA {
-                return Ok(None);
-            }
-            (found, zero)
+        let Some(plan) = self.plan_in_head(loc, &buf.data(), key, Space::of_flags(kind), new_len)
+        else {
+            return Ok(None);
         };
+        Ok(Some(self.apply_in_head(&buf, loc, plan, key, value, expires, cond, kind)))
+    }
+
+    /// [`KvShard::set_in_head`] with no await at all, for the batch loop: when the head block
+    /// is cached, no one holds or awaits the bucket's lock, the key's range is loaded and the
+    /// log can take the record at once, the SET is done here in one step (so no lock is
+    /// needed: nothing else runs meanwhile) and its record appended in the same step. `None`:
+    /// nothing was changed, the general path runs. SETs with an expiry take the general path.
+    /// `Some(Ok(set))`: whether `cond` held and the key was set.
+    pub fn try_set_now(
+        &self,
+        loc: &Loc,
+        key: &[u8],
+        value: &[u8],
+        cond: Cond,
+    ) -> Option<KvResult<bool>> {
+        debug_assert_eq!(*loc, self.geo.locate(key));
+        let new_len = format::inline_record_len(key.len(), value.len(), 0);
+        if new_len > format::INLINE_RECORD_MAX
+            || self.frozen.get()
+            || !self.loaded.get(loc.range as usize).is_some_and(Cell::get)
+            || !self.locks.is_free(loc.bucket_id)
+        {
+            return None;
+        }
+        let log = self.shard.log().filter(|_| !self.replaying.get());
+        let mut record = self.log_buf.take();
+        if let Some(log) = log {
+            logrec::encode(&mut record, logrec::Op::Set, key, value, 0, 0);
+            if !log.can_append_now(record.len()) {
+                self.log_buf.replace(record);
+                return None;
+            }
+        }
+        let buf = self.shard.partition().get(loc.head)?;
+        let plan = self.plan_in_head(loc, &buf.data(), key, Space::User, new_len)?;
+        self.counters.ops.set(self.counters.ops.get() + 1);
+        let done = self.apply_in_head(&buf, loc, plan, key, value, 0, cond, 0);
+        let appended = match (log, &done) {
+            (Some(log), SetDone { done: true, .. }) => match log.try_append(&record) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("no room, after it said there was".to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            _ => Ok(()),
+        };
+        self.log_buf.replace(record);
+        Some(appended.map(|()| done.done).map_err(KvError::LogAppend))
+    }
+
+    /// What a SET of `key` (an inline record of `new_len` bytes in `space`) can do in the head
+    /// block `data` of a one-block bucket: replace the one record of the key, or append.
+    /// `None` if neither (a chain, several records of the key, extents or a manifest, no
+    /// room, or a damaged block).
+    fn plan_in_head(
+        &self,
+        loc: &Loc,
+        data: &[u8],
+        key: &[u8],
+        space: Space,
+        new_len: usize,
+    ) -> Option<HeadPlan> {
+        let (rbk, zero) = self.check_chain_block(loc, loc.head, data, None).ok()??;
+        if rbk.next.0 != 0 {
+            return None;
+        }
+        let end = format::RECORD_BLOCK_HEADER + rbk.used;
+        let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
+        let mut found = None;
+        while at < end {
+            let rec = format::parse_record(loc.head, data, at, end).ok()?;
+            at += rec.len;
+            count += 1;
+            if Space::of_flags(rec.flags) != space || &data[rec.key.0..rec.key.0 + rec.key.1] != key
+            {
+                continue;
+            }
+            if found.is_some() || rec.is_manifest() || !matches!(rec.body, Body::Inline(_)) {
+                return None;
+            }
+            found = Some((rec.offset, rec.len, rec.expires));
+        }
+        let freed = found.map_or(0, |(_, len, _)| len);
+        if count != rbk.count || rbk.used - freed + new_len > RECORD_AREA {
+            return None;
+        }
+        Some(HeadPlan { old: found, zero })
+    }
+
+    /// Carries out a [`KvShard::plan_in_head`] plan on the head `buf` if `cond` holds.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_in_head(
+        &self,
+        buf: &corebuf_shard::cache::BufRef<'_, DmaDevice>,
+        loc: &Loc,
+        HeadPlan { old, zero }: HeadPlan,
+        key: &[u8],
+        value: &[u8],
+        expires: u64,
+        cond: Cond,
+        kind: u8,
+    ) -> SetDone {
         // NX / XX look at the live key (the clock is read only if it has an expiry).
         let live = old.is_some_and(|(_, _, expires)| expires == 0 || expires > now_ms());
         if !cond.holds(live) {
-            return Ok(Some(SetDone { done: false, replaced: None }));
+            return SetDone { done: false, replaced: None };
         }
         let mut record = self.record_buf.take();
         format::encode_inline_into(&mut record, key, value, self.id(), expires, kind);
@@ -1215,11 +1295,11 @@ impl KvShard {
         }
         self.record_buf.replace(record);
         buf.mark_dirty();
-        if old.is_none() && space == Space::User {
+        if old.is_none() && Space::of_flags(kind) == Space::User {
             self.add_keys(loc.range, 1);
         }
         self.note_write();
-        Ok(Some(SetDone { done: true, replaced: None }))
+        SetDone { done: true, replaced: None }
     }
 
     /// Deletes `key` in `space`; returns whether it existed (an expired key is deleted too,
