@@ -692,6 +692,65 @@ fn sessions_beyond_the_deadlock_rule_bound_wait_for_one_to_close() {
 }
 
 #[test]
+fn a_flush_writes_adjacent_dirty_blocks_as_one_write_of_at_most_64_blocks() {
+    run(async {
+        let blocks = 128;
+        let device = sim(blocks, 3, 21);
+        let probe = device.clone();
+        let part = partition(device, 96, 8);
+        let dirty: Vec<u64> = (0..70).chain([100, 102, 103]).collect();
+        {
+            let s = part.session().await;
+            // Dirtied out of order: the flush sorts them.
+            for &b in dirty.iter().rev() {
+                let buf = s.read(b).await.unwrap();
+                buf.data_mut().copy_from_slice(&content(b, 1));
+                buf.mark_dirty();
+            }
+        }
+        let writes = probe.counters().writes;
+        // Block 40's bytes are borrowed while the flush starts: its run ends before it, and it
+        // is written alone once the borrow ends.
+        let s = part.session().await;
+        let forty = s.read(40).await.unwrap();
+        let borrow = forty.data_mut();
+        let flush = glommio::spawn_local({
+            let part = part.clone();
+            async move { part.write_dirty().await }
+        });
+        for _ in 0..50 {
+            futures_lite::future::yield_now().await;
+        }
+        assert!(part.stats().dirty >= 1, "block 40 waits for its borrow");
+        drop(borrow);
+        drop(forty);
+        drop(s);
+        flush.await.expect("the flush");
+        // Runs 0..40, 40 (alone), 41..70, 100 and 102..104: five writes for 73 buffers.
+        assert_eq!(probe.counters().writes - writes, 5, "one write per run");
+        assert_eq!(part.stats().writebacks, dirty.len() as u64);
+        assert_eq!(part.stats().dirty, 0);
+        let durable = probe.durable_image();
+        for b in 0..blocks {
+            let version = if dirty.contains(&b) { 1 } else { 0 };
+            assert_eq!(block_of(&durable, b), content(b, version).as_slice(), "block {b}");
+        }
+        // A run is at most 64 blocks: 0..64 and 64..70.
+        {
+            let s = part.session().await;
+            for b in 0..70 {
+                let buf = s.read(b).await.unwrap();
+                buf.data_mut().copy_from_slice(&content(b, 2));
+                buf.mark_dirty();
+            }
+        }
+        let writes = probe.counters().writes;
+        part.write_dirty().await.expect("the flush");
+        assert_eq!(probe.counters().writes - writes, 2, "64 blocks, then 6");
+    });
+}
+
+#[test]
 fn write_dirty_async_starts_writes_and_returns_at_once() {
     run(async {
         let device = sim(64, 30, 9);
@@ -704,10 +763,11 @@ fn write_dirty_async_starts_writes_and_returns_at_once() {
             buf.mark_dirty();
         }
         part.write_dirty_async();
-        assert!(probe.counters().writes < 4, "returned before the writes completed");
+        assert_eq!(probe.counters().writes, 0, "returned before the write completed");
         assert!(part.queue().stats().writebacks_in_flight > 0, "writes are in flight");
         part.queue().sync().await.unwrap();
-        assert_eq!(probe.counters().writes, 4);
+        assert_eq!(probe.counters().writes, 1, "four adjacent blocks go as one write");
+        assert_eq!(part.stats().writebacks, 4, "four buffers written");
         assert_eq!(part.stats().dirty, 0);
         let live = probe.live_image();
         let durable = probe.durable_image();

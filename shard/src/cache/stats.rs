@@ -18,9 +18,11 @@ pub struct CacheStats {
     pub news: u64,
     /// Frames reused for another block.
     pub evictions: u64,
-    /// Writes of dirty buffers that completed successfully.
+    /// Writes of dirty buffers that completed successfully (a buffer in a run of adjacent
+    /// blocks written as one request counts once here).
     pub writebacks: u64,
-    /// Writes of dirty buffers that failed (the data stays cached and dirty).
+    /// Writes of dirty buffers that failed (the data stays cached and dirty; counted per
+    /// buffer, as `writebacks`).
     pub write_errors: u64,
     /// Device reads that failed.
     pub read_errors: u64,

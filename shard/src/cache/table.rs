@@ -586,6 +586,58 @@ impl Table {
         Some(frame)
     }
 
+    /// The frames [`Table::schedule_next_write`] would schedule now (dirty, no write
+    /// scheduled, `wanted`), with their blocks, in block order: a flush writes adjacent
+    /// blocks as one write.
+    pub(crate) fn writable_in_block_order(
+        &self,
+        wanted: impl Fn(&Table, u64, &Cold) -> bool,
+    ) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u32)> = self
+            .dirty_list
+            .iter()
+            .filter_map(|&f| {
+                let h = &self.hot[f as usize];
+                let writable = h.has(flag::DIRTY)
+                    && !h.has(flag::WRITING)
+                    && wanted(self, h.block(), &self.cold[f as usize]);
+                writable.then(|| (h.block(), f))
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Whether `frame` still holds `block`, is dirty, has no write scheduled and passes
+    /// `wanted`.
+    pub(crate) fn writable(
+        &self,
+        frame: u32,
+        block: u64,
+        wanted: impl Fn(&Table, u64, &Cold) -> bool,
+    ) -> bool {
+        let h = &self.hot[frame as usize];
+        h.block() == block
+            && h.has(flag::DIRTY)
+            && !h.has(flag::WRITING)
+            && wanted(self, block, &self.cold[frame as usize])
+    }
+
+    /// Schedules the write of `frame` (`begin_write`) if it is [`Table::writable`]; returns
+    /// whether it did.
+    pub(crate) fn try_schedule_write(
+        &mut self,
+        frame: u32,
+        block: u64,
+        wanted: impl Fn(&Table, u64, &Cold) -> bool,
+    ) -> bool {
+        let ok = self.writable(frame, block, wanted);
+        if ok {
+            self.begin_write(frame);
+        }
+        ok
+    }
+
     /// Whether a modification made before `barrier` is not yet on the device (and has not
     /// failed to get there since `failures_at_start`).
     pub(crate) fn writes_pending_before(&self, barrier: u64, failures_at_start: u64) -> bool {

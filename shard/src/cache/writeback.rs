@@ -4,9 +4,11 @@
 
 use std::rc::Rc;
 
+use super::frame::Cold;
 use super::partition::Inner;
+use super::table::Table;
 use crate::error::Result;
-use crate::io::Device;
+use crate::io::{Device, IoBuf};
 
 impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     /// Writes every buffer dirtied before the call and waits for those writes (see
@@ -47,17 +49,9 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         // The snapshot needs the bytes not borrowed mutably (and, for `on_write`, neither the
         // bytes nor the aux data borrowed at all: the hook gets both mutably).
         // No await between this check and the copy below: if you add one, re-check after it.
-        let needs_exclusive = self.hooks.on_write.is_some();
-        let busy = |inner: &Self| {
-            if needs_exclusive {
-                inner.arena.is_borrowed(frame) || inner.aux_borrowed(frame)
-            } else {
-                inner.arena.is_mut_borrowed(frame)
-            }
-        };
         // Borrows end without a notification (they are plain guards), so poll: this only
         // happens when a caller holds a data borrow across an await.
-        while busy(self) {
+        while self.write_busy(frame) {
             futures_lite::future::yield_now().await;
         }
         let block = self.table.borrow().block_of(frame);
@@ -85,23 +79,115 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     /// Schedules and submits writes of every dirty, idle-writer frame dirtied before `barrier`
     /// whose write has not failed since failure number `failures_at_start`.
     ///
-    /// The dirty list is walked with a cursor, so a pass is O(dirty frames), not O(n²): frames
-    /// whose write was scheduled stay listed (WRITING) and keep their places, but a completed
-    /// write removes its frame by swapping the last one into its slot, which may move a frame
-    /// behind the cursor. So a pass that reaches the end starts over once, and only a pass
-    /// from the start that finds nothing ends the walk.
+    /// The frames are taken in block order, and adjacent blocks (up to [`RUN_BLOCKS_MAX`]) go
+    /// as one write: a flush of a cache whose dirty blocks are dense (a hash table's bucket
+    /// heads, say) then costs the kernel and the device one request per run instead of one
+    /// per block. A run takes only frames that can be copied at once (their bytes not
+    /// borrowed) and is scheduled and copied without an await, so it never holds frames
+    /// `WRITING` while it waits; a frame that must wait for a borrow goes alone, as before.
+    /// Each frame is checked again when its turn comes, since the writes before it may have
+    /// waited; passes repeat until one finds nothing to write (frames turn writable again
+    /// meanwhile: a write that completed after a change, or failed).
     async fn write_all_dirty_before(self: &Rc<Self>, barrier: u64, failures_at_start: u64) {
-        let mut cursor = 0;
+        let wanted = |t: &Table, block: u64, c: &Cold| {
+            c.oldest_dirty_seq < barrier && !t.failed_since(block, failures_at_start)
+        };
+        let mut run: Vec<u32> = Vec::with_capacity(RUN_BLOCKS_MAX);
         loop {
-            let next = self.table.borrow_mut().schedule_next_write(&mut cursor, |t, block, c| {
-                c.oldest_dirty_seq < barrier && !t.failed_since(block, failures_at_start)
-            });
-            match next {
-                Some(frame) => self.write_frame(frame).await,
-                None if cursor == 0 => return,
-                None => cursor = 0,
+            let order = self.table.borrow().writable_in_block_order(wanted);
+            if order.is_empty() {
+                return;
+            }
+            self.write_in_block_order(&order, &mut run, wanted).await;
+        }
+    }
+
+    /// One pass of [`Inner::write_all_dirty_before`] over `order` (writable frames in block
+    /// order, as the pass began).
+    async fn write_in_block_order(
+        self: &Rc<Self>,
+        order: &[(u64, u32)],
+        run: &mut Vec<u32>,
+        wanted: impl Fn(&Table, u64, &Cold) -> bool + Copy,
+    ) {
+        let mut at = 0;
+        while at < order.len() {
+            let first = order[at].0;
+            run.clear();
+            {
+                let table = self.table.borrow();
+                for &(block, frame) in &order[at..] {
+                    if block != first + run.len() as u64
+                        || run.len() == RUN_BLOCKS_MAX
+                        || !table.writable(frame, block, wanted)
+                        || self.write_busy(frame)
+                    {
+                        break;
+                    }
+                    run.push(frame);
+                }
+            }
+            if run.len() > 1 {
+                at += run.len();
+                self.write_run(first, run).await;
+                continue;
+            }
+            // One frame, or one whose bytes are borrowed: the single write, which waits.
+            let (block, frame) = order[at];
+            at += 1;
+            if self.table.borrow_mut().try_schedule_write(frame, block, wanted) {
+                self.write_frame(frame).await;
             }
         }
+    }
+
+    /// Whether a write of `frame` must wait before it copies the bytes: they are borrowed
+    /// mutably (or, with an `on_write` hook, which changes the bytes and the aux data, at all).
+    fn write_busy(&self, frame: u32) -> bool {
+        if self.hooks.on_write.is_some() {
+            self.arena.is_borrowed(frame) || self.aux_borrowed(frame)
+        } else {
+            self.arena.is_mut_borrowed(frame)
+        }
+    }
+
+    /// Writes `frames`, which hold the adjacent blocks from `first`, are writable and whose
+    /// bytes are not borrowed (checked by the caller with no await since), as one write:
+    /// schedules and copies them all in one step, then submits the write (see
+    /// [`Inner::write_frame`] for one frame). Its completion ends each frame's write with the
+    /// one result.
+    async fn write_run(self: &Rc<Self>, first: u64, frames: &[u32]) {
+        let bs = self.block_size;
+        let mut buf = self.queue.device().alloc_buf(frames.len() * bs);
+        for (i, &frame) in frames.iter().enumerate() {
+            let block = first + i as u64;
+            self.table.borrow_mut().begin_write(frame);
+            if let Some(hook) = &self.hooks.on_write {
+                let mut data = self.arena.try_borrow_mut(frame).expect("checked not borrowed");
+                let mut aux = self.try_aux_mut(frame).expect("checked not borrowed");
+                hook(block, &mut data, &mut aux);
+            }
+            {
+                let data = self.arena.try_borrow(frame).expect("checked not mutably borrowed");
+                buf.as_bytes_mut()[i * bs..(i + 1) * bs].copy_from_slice(&data);
+            }
+            self.table.borrow_mut().take_snapshot(frame);
+        }
+        let mut guard = RunGuard { inner: self, frames, submitted: false };
+        let inner = Rc::clone(self);
+        let owned: Vec<u32> = frames.to_vec();
+        let done = move |result: Result<()>| {
+            let mut table = inner.table.borrow_mut();
+            for &frame in &owned {
+                table.end_write(frame, result.clone());
+            }
+            drop(table);
+            inner.notify();
+        };
+        let blocks = frames.len() as u64;
+        let submitted = self.queue.write_back_run_then(buf, first, blocks, done).await;
+        debug_assert!(submitted.is_ok(), "installed frames' blocks are inside the device");
+        guard.submitted = submitted.is_ok();
     }
 
     pub(super) async fn write_all_dirty(self: &Rc<Self>, barrier: u64) {
@@ -140,6 +226,31 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
             inner.background_writer_running.set(false);
         })
         .detach();
+    }
+}
+
+/// Most blocks a flush writes as one request (256 KiB of 4 KiB blocks).
+pub(super) const RUN_BLOCKS_MAX: usize = 64;
+
+/// [`WriteGuard`] for the frames of a run: each is given back as dirty if the run's write is
+/// never submitted.
+struct RunGuard<'a, D: Device + 'static, A: Default + 'static> {
+    inner: &'a Inner<D, A>,
+    frames: &'a [u32],
+    submitted: bool,
+}
+
+impl<D: Device + 'static, A: Default + 'static> Drop for RunGuard<'_, D, A> {
+    fn drop(&mut self) {
+        if self.submitted {
+            return;
+        }
+        let mut table = self.inner.table.borrow_mut();
+        for &frame in self.frames {
+            table.cancel_write(frame);
+        }
+        drop(table);
+        self.inner.notify();
     }
 }
 

@@ -62,7 +62,7 @@ pub struct QueueStats {
     pub reads_completed: u64,
     /// Normal writes completed.
     pub writes_completed: u64,
-    /// Write-backs completed.
+    /// Write-backs completed (requests: a run of adjacent blocks is one).
     pub writebacks_completed: u64,
     /// Flushes completed.
     pub flushes_completed: u64,
@@ -455,6 +455,99 @@ impl<D: Device> IoQueue<D> {
             }
             // Last: returning the buffer wakes waiters, who must see the state above.
             queue.put_buf(buf);
+        };
+        glommio::spawn_local(task).detach();
+        Ok(())
+    }
+
+    /// Like [`IoQueue::write_back_then`] for `buf` holding `blocks` adjacent blocks from
+    /// `first` (a buffer of [`Device::alloc_buf`]): one write-back of them all, which takes one
+    /// write-back slot and is ordered behind earlier writes of each of its blocks. `done`
+    /// gets the one result.
+    pub async fn write_back_run_then(
+        self: &Rc<Self>,
+        buf: D::Buf,
+        first: u64,
+        blocks: u64,
+        done: impl FnOnce(Result<()>) + 'static,
+    ) -> Result<()>
+    where
+        D: 'static,
+    {
+        let offset = self.check_block(first)?;
+        self.check_block(first + blocks.max(1) - 1)?;
+        debug_assert_eq!(
+            buf.as_bytes().len() as u64,
+            blocks * self.config.block_size_bytes as u64,
+            "a run's buffer holds its blocks"
+        );
+        // As `write_back_then`: every ticket is taken before any wait, in one step, so two
+        // runs sharing blocks are ordered the same way on each of them.
+        // If this future is dropped while it waits, the tickets' drops abandon their turns.
+        let admission = self.take_ticket(ADMISSION);
+        let tickets: Vec<Ticket<'_, D>> =
+            (first..first + blocks).map(|block| self.take_ticket(block)).collect();
+        let max = self.config.writebacks_in_flight_max;
+        let admitted = || {
+            let first_in_line =
+                self.turns.borrow().get(&ADMISSION).map(|t| t.serving) == Some(admission.ticket);
+            (first_in_line && self.writebacks_in_flight.get() < max).then_some(())
+        };
+        if admitted().is_none() {
+            self.stats.borrow_mut().submit_waits += 1;
+            self.changed.wait_for(admitted).await;
+        }
+        let in_flight = self.writebacks_in_flight.get() + 1;
+        self.writebacks_in_flight.set(in_flight);
+        drop(admission);
+        self.in_flight.set(self.in_flight.get() + 1);
+        {
+            let mut stats = self.stats.borrow_mut();
+            stats.writebacks_in_flight_peak = stats.writebacks_in_flight_peak.max(in_flight as u64);
+        }
+        // Handed over to the task below, which builds its own.
+        let tickets: Vec<u64> = tickets
+            .into_iter()
+            .map(|ticket| {
+                let number = ticket.ticket;
+                std::mem::forget(ticket);
+                number
+            })
+            .collect();
+        let queue = Rc::clone(self);
+        let task = async move {
+            let tickets: Vec<Ticket<'_, D>> = (first..)
+                .zip(tickets)
+                .map(|(block, ticket)| Ticket { queue: &queue, block, ticket })
+                .collect();
+            for ticket in &tickets {
+                let block = ticket.block;
+                let my_turn = || {
+                    let turns = queue.turns.borrow();
+                    (turns.get(&block).map(|t| t.serving) == Some(ticket.ticket)).then_some(())
+                };
+                if my_turn().is_none() {
+                    queue.changed.wait_for(my_turn).await;
+                }
+            }
+            let started = Instant::now();
+            let result = queue.device.write_at(offset, &buf).await.map_err(|e| e.with_block(first));
+            drop(tickets);
+            queue.writebacks_in_flight.set(queue.writebacks_in_flight.get() - 1);
+            queue.in_flight.set(queue.in_flight.get() - 1);
+            {
+                let mut stats = queue.stats.borrow_mut();
+                match &result {
+                    Ok(()) => {
+                        stats.writebacks_completed += 1;
+                        stats.bytes_written += buf.as_bytes().len() as u64;
+                        record(&mut stats.write_latency_us, started);
+                    }
+                    Err(_) => stats.errors += 1,
+                }
+            }
+            done(result);
+            queue.changed.notify_all();
         };
         glommio::spawn_local(task).detach();
         Ok(())

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::rc::Rc;
 
-use corebuf::io::{Device, SimBuf, SimDevice};
+use corebuf::io::{Device, IoBuf, SimBuf, SimDevice};
 use corebuf::{Error, IoOp, Result};
 
 use crate::BS;
@@ -59,6 +59,8 @@ pub struct Ledger {
     pub read_faults: u64,
     /// Every failed write, the bad blocks' included.
     pub write_faults: u64,
+    /// The blocks those failed writes covered (a run of adjacent blocks is one write).
+    pub write_fault_blocks: u64,
     /// Writes that failed because their block is bad (the `SimDevice` does not count them).
     pub bad_block_faults: u64,
     pub flush_faults: u64,
@@ -315,8 +317,11 @@ impl Device for LedgerDevice {
 
     async fn write_at(&self, offset: u64, buf: &SimBuf) -> Result<()> {
         self.probe.before_write();
-        let block = offset / BS as u64;
-        let bad = self.probe.bad_blocks.borrow().contains(&block);
+        // A write covers one block, or a run of adjacent blocks (a flush writes those as one):
+        // it fails if any of them is bad, and its outcome is each block's.
+        let first = offset / BS as u64;
+        let blocks = first..first + (buf.as_bytes().len() / BS) as u64;
+        let bad = blocks.clone().any(|b| self.probe.bad_blocks.borrow().contains(&b));
         let result = if bad {
             futures_lite::future::yield_now().await;
             let source = std::io::Error::other("injected write fault: a bad block");
@@ -328,11 +333,14 @@ impl Device for LedgerDevice {
         let mut ledger = self.probe.ledger.borrow_mut();
         ledger.bad_block_faults += bad as u64;
         match &result {
-            Ok(()) => ledger.resolve(block, now),
+            Ok(()) => blocks.for_each(|block| ledger.resolve(block, now)),
             Err(e) => {
                 expect_injected(e, IoOp::Write);
                 ledger.write_faults += 1;
-                ledger.failed_since.entry(block).or_insert(now);
+                ledger.write_fault_blocks += blocks.end - blocks.start;
+                for block in blocks {
+                    ledger.failed_since.entry(block).or_insert(now);
+                }
             }
         }
         result
