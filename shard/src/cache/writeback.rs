@@ -127,9 +127,13 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
                     run.push(frame);
                 }
             }
-            if run.len() > 1 {
+            // (A closed device has no buffer to give: then each frame goes alone, and fails.)
+            let buf = (run.len() > 1)
+                .then(|| self.queue.device().try_alloc_buf(run.len() * self.block_size))
+                .flatten();
+            if let Some(buf) = buf {
                 at += run.len();
-                self.write_run(first, run).await;
+                self.write_run(first, run, buf).await;
                 continue;
             }
             // One frame, or one whose bytes are borrowed: the single write, which waits.
@@ -152,13 +156,13 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     }
 
     /// Writes `frames`, which hold the adjacent blocks from `first`, are writable and whose
-    /// bytes are not borrowed (checked by the caller with no await since), as one write:
+    /// bytes are not borrowed (checked by the caller with no await since), as one write from
+    /// `buf` (of their length):
     /// schedules and copies them all in one step, then submits the write (see
     /// [`Inner::write_frame`] for one frame). Its completion ends each frame's write with the
     /// one result.
-    async fn write_run(self: &Rc<Self>, first: u64, frames: &[u32]) {
+    async fn write_run(self: &Rc<Self>, first: u64, frames: &[u32], mut buf: D::Buf) {
         let bs = self.block_size;
-        let mut buf = self.queue.device().alloc_buf(frames.len() * bs);
         for (i, &frame) in frames.iter().enumerate() {
             let block = first + i as u64;
             self.table.borrow_mut().begin_write(frame);

@@ -40,6 +40,10 @@ pub trait Device {
     fn alignment_bytes(&self) -> u64;
     /// Allocates a zeroed buffer of `len` bytes suitable for this device's I/O.
     fn alloc_buf(&self, len: usize) -> Self::Buf;
+    /// [`Device::alloc_buf`] for a device that may be closed already: `None` then.
+    fn try_alloc_buf(&self, len: usize) -> Option<Self::Buf> {
+        Some(self.alloc_buf(len))
+    }
 
     /// Reads `dst.len()` bytes at `offset` straight into `dst` (a cache frame, say), which
     /// is written only once the read succeeded: after an error, or if the future is dropped,

@@ -258,11 +258,14 @@ impl Device for DmaDevice {
     }
 
     fn alloc_buf(&self, len: usize) -> DmaBuf {
-        let file =
-            self.file().expect("buffers are allocated when the queue is built, before close");
-        let mut buf = file.alloc_dma_buffer(len);
+        self.try_alloc_buf(len)
+            .expect("buffers are allocated when the queue is built, before close")
+    }
+
+    fn try_alloc_buf(&self, len: usize) -> Option<DmaBuf> {
+        let mut buf = self.file().ok()?.alloc_dma_buffer(len);
         buf.as_bytes_mut().fill(0);
-        DmaBuf(Rc::new(buf))
+        Some(DmaBuf(Rc::new(buf)))
     }
 
     async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
