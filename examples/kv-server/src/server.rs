@@ -158,16 +158,37 @@ pub fn damaged_manifest(key: &[u8]) -> String {
     format!("ERR the large value of key '{}' has a damaged manifest", shown_key(key))
 }
 
-/// Runs one operation on its owner (this shard) without an await, if it can be done so: a
-/// plain SET of a key whose bucket is cached ([`KvShard::try_set_now`]). `None`: nothing was
-/// done, [`run_op`] runs it.
-fn run_now(kv: &KvShard, op: &Op, loc: &Loc) -> Option<OpOut> {
+/// Runs one operation on its owner (this shard) without an await, if it can be done so: a GET
+/// or a plain SET of a key whose bucket is cached ([`KvShard::try_get_now`],
+/// [`KvShard::try_set_now`]). `None`: nothing was done, [`run_op`] runs it.
+fn run_now(kv: &KvShard, op: &Op, loc: &Loc, values: &mut Vec<u8>) -> Option<OpOut> {
     match op {
+        Op::Get(k) => {
+            let start = values.len();
+            let got = kv.try_get_now(loc, k.as_bytes(), values)?;
+            Some(get_out(k.as_bytes(), got, start, values))
+        }
         Op::Set(k, v, cond, 0) => Some(match kv.try_set_now(loc, k, v, *cond)? {
             Ok(done) => OpOut::Done(done),
             Err(e) => OpOut::Err(e.to_string()),
         }),
         _ => None,
+    }
+}
+
+/// The result of a GET of `key` that found `got`, its value (or manifest) at `values[start..]`.
+fn get_out(key: &[u8], got: Got, start: usize, values: &mut Vec<u8>) -> OpOut {
+    match got {
+        Got::Value => OpOut::Local(start..values.len()),
+        Got::Missing => OpOut::Value(None),
+        Got::Manifest => {
+            let m = Manifest::decode(&values[start..]);
+            values.truncate(start);
+            match m {
+                Ok(m) => OpOut::Large(Box::new(LargeRef::whole(key.to_vec(), m))),
+                Err(_) => OpOut::Err(damaged_manifest(key)),
+            }
+        }
     }
 }
 
@@ -177,18 +198,8 @@ async fn run_op(kv: &Rc<KvShard>, op: Op, loc: &Loc, values: &mut Vec<u8>) -> Op
     let result = match op {
         Op::Get(k) => {
             let start = values.len();
-            kv.get_into_at(loc, k.as_bytes(), values).await.map(|got| match got {
-                Got::Value => OpOut::Local(start..values.len()),
-                Got::Missing => OpOut::Value(None),
-                Got::Manifest => {
-                    let m = Manifest::decode(&values[start..]);
-                    values.truncate(start);
-                    match m {
-                        Ok(m) => OpOut::Large(Box::new(LargeRef::whole(k.as_bytes().to_vec(), m))),
-                        Err(_) => OpOut::Err(damaged_manifest(k.as_bytes())),
-                    }
-                }
-            })
+            let got = kv.get_into_at(loc, k.as_bytes(), values).await;
+            got.map(|got| get_out(k.as_bytes(), got, start, values))
         }
         Op::Set(k, v, c, e) => kv
             .set_full_at(loc, &k, &v, e, c, 0)
@@ -415,7 +426,7 @@ async fn exec_local(
         if op.writes() {
             wrote.push(out.len());
         }
-        let result = match run_now(kv, &op, &locs[done]) {
+        let result = match run_now(kv, &op, &locs[done], values) {
             Some(result) => result,
             None => run_op(kv, op, &locs[done], values).await,
         };

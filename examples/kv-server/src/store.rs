@@ -288,6 +288,61 @@ enum Newest {
     Extents,
 }
 
+/// One block of a GET's walk: the records of user key `key` in record block `data` newer than
+/// `best` (version, what, expiry) replace it, an inline value copied to `out[start..]`.
+fn newest_in_block(
+    block: u64,
+    data: &[u8],
+    rbk: &format::RecordBlock,
+    key: &[u8],
+    out: &mut Vec<u8>,
+    start: usize,
+    best: &mut Option<(u64, Newest, u64)>,
+) -> KvResult<()> {
+    let end = format::RECORD_BLOCK_HEADER + rbk.used;
+    let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
+    while at < end {
+        let rec = format::parse_record(block, data, at, end)?;
+        at += rec.len;
+        count += 1;
+        let newer = best.as_ref().is_none_or(|(version, _, _)| rec.version > *version);
+        if !newer || rec.is_chunk() || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
+            continue;
+        }
+        out.truncate(start);
+        let kind = match rec.body {
+            Body::Inline(at) => {
+                out.extend_from_slice(&data[at..at + rec.value_len]);
+                Newest::Inline { manifest: rec.is_manifest() }
+            }
+            Body::Extents(..) => Newest::Extents,
+        };
+        *best = Some((rec.version, kind, rec.expires));
+    }
+    if count != rbk.count {
+        let why = format!("{count} records, header says {}", rbk.count);
+        return Err(format::corrupt(block, why).into());
+    }
+    Ok(())
+}
+
+/// The end of a GET's walk: what the newest record `best` holds, `None` (and `out` cut back to
+/// `start`) if there is none or it has expired.
+fn newest_unexpired(
+    best: Option<(u64, Newest, u64)>,
+    out: &mut Vec<u8>,
+    start: usize,
+) -> Option<Newest> {
+    match best {
+        // The clock is read only for keys that have an expiry.
+        Some((_, _, expires)) if expired(expires, now_ms()) => {
+            out.truncate(start);
+            None
+        }
+        best => best.map(|(_, kind, _)| kind),
+    }
+}
+
 /// What a write did besides its answer ([`KvShard::update_full`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
@@ -759,19 +814,9 @@ impl KvShard {
             let sess = self.shard.partition().session().await;
             self.newest_inline_into(&sess, loc, key, out).await?
         };
-        let c = &self.counters;
-        match newest {
+        match self.got_inline(newest) {
+            Some(got) => Ok(got),
             None => {
-                c.ops.set(c.ops.get() + 1);
-                c.misses.set(c.misses.get() + 1);
-                Ok(Got::Missing)
-            }
-            Some(Newest::Inline { manifest }) => {
-                c.ops.set(c.ops.get() + 1);
-                c.hits.set(c.hits.get() + 1);
-                Ok(if manifest { Got::Manifest } else { Got::Value })
-            }
-            Some(Newest::Extents) => {
                 // The newest record keeps its value in extent blocks (and if that value is
                 // incomplete, an older record is the value): the general path.
                 out.truncate(start);
@@ -780,6 +825,57 @@ impl KvShard {
                 Ok(if entry.manifest { Got::Manifest } else { Got::Value })
             }
         }
+    }
+
+    /// [`KvShard::get_into_at`] with no await at all, for the batch loop: when the bucket is
+    /// one cached block, no one holds or awaits its lock, and the key's newest record there is
+    /// inline (or absent). `None`: nothing was done (`out` as it was), the general path runs.
+    pub fn try_get_now(&self, loc: &Loc, key: &[u8], out: &mut Vec<u8>) -> Option<Got> {
+        debug_assert_eq!(*loc, self.geo.locate(key));
+        if !self.locks.is_free(loc.bucket_id) {
+            return None;
+        }
+        let buf = self.shard.partition().get(loc.head)?;
+        let data = buf.data();
+        let (rbk, _) = self.check_chain_block(loc, loc.head, &data, None).ok()??;
+        if rbk.next.0 != 0 {
+            return None;
+        }
+        let start = out.len();
+        let mut best = None;
+        if newest_in_block(loc.head, &data, &rbk, key, out, start, &mut best).is_err() {
+            out.truncate(start);
+            return None;
+        }
+        let newest = newest_unexpired(best, out, start);
+        let got = self.got_inline(newest);
+        if got.is_none() {
+            out.truncate(start);
+        }
+        got
+    }
+
+    /// Counts a GET that found `newest` and says what it got; `None` for a value in extent
+    /// blocks (read by the general path).
+    fn got_inline(&self, newest: Option<Newest>) -> Option<Got> {
+        let c = &self.counters;
+        let got = match newest {
+            None => {
+                c.misses.set(c.misses.get() + 1);
+                Got::Missing
+            }
+            Some(Newest::Inline { manifest }) => {
+                c.hits.set(c.hits.get() + 1);
+                if manifest {
+                    Got::Manifest
+                } else {
+                    Got::Value
+                }
+            }
+            Some(Newest::Extents) => return None,
+        };
+        c.ops.set(c.ops.get() + 1);
+        Some(got)
     }
 
     /// Walks `loc`'s chain for the newest record of user key `key`: `None` if there is none or
@@ -795,41 +891,10 @@ impl KvShard {
         let start = out.len();
         let mut best: Option<(u64, Newest, u64)> = None;
         self.for_each_chain_block(sess, loc, |block, data, rbk, _| {
-            let end = format::RECORD_BLOCK_HEADER + rbk.used;
-            let (mut at, mut count) = (format::RECORD_BLOCK_HEADER, 0);
-            while at < end {
-                let rec = format::parse_record(block, data, at, end)?;
-                at += rec.len;
-                count += 1;
-                let newer = best.as_ref().is_none_or(|(version, _, _)| rec.version > *version);
-                if !newer || rec.is_chunk() || &data[rec.key.0..rec.key.0 + rec.key.1] != key {
-                    continue;
-                }
-                out.truncate(start);
-                let kind = match rec.body {
-                    Body::Inline(at) => {
-                        out.extend_from_slice(&data[at..at + rec.value_len]);
-                        Newest::Inline { manifest: rec.is_manifest() }
-                    }
-                    Body::Extents(..) => Newest::Extents,
-                };
-                best = Some((rec.version, kind, rec.expires));
-            }
-            if count != rbk.count {
-                let why = format!("{count} records, header says {}", rbk.count);
-                return Err(format::corrupt(block, why).into());
-            }
-            Ok(())
+            newest_in_block(block, data, rbk, key, out, start, &mut best)
         })
         .await?;
-        match best {
-            // The clock is read only for keys that have an expiry.
-            Some((_, _, expires)) if expired(expires, now_ms()) => {
-                out.truncate(start);
-                Ok(None)
-            }
-            best => Ok(best.map(|(_, kind, _)| kind)),
-        }
+        Ok(newest_unexpired(best, out, start))
     }
 
     /// The live value of user key `key` with its expiry (`None` if absent or expired).
