@@ -159,8 +159,8 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
     /// bytes are not borrowed (checked by the caller with no await since), as one write from
     /// `buf` (of their length):
     /// schedules and copies them all in one step, then submits the write (see
-    /// [`Inner::write_frame`] for one frame). Its completion ends each frame's write with the
-    /// one result.
+    /// [`Inner::write_frame`] for one frame). Its completion ends each frame's write with its
+    /// block's result (a failed run is written again block by block).
     async fn write_run(self: &Rc<Self>, first: u64, frames: &[u32], mut buf: D::Buf) {
         let bs = self.block_size;
         for (i, &frame) in frames.iter().enumerate() {
@@ -180,10 +180,10 @@ impl<D: Device + 'static, A: Default + 'static> Inner<D, A> {
         let mut guard = RunGuard { inner: self, frames, submitted: false };
         let inner = Rc::clone(self);
         let owned: Vec<u32> = frames.to_vec();
-        let done = move |result: Result<()>| {
+        let done = move |results: Vec<Result<()>>| {
             let mut table = inner.table.borrow_mut();
-            for &frame in &owned {
-                table.end_write(frame, result.clone());
+            for (&frame, result) in owned.iter().zip(results) {
+                table.end_write(frame, result);
             }
             drop(table);
             inner.notify();

@@ -462,14 +462,16 @@ impl<D: Device> IoQueue<D> {
 
     /// Like [`IoQueue::write_back_then`] for `buf` holding `blocks` adjacent blocks from
     /// `first` (a buffer of [`Device::alloc_buf`]): one write-back of them all, which takes one
-    /// write-back slot and is ordered behind earlier writes of each of its blocks. `done`
-    /// gets the one result.
+    /// write-back slot and is ordered behind earlier writes of each of its blocks. If that
+    /// write fails, each block is written again alone (still in its turn), so that a bad
+    /// block fails only itself, with an error that names it. `done` gets each block's result,
+    /// in block order.
     pub async fn write_back_run_then(
         self: &Rc<Self>,
         buf: D::Buf,
         first: u64,
         blocks: u64,
-        done: impl FnOnce(Result<()>) + 'static,
+        done: impl FnOnce(Vec<Result<()>>) + 'static,
     ) -> Result<()>
     where
         D: 'static,
@@ -521,32 +523,27 @@ impl<D: Device> IoQueue<D> {
                 .map(|(block, ticket)| Ticket { queue: &queue, block, ticket })
                 .collect();
             for ticket in &tickets {
-                let block = ticket.block;
-                let my_turn = || {
-                    let turns = queue.turns.borrow();
-                    (turns.get(&block).map(|t| t.serving) == Some(ticket.ticket)).then_some(())
-                };
-                if my_turn().is_none() {
-                    queue.changed.wait_for(my_turn).await;
-                }
+                queue.wait_turn(ticket).await;
             }
             let started = Instant::now();
             let result = queue.device.write_at(offset, &buf).await.map_err(|e| e.with_block(first));
+            let results = match result {
+                Ok(()) => {
+                    let mut stats = queue.stats.borrow_mut();
+                    stats.writebacks_completed += 1;
+                    stats.bytes_written += buf.as_bytes().len() as u64;
+                    record(&mut stats.write_latency_us, started);
+                    vec![Ok(()); blocks as usize]
+                }
+                Err(e) => {
+                    queue.stats.borrow_mut().errors += 1;
+                    queue.write_blocks_alone(&buf, first, e).await
+                }
+            };
             drop(tickets);
             queue.writebacks_in_flight.set(queue.writebacks_in_flight.get() - 1);
             queue.in_flight.set(queue.in_flight.get() - 1);
-            {
-                let mut stats = queue.stats.borrow_mut();
-                match &result {
-                    Ok(()) => {
-                        stats.writebacks_completed += 1;
-                        stats.bytes_written += buf.as_bytes().len() as u64;
-                        record(&mut stats.write_latency_us, started);
-                    }
-                    Err(_) => stats.errors += 1,
-                }
-            }
-            done(result);
+            done(results);
             queue.changed.notify_all();
         };
         glommio::spawn_local(task).detach();
@@ -580,15 +577,60 @@ impl<D: Device> IoQueue<D> {
         self.changed.notify_all();
     }
 
-    async fn write_in_turn(&self, ticket: &Ticket<'_, D>, offset: u64, buf: &D::Buf) -> Result<()> {
-        let block = ticket.block;
+    /// After the failed write `run_error` of the run of adjacent blocks in `buf` from `first`:
+    /// writes each block alone (the caller holds their turns), and returns each one's result.
+    /// A device that can give no buffer any more (closed) fails them all with `run_error`.
+    async fn write_blocks_alone(
+        &self,
+        buf: &D::Buf,
+        first: u64,
+        run_error: Error,
+    ) -> Vec<Result<()>> {
+        let bs = self.config.block_size_bytes;
+        let mut results = Vec::new();
+        for (i, bytes) in buf.as_bytes().chunks_exact(bs).enumerate() {
+            let block = first + i as u64;
+            let Some(mut one) = self.device.try_alloc_buf(bs) else {
+                results.push(Err(run_error.clone()));
+                continue;
+            };
+            one.as_bytes_mut().copy_from_slice(bytes);
+            let started = Instant::now();
+            let result = self
+                .device
+                .write_at(block * bs as u64, &one)
+                .await
+                .map_err(|e| e.with_block(block));
+            let mut stats = self.stats.borrow_mut();
+            match &result {
+                Ok(()) => {
+                    stats.writebacks_completed += 1;
+                    stats.bytes_written += bs as u64;
+                    record(&mut stats.write_latency_us, started);
+                }
+                Err(_) => stats.errors += 1,
+            }
+            drop(stats);
+            results.push(result);
+        }
+        results
+    }
+
+    /// Waits until `ticket` is the one its block serves (every earlier write of the block is
+    /// done or abandoned).
+    async fn wait_turn(&self, ticket: &Ticket<'_, D>) {
         let my_turn = || {
             let turns = self.turns.borrow();
-            (turns.get(&block).map(|t| t.serving) == Some(ticket.ticket)).then_some(())
+            (turns.get(&ticket.block).map(|t| t.serving) == Some(ticket.ticket)).then_some(())
         };
         if my_turn().is_none() {
             self.changed.wait_for(my_turn).await;
         }
+    }
+
+    async fn write_in_turn(&self, ticket: &Ticket<'_, D>, offset: u64, buf: &D::Buf) -> Result<()> {
+        let block = ticket.block;
+        self.wait_turn(ticket).await;
         let started = Instant::now();
         let result = self.device.write_at(offset, buf).await.map_err(|e| e.with_block(block));
         if result.is_ok() {

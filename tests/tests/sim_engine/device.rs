@@ -59,7 +59,8 @@ pub struct Ledger {
     pub read_faults: u64,
     /// Every failed write, the bad blocks' included.
     pub write_faults: u64,
-    /// The blocks those failed writes covered (a run of adjacent blocks is one write).
+    /// Those of single blocks: a failed write of a run of adjacent blocks (a flush writes
+    /// those as one) is written again block by block, and those writes are the blocks' outcome.
     pub write_fault_blocks: u64,
     /// Writes that failed because their block is bad (the `SimDevice` does not count them).
     pub bad_block_faults: u64,
@@ -318,7 +319,8 @@ impl Device for LedgerDevice {
     async fn write_at(&self, offset: u64, buf: &SimBuf) -> Result<()> {
         self.probe.before_write();
         // A write covers one block, or a run of adjacent blocks (a flush writes those as one):
-        // it fails if any of them is bad, and its outcome is each block's.
+        // it fails if any of them is bad. A run that succeeds resolves its blocks; one that
+        // fails is written again block by block, whose outcomes then count.
         let first = offset / BS as u64;
         let blocks = first..first + (buf.as_bytes().len() / BS) as u64;
         let bad = blocks.clone().any(|b| self.probe.bad_blocks.borrow().contains(&b));
@@ -337,9 +339,9 @@ impl Device for LedgerDevice {
             Err(e) => {
                 expect_injected(e, IoOp::Write);
                 ledger.write_faults += 1;
-                ledger.write_fault_blocks += blocks.end - blocks.start;
-                for block in blocks {
-                    ledger.failed_since.entry(block).or_insert(now);
+                if blocks.end - blocks.start == 1 {
+                    ledger.write_fault_blocks += 1;
+                    ledger.failed_since.entry(first).or_insert(now);
                 }
             }
         }

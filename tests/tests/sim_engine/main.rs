@@ -614,12 +614,13 @@ fn account_faults(world: &World, gen: &Gen) {
             "generation {number}: the device injected {injected} faults, the ledger saw {ledger:?}"
         ));
     }
-    // The cache counts a failed write per buffer; a run of adjacent blocks is one device write.
+    // The cache counts a failed write per buffer; a failed run of adjacent blocks is written
+    // again block by block, and only those writes' failures are the buffers'.
     if write_errors != ledger.write_fault_blocks {
         world.fail(format!(
             "generation {number}: the shards counted {write_errors} buffer write errors, the \
-             device's {} injected write faults covered {} blocks",
-            ledger.write_faults, ledger.write_fault_blocks
+             device failed {} writes of single blocks ({} write faults in all)",
+            ledger.write_fault_blocks, ledger.write_faults
         ));
     }
     if read_errors != ledger.read_faults || tally.read_errors_seen > ledger.read_faults {
