@@ -1263,6 +1263,8 @@ impl KvShard {
         {
             return None;
         }
+        let buf = self.shard.partition().get(loc.head)?;
+        let plan = self.plan_in_head(loc, &buf.data(), key, Space::User, new_len)?;
         let log = self.shard.log().filter(|_| !self.replaying.get());
         let mut record = self.log_buf.take();
         if let Some(log) = log {
@@ -1272,8 +1274,6 @@ impl KvShard {
                 return None;
             }
         }
-        let buf = self.shard.partition().get(loc.head)?;
-        let plan = self.plan_in_head(loc, &buf.data(), key, Space::User, new_len)?;
         self.counters.ops.set(self.counters.ops.get() + 1);
         let done = self.apply_in_head(&buf, loc, plan, key, value, 0, cond, 0);
         let appended = match (log, &done) {

@@ -266,13 +266,7 @@ impl<D: Device + 'static> Log<D> {
     /// [`LogError::Full`] at once when the log has no room until a checkpoint moves its start.
     pub async fn append(&self, payload: &[u8]) -> Result<u64, LogError> {
         let inner = &self.inner;
-        if payload.len() > inner.config.record_bytes_max {
-            return Err(LogError::RecordTooLarge {
-                len: payload.len(),
-                max: inner.config.record_bytes_max,
-            });
-        }
-        let need = record_bytes(payload.len());
+        let need = self.record_bytes_checked(payload.len())?;
         if !inner.fits_staging(need)? {
             inner.stats.borrow_mut().staging_waits += 1;
             inner
@@ -285,6 +279,15 @@ impl<D: Device + 'static> Log<D> {
                 .await?;
         }
         Ok(inner.append_now(payload, need))
+    }
+
+    /// The log bytes a record of `payload_len` bytes takes, or [`LogError::RecordTooLarge`].
+    fn record_bytes_checked(&self, payload_len: usize) -> Result<u64, LogError> {
+        let max = self.inner.config.record_bytes_max;
+        if payload_len > max {
+            return Err(LogError::RecordTooLarge { len: payload_len, max });
+        }
+        Ok(record_bytes(payload_len))
     }
 
     /// Whether [`Log::try_append`] of a `payload_len`-byte record would append it now: it fits
@@ -300,13 +303,7 @@ impl<D: Device + 'static> Log<D> {
     /// (no await between them), having checked [`Log::can_append_now`] first.
     pub fn try_append(&self, payload: &[u8]) -> Result<Option<u64>, LogError> {
         let inner = &self.inner;
-        if payload.len() > inner.config.record_bytes_max {
-            return Err(LogError::RecordTooLarge {
-                len: payload.len(),
-                max: inner.config.record_bytes_max,
-            });
-        }
-        let need = record_bytes(payload.len());
+        let need = self.record_bytes_checked(payload.len())?;
         match inner.fits_staging(need) {
             Ok(true) => Ok(Some(inner.append_now(payload, need))),
             Ok(false) | Err(LogError::Full { .. }) => Ok(None),
