@@ -3,11 +3,12 @@
 //! neighbours reach the device, and the error names the bad block (found by a review: before,
 //! one bad block kept up to 63 good neighbours dirty, flush after flush).
 
-use std::cell::Cell;
-use std::future::Future;
-use std::rc::Rc;
-use std::time::Duration;
+mod common;
 
+use std::cell::Cell;
+use std::rc::Rc;
+
+use common::run;
 use corebuf_shard::cache::{CacheConfig, Hooks, Partition};
 use corebuf_shard::io::{Device, IoBuf, IoQueue, QueueConfig, SimBuf, SimDevice, SimOptions};
 use corebuf_shard::{Error, IoOp};
@@ -58,17 +59,6 @@ impl Device for BadBlock {
     async fn discard(&self, offset: u64, len: u64) -> corebuf_shard::Result<()> {
         self.sim.discard(offset, len).await
     }
-}
-
-fn run(test: impl Future<Output = ()>) {
-    glommio::LocalExecutor::default().run(async {
-        glommio::timer::timeout(Duration::from_secs(20), async {
-            test.await;
-            Ok(())
-        })
-        .await
-        .expect("the test hangs")
-    });
 }
 
 #[test]
