@@ -400,36 +400,15 @@ impl<D: Device> IoQueue<D> {
         D: 'static,
     {
         let offset = self.check_block(block)?;
-        // Both tickets are taken before any wait: submission order is call order. Slots are
-        // granted in call order too (the admission line), so a write-back never holds a slot
-        // while an earlier one waits for a slot: that holder would wait for its block's turn
-        // behind the earlier one, which waits for the slot, a deadlock once every slot is held
-        // that way. If this future is dropped while it waits, the tickets' drops abandon their
-        // turns and the request's drop gives the buffer back.
+        // Both tickets are taken before any wait: submission order is call order, and slots
+        // are granted in call order too (`admit_write_back`). If this future is dropped while
+        // it waits, the tickets' drops abandon their turns and the request's drop gives the
+        // buffer back.
         let admission = self.take_ticket(ADMISSION);
         let ticket = self.take_ticket(block);
-        let max = self.config.writebacks_in_flight_max;
-        let admitted = || {
-            let first_in_line =
-                self.turns.borrow().get(&ADMISSION).map(|t| t.serving) == Some(admission.ticket);
-            (first_in_line && self.writebacks_in_flight.get() < max).then_some(())
-        };
-        if admitted().is_none() {
-            self.stats.borrow_mut().submit_waits += 1;
-            self.changed.wait_for(admitted).await;
-        }
+        self.admit_write_back(admission).await;
         let buf = request.buf.take().expect("a live request owns its buffer");
         drop(request);
-        let in_flight = self.writebacks_in_flight.get() + 1;
-        self.writebacks_in_flight.set(in_flight);
-        // After the count above, so that the next in line sees this slot taken.
-        drop(admission);
-        // Counted before the task is spawned, so a `sync` that runs first still waits for it.
-        self.in_flight.set(self.in_flight.get() + 1);
-        {
-            let mut stats = self.stats.borrow_mut();
-            stats.writebacks_in_flight_peak = stats.writebacks_in_flight_peak.max(in_flight as u64);
-        }
         let ticket_number = ticket.ticket;
         std::mem::forget(ticket); // handed over to the task below, which builds its own
         let queue = Rc::clone(self);
@@ -437,15 +416,8 @@ impl<D: Device> IoQueue<D> {
             let ticket = Ticket { queue: &queue, block, ticket: ticket_number };
             let result = queue.write_in_turn(&ticket, offset, &buf).await;
             drop(ticket);
-            queue.writebacks_in_flight.set(queue.writebacks_in_flight.get() - 1);
-            queue.in_flight.set(queue.in_flight.get() - 1);
-            {
-                let mut stats = queue.stats.borrow_mut();
-                match &result {
-                    Ok(()) => stats.writebacks_completed += 1,
-                    Err(_) => stats.errors += 1,
-                }
-            }
+            queue.count_write_back(&result);
+            queue.end_write_back();
             match (done, result) {
                 (Some(done), result) => done(result),
                 (None, Err(e)) => {
@@ -489,24 +461,7 @@ impl<D: Device> IoQueue<D> {
         let admission = self.take_ticket(ADMISSION);
         let tickets: Vec<Ticket<'_, D>> =
             (first..first + blocks).map(|block| self.take_ticket(block)).collect();
-        let max = self.config.writebacks_in_flight_max;
-        let admitted = || {
-            let first_in_line =
-                self.turns.borrow().get(&ADMISSION).map(|t| t.serving) == Some(admission.ticket);
-            (first_in_line && self.writebacks_in_flight.get() < max).then_some(())
-        };
-        if admitted().is_none() {
-            self.stats.borrow_mut().submit_waits += 1;
-            self.changed.wait_for(admitted).await;
-        }
-        let in_flight = self.writebacks_in_flight.get() + 1;
-        self.writebacks_in_flight.set(in_flight);
-        drop(admission);
-        self.in_flight.set(self.in_flight.get() + 1);
-        {
-            let mut stats = self.stats.borrow_mut();
-            stats.writebacks_in_flight_peak = stats.writebacks_in_flight_peak.max(in_flight as u64);
-        }
+        self.admit_write_back(admission).await;
         // Handed over to the task below, which builds its own.
         let tickets: Vec<u64> = tickets
             .into_iter()
@@ -525,24 +480,14 @@ impl<D: Device> IoQueue<D> {
             for ticket in &tickets {
                 queue.wait_turn(ticket).await;
             }
-            let started = Instant::now();
-            let result = queue.device.write_at(offset, &buf).await.map_err(|e| e.with_block(first));
+            let result = queue.write_timed(offset, &buf, first).await;
+            queue.count_write_back(&result);
             let results = match result {
-                Ok(()) => {
-                    let mut stats = queue.stats.borrow_mut();
-                    stats.writebacks_completed += 1;
-                    stats.bytes_written += buf.as_bytes().len() as u64;
-                    record(&mut stats.write_latency_us, started);
-                    vec![Ok(()); blocks as usize]
-                }
-                Err(e) => {
-                    queue.stats.borrow_mut().errors += 1;
-                    queue.write_blocks_alone(&buf, first, e).await
-                }
+                Ok(()) => vec![Ok(()); blocks as usize],
+                Err(e) => queue.write_blocks_alone(&buf, first, e).await,
             };
             drop(tickets);
-            queue.writebacks_in_flight.set(queue.writebacks_in_flight.get() - 1);
-            queue.in_flight.set(queue.in_flight.get() - 1);
+            queue.end_write_back();
             done(results);
             queue.changed.notify_all();
         };
@@ -595,22 +540,8 @@ impl<D: Device> IoQueue<D> {
                 continue;
             };
             one.as_bytes_mut().copy_from_slice(bytes);
-            let started = Instant::now();
-            let result = self
-                .device
-                .write_at(block * bs as u64, &one)
-                .await
-                .map_err(|e| e.with_block(block));
-            let mut stats = self.stats.borrow_mut();
-            match &result {
-                Ok(()) => {
-                    stats.writebacks_completed += 1;
-                    stats.bytes_written += bs as u64;
-                    record(&mut stats.write_latency_us, started);
-                }
-                Err(_) => stats.errors += 1,
-            }
-            drop(stats);
+            let result = self.write_timed(block * bs as u64, &one, block).await;
+            self.count_write_back(&result);
             results.push(result);
         }
         results
@@ -629,16 +560,63 @@ impl<D: Device> IoQueue<D> {
     }
 
     async fn write_in_turn(&self, ticket: &Ticket<'_, D>, offset: u64, buf: &D::Buf) -> Result<()> {
-        let block = ticket.block;
         self.wait_turn(ticket).await;
+        self.write_timed(offset, buf, ticket.block).await
+    }
+
+    /// Writes `buf` at `offset` (its first block `block`, which an error names), counting the
+    /// bytes and the latency of a write that succeeded.
+    async fn write_timed(&self, offset: u64, buf: &D::Buf, block: u64) -> Result<()> {
         let started = Instant::now();
         let result = self.device.write_at(offset, buf).await.map_err(|e| e.with_block(block));
         if result.is_ok() {
             let mut stats = self.stats.borrow_mut();
-            stats.bytes_written += self.config.block_size_bytes as u64;
+            stats.bytes_written += buf.as_bytes().len() as u64;
             record(&mut stats.write_latency_us, started);
         }
         result
+    }
+
+    /// Waits in the admission line (`admission`) until a write-back slot is free, then takes
+    /// it (every write-back's submission holds one until [`IoQueue::end_write_back`]).
+    ///
+    /// Slots are granted in call order, so a write-back never holds a slot while an earlier
+    /// one waits for a slot: that holder would wait for its block's turn behind the earlier
+    /// one, which waits for the slot, a deadlock once every slot is held that way.
+    async fn admit_write_back(&self, admission: Ticket<'_, D>) {
+        let max = self.config.writebacks_in_flight_max;
+        let admitted = || {
+            let first_in_line =
+                self.turns.borrow().get(&ADMISSION).map(|t| t.serving) == Some(admission.ticket);
+            (first_in_line && self.writebacks_in_flight.get() < max).then_some(())
+        };
+        if admitted().is_none() {
+            self.stats.borrow_mut().submit_waits += 1;
+            self.changed.wait_for(admitted).await;
+        }
+        let in_flight = self.writebacks_in_flight.get() + 1;
+        self.writebacks_in_flight.set(in_flight);
+        // After the count above, so that the next in line sees this slot taken.
+        drop(admission);
+        // Counted before the task is spawned, so a `sync` that runs first still waits for it.
+        self.in_flight.set(self.in_flight.get() + 1);
+        let mut stats = self.stats.borrow_mut();
+        stats.writebacks_in_flight_peak = stats.writebacks_in_flight_peak.max(in_flight as u64);
+    }
+
+    /// Gives back the slot [`IoQueue::admit_write_back`] took.
+    fn end_write_back(&self) {
+        self.writebacks_in_flight.set(self.writebacks_in_flight.get() - 1);
+        self.in_flight.set(self.in_flight.get() - 1);
+    }
+
+    /// Counts a write-back request that ended with `result`.
+    fn count_write_back(&self, result: &Result<()>) {
+        let mut stats = self.stats.borrow_mut();
+        match result {
+            Ok(()) => stats.writebacks_completed += 1,
+            Err(_) => stats.errors += 1,
+        }
     }
 
     /// Waits until nothing is in flight on this queue, then returns the first write-back error
