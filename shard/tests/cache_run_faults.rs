@@ -24,18 +24,8 @@ struct BadBlock {
 
 impl Device for BadBlock {
     type Buf = SimBuf;
-    fn path(&self) -> &std::path::Path {
-        self.sim.path()
-    }
-    fn size_bytes(&self) -> u64 {
-        self.sim.size_bytes()
-    }
-    fn alignment_bytes(&self) -> u64 {
-        self.sim.alignment_bytes()
-    }
-    fn alloc_buf(&self, len: usize) -> SimBuf {
-        self.sim.alloc_buf(len)
-    }
+    common::sim_passthrough!(except writes);
+
     async fn read_at(&self, offset: u64, dst: &mut [u8]) -> corebuf_shard::Result<()> {
         self.sim.read_at(offset, dst).await
     }
@@ -52,12 +42,6 @@ impl Device for BadBlock {
             ));
         }
         self.sim.write_at(offset, buf).await
-    }
-    async fn flush(&self) -> corebuf_shard::Result<()> {
-        self.sim.flush().await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> corebuf_shard::Result<()> {
-        self.sim.discard(offset, len).await
     }
 }
 

@@ -97,11 +97,23 @@ pub async fn yield_times(times: usize) {
 }
 
 /// The `Device` methods of a test wrapper around a `SimDevice` field `sim` that pass through
-/// unchanged: everything but the reads, which the wrapper writes itself. Use inside
+/// unchanged: everything but the reads, which the wrapper writes itself (with `except writes`,
+/// everything but the reads and the writes). Use inside
 /// `impl Device for Wrapper { type Buf = SimBuf; ... }`.
 #[allow(unused_macros)] // each test crate uses only some helpers
 macro_rules! sim_passthrough {
     () => {
+        common::sim_passthrough!(except writes);
+
+        async fn write_at(
+            &self,
+            offset: u64,
+            buf: &corebuf_shard::io::SimBuf,
+        ) -> corebuf_shard::Result<()> {
+            self.sim.write_at(offset, buf).await
+        }
+    };
+    (except writes) => {
         fn path(&self) -> &std::path::Path {
             self.sim.path()
         }
@@ -116,14 +128,6 @@ macro_rules! sim_passthrough {
 
         fn alloc_buf(&self, len: usize) -> corebuf_shard::io::SimBuf {
             self.sim.alloc_buf(len)
-        }
-
-        async fn write_at(
-            &self,
-            offset: u64,
-            buf: &corebuf_shard::io::SimBuf,
-        ) -> corebuf_shard::Result<()> {
-            self.sim.write_at(offset, buf).await
         }
 
         async fn flush(&self) -> corebuf_shard::Result<()> {
