@@ -1238,7 +1238,9 @@ impl KvShard {
         else {
             return Ok(None);
         };
-        Ok(Some(self.apply_in_head(&buf, loc, plan, key, value, expires, cond, kind)))
+        let done = self.apply_in_head(&buf, loc, plan, key, value, expires, cond, kind);
+        // The fast path never replaces a manifest: no large value to free.
+        Ok(Some(SetDone { done, replaced: None }))
     }
 
     /// [`KvShard::set_in_head`] with no await at all, for the batch loop: when the head block
@@ -1265,7 +1267,7 @@ impl KvShard {
         }
         let buf = self.shard.partition().get(loc.head)?;
         let plan = self.plan_in_head(loc, &buf.data(), key, Space::User, new_len)?;
-        let log = self.shard.log().filter(|_| !self.replaying.get());
+        let log = self.change_log();
         let mut record = self.log_buf.take();
         if let Some(log) = log {
             logrec::encode(&mut record, logrec::Op::Set, key, value, 0, 0);
@@ -1276,16 +1278,16 @@ impl KvShard {
         }
         self.counters.ops.set(self.counters.ops.get() + 1);
         let done = self.apply_in_head(&buf, loc, plan, key, value, 0, cond, 0);
-        let appended = match (log, &done) {
-            (Some(log), SetDone { done: true, .. }) => match log.try_append(&record) {
+        let appended = match log.filter(|_| done) {
+            Some(log) => match log.try_append(&record) {
                 Ok(Some(_)) => Ok(()),
                 Ok(None) => Err("no room, after it said there was".to_string()),
                 Err(e) => Err(e.to_string()),
             },
-            _ => Ok(()),
+            None => Ok(()),
         };
         self.log_buf.replace(record);
-        Some(appended.map(|()| done.done).map_err(KvError::LogAppend))
+        Some(appended.map(|()| done).map_err(KvError::LogAppend))
     }
 
     /// What a SET of `key` (an inline record of `new_len` bytes in `space`) can do in the head
@@ -1327,7 +1329,8 @@ impl KvShard {
         Some(HeadPlan { old: found, zero })
     }
 
-    /// Carries out a [`KvShard::plan_in_head`] plan on the head `buf` if `cond` holds.
+    /// Carries out a [`KvShard::plan_in_head`] plan on the head `buf` if `cond` holds; returns
+    /// whether it did.
     #[allow(clippy::too_many_arguments)]
     fn apply_in_head(
         &self,
@@ -1339,11 +1342,11 @@ impl KvShard {
         expires: u64,
         cond: Cond,
         kind: u8,
-    ) -> SetDone {
+    ) -> bool {
         // NX / XX look at the live key (the clock is read only if it has an expiry).
         let live = old.is_some_and(|(_, _, expires)| expires == 0 || expires > now_ms());
         if !cond.holds(live) {
-            return SetDone { done: false, replaced: None };
+            return false;
         }
         let mut record = self.record_buf.take();
         format::encode_inline_into(&mut record, key, value, self.id(), expires, kind);
@@ -1364,7 +1367,7 @@ impl KvShard {
             self.add_keys(loc.range, 1);
         }
         self.note_write();
-        SetDone { done: true, replaced: None }
+        true
     }
 
     /// Deletes `key` in `space`; returns whether it existed (an expired key is deleted too,
@@ -2268,6 +2271,12 @@ impl KvShard {
     // -----------------------------------------------------------------------------------------
     // The write-ahead log.
 
+    /// The log a change is recorded in: none without a log, or while the log is replayed
+    /// (replayed changes are not logged again).
+    fn change_log(&self) -> Option<&corebuf::ShardLog> {
+        self.shard.log().filter(|_| !self.replaying.get())
+    }
+
     /// Appends the record of a change just made in the cache (nothing while replaying).
     async fn log_record(
         &self,
@@ -2277,10 +2286,7 @@ impl KvShard {
         expires: u64,
         kind: u8,
     ) -> KvResult<()> {
-        if self.replaying.get() {
-            return Ok(());
-        }
-        let Some(log) = self.shard.log() else { return Ok(()) };
+        let Some(log) = self.change_log() else { return Ok(()) };
         // Taken out of the cell for the await: another task may log meanwhile.
         let mut buf = std::mem::take(&mut *self.log_buf.borrow_mut());
         logrec::encode(&mut buf, op, key, value, expires, kind);
