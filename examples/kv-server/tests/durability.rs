@@ -377,6 +377,34 @@ fn one_server_per_data_file_and_per_port() {
     server.shutdown();
 }
 
+/// A server started on the same port the moment a killed one is reaped comes up: the killed
+/// process's listening sockets outlive it for a few milliseconds, accepting connections but
+/// answering nothing, and the start-up port check waits them out instead of refusing.
+#[test]
+fn a_restart_on_the_same_port_right_after_sigkill_comes_up() {
+    let dir = scratch("same-port");
+    let path = dir.path().join("data");
+    let args = ["--size", "8M", "--shards", "2", "--cache-bytes", "1M", "--fsync", "always"];
+    let mut server = Server::start(&path, &args);
+    let port = server.port;
+    for round in 0..3u64 {
+        let mut c = server.client();
+        let sets: Vec<Vec<Vec<u8>>> = (0..200u64)
+            .map(|i| vec![b"SET".to_vec(), format!("p{round}-{i}").into_bytes(), pattern(i, 100)])
+            .collect();
+        assert!(c.pipeline(&sets).iter().all(|r| *r == ok()));
+        server.kill9();
+        server = Server::try_start_on(&path, port, &args)
+            .unwrap_or_else(|e| panic!("round {round}: restart on port {port} failed: {e}"));
+        let mut c = server.client();
+        for i in [0u64, 199] {
+            let key = format!("p{round}-{i}");
+            assert_eq!(c.cmd(&[b"GET", key.as_bytes()]), bulk(pattern(i, 100)), "{key}");
+        }
+    }
+    server.shutdown();
+}
+
 #[test]
 fn everysec_makes_writes_durable_within_seconds() {
     let dir = scratch("everysec");

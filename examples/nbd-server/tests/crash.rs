@@ -42,12 +42,16 @@ fn flushed_and_fua_writes_survive_sigkill() {
     for i in 0..64u64 {
         nbd.send(CMD_WRITE, 0, 1_000 + i, (24 << 20) + i * 5000, 4096, &[0xee; 4096]);
     }
+    let port = server.port;
     server.kill9();
 
     let file = std::fs::read(&path).expect("read the data file");
     assert_eq!(&file[1000..1000 + data.len()], &data[..], "flushed bytes lost");
     assert_eq!(&file[20 << 20..(20 << 20) + fua.len()], &fua[..], "FUA bytes lost");
-    let server = Server::start(&path, &args);
+    // On the same port at once: the killed server's listening sockets may still be there for
+    // a few milliseconds, accepting but never greeting; the start-up check waits them out.
+    let server = Server::try_start_on(&path, port, &args)
+        .unwrap_or_else(|e| panic!("restart on port {port} after SIGKILL failed: {e}"));
     let mut nbd = Nbd::connect(server.port);
     assert_eq!(nbd.read(1000, data.len() as u32).as_deref(), Ok(&data[..]));
     server.stop();

@@ -71,10 +71,16 @@ impl Server {
 
     /// Starts a server; `Err(stderr)` if it exits before listening.
     pub fn try_start(path: &Path, args: &[&str]) -> Result<Server, String> {
+        Server::try_start_on(path, 0, args)
+    }
+
+    /// Starts a server on 127.0.0.1:`port` (0: any free port); `Err(stderr)` if it exits
+    /// before listening.
+    pub fn try_start_on(path: &Path, port: u16, args: &[&str]) -> Result<Server, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_corebuf-nbd"))
             .arg("--path")
             .arg(path)
-            .args(["--port", "0", "--bind", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
