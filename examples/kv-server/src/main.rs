@@ -20,6 +20,8 @@ mod keyspace;
 mod large;
 mod lock;
 mod logrec;
+#[path = "../../common/port.rs"]
+mod port;
 mod resp;
 mod server;
 mod stop;
@@ -43,6 +45,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use crate::format::{Superblock, BLOCK_SIZE, RANGE_BLOCKS};
+use crate::port::{host_port, probe_port};
 use crate::store::{Fsync, Geometry, KvShard};
 
 /// Command-line options.
@@ -314,7 +317,7 @@ fn run(args: Args) -> Result<(), String> {
         ));
         cluster::install(layout)?;
     }
-    probe_port(&args.bind, args.port)?;
+    probe_port(&args.bind, args.port, b"PING\r\n")?;
     let created = create_if_absent(&args.path, args.size)?;
     let file = OpenOptions::new()
         .read(true)
@@ -543,69 +546,6 @@ fn lock_exclusively(file: &File, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// How long [`probe_port`] waits for a server it connected to to answer.
-const PROBE_ANSWER_WAIT: Duration = Duration::from_millis(300);
-/// How long [`probe_port`] waits for a listener that does not answer to go away.
-const PROBE_SILENT_WAIT: Duration = Duration::from_secs(3);
-
-/// Fails if a server already listens on `bind:port`. A plain test bind would not do: the
-/// TIME_WAIT connections a previous run leaves on the port make it fail, while the
-/// SO_REUSEPORT listeners themselves bind fine. So it connects: refused means the port is free.
-/// A live server answers `PING` within [`PROBE_ANSWER_WAIT`]. A listener that accepts the connection but never answers is
-/// what a server killed a moment ago leaves: its listening sockets outlive the process for a
-/// few milliseconds (`ss -ltnp` shows them owned by no process), so the probe tries again
-/// until they are gone, for at most [`PROBE_SILENT_WAIT`].
-fn probe_port(bind: &str, port: u16) -> Result<(), String> {
-    use std::net::ToSocketAddrs;
-    if port == 0 {
-        return Ok(());
-    }
-    let host = match bind {
-        "0.0.0.0" => "127.0.0.1",
-        "::" | "[::]" => "::1",
-        other => other.trim_start_matches('[').trim_end_matches(']'),
-    };
-    let addrs =
-        (host, port).to_socket_addrs().map_err(|e| format!("address {bind}:{port}: {e}"))?;
-    let give_up = Instant::now() + PROBE_SILENT_WAIT;
-    for addr in addrs {
-        while let Ok(stream) = std::net::TcpStream::connect_timeout(&addr, PROBE_ANSWER_WAIT) {
-            if answers(stream, b"PING\r\n") {
-                return Err(format!(
-                    "cannot listen on {bind}:{port}: another process is listening there"
-                ));
-            }
-            if Instant::now() >= give_up {
-                return Err(format!(
-                    "cannot listen on {bind}:{port}: a listener that does not answer holds it \
-                     (still there after {PROBE_SILENT_WAIT:?})"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
-/// Whether the peer of `stream` sends anything within [`PROBE_ANSWER_WAIT`] after `hello`.
-fn answers(mut stream: std::net::TcpStream, hello: &[u8]) -> bool {
-    use std::io::Read as _;
-    let _ = stream.set_read_timeout(Some(PROBE_ANSWER_WAIT));
-    if stream.write_all(hello).is_err() {
-        return false;
-    }
-    matches!(stream.read(&mut [0u8; 64]), Ok(n) if n > 0)
-}
-
-/// `host:port`, with an IPv6 host in brackets.
-fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 /// Size of a block device (the file length of a device node reads 0).
 fn block_device_size(path: &Path) -> Option<u64> {
     use std::io::{Seek, SeekFrom};
@@ -636,55 +576,4 @@ fn spawn_signal_thread(
         })
         .map_err(|e| format!("spawn the signal thread: {e}"))?;
     Ok(handle)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::TcpListener;
-
-    #[test]
-    fn a_port_nobody_listens_on_passes_the_probe() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        assert_eq!(probe_port("127.0.0.1", port), Ok(()));
-    }
-
-    #[test]
-    fn a_port_where_a_server_answers_is_refused() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            conn.write_all(b"+PONG\r\n").unwrap();
-            conn
-        });
-        let err = probe_port("127.0.0.1", port).unwrap_err();
-        assert!(err.contains("another process is listening there"), "{err}");
-        drop(server.join().unwrap());
-    }
-
-    /// What a server killed a moment ago leaves: listening sockets that accept connections
-    /// (in the kernel's backlog) and answer nothing, then go away.
-    #[test]
-    fn a_listener_that_never_answers_is_waited_out_until_it_goes() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let start = Instant::now();
-        let closer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(400));
-            drop(listener);
-        });
-        assert_eq!(probe_port("127.0.0.1", port), Ok(()));
-        assert!(start.elapsed() >= Duration::from_millis(400), "the probe did not wait");
-        closer.join().unwrap();
-    }
-
-    #[test]
-    fn a_listener_that_stays_silent_is_refused_after_the_wait() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let err = probe_port("127.0.0.1", port).unwrap_err();
-        assert!(err.contains("does not answer"), "{err}");
-        drop(listener);
-    }
 }

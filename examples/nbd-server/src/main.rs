@@ -17,6 +17,8 @@ mod conn;
 mod export;
 mod flush;
 mod handshake;
+#[path = "../../common/port.rs"]
+mod port;
 mod proto;
 mod server;
 
@@ -25,11 +27,12 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 
 use crate::export::Export;
+use crate::port::{host_port, probe_port};
 use crate::server::NbdShard;
 
 /// The engine's block size: the export's preferred block size.
@@ -168,7 +171,7 @@ fn file_size(path: &Path) -> Result<u64, String> {
 fn run(args: Args) -> Result<(), String> {
     // Every shard binds the port with SO_REUSEPORT, which would also let a second server
     // share it silently: first make sure nobody listens there.
-    probe_port(&args.bind, args.port)?;
+    probe_port(&args.bind, args.port, &[])?;
     let size_bytes = prepare_file(&args.path, args.size)?;
     let lock = File::open(&args.path).map_err(|e| format!("open {}: {e}", args.path.display()))?;
     lock_exclusively(&lock, &args.path)?;
@@ -278,69 +281,6 @@ fn raise_memlock_limit() {
     }
 }
 
-/// How long [`probe_port`] waits for a server it connected to to answer.
-const PROBE_ANSWER_WAIT: Duration = Duration::from_millis(300);
-/// How long [`probe_port`] waits for a listener that does not answer to go away.
-const PROBE_SILENT_WAIT: Duration = Duration::from_secs(3);
-
-/// Fails if a server already listens on `bind:port`. A plain test bind would not do: the
-/// TIME_WAIT connections a previous run leaves on the port make it fail, while the
-/// SO_REUSEPORT listeners themselves bind fine. So it connects: refused means the port is free.
-/// A live NBD server sends its greeting at once, within [`PROBE_ANSWER_WAIT`]. A listener that accepts the connection but never answers is
-/// what a server killed a moment ago leaves: its listening sockets outlive the process for a
-/// few milliseconds (`ss -ltnp` shows them owned by no process), so the probe tries again
-/// until they are gone, for at most [`PROBE_SILENT_WAIT`].
-fn probe_port(bind: &str, port: u16) -> Result<(), String> {
-    use std::net::ToSocketAddrs;
-    if port == 0 {
-        return Ok(());
-    }
-    let host = match bind {
-        "0.0.0.0" => "127.0.0.1",
-        "::" | "[::]" => "::1",
-        other => other.trim_start_matches('[').trim_end_matches(']'),
-    };
-    let addrs =
-        (host, port).to_socket_addrs().map_err(|e| format!("address {bind}:{port}: {e}"))?;
-    let give_up = Instant::now() + PROBE_SILENT_WAIT;
-    for addr in addrs {
-        while let Ok(stream) = std::net::TcpStream::connect_timeout(&addr, PROBE_ANSWER_WAIT) {
-            if answers(stream, &[]) {
-                return Err(format!(
-                    "cannot listen on {bind}:{port}: another process is listening there"
-                ));
-            }
-            if Instant::now() >= give_up {
-                return Err(format!(
-                    "cannot listen on {bind}:{port}: a listener that does not answer holds it \
-                     (still there after {PROBE_SILENT_WAIT:?})"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
-/// Whether the peer of `stream` sends anything within [`PROBE_ANSWER_WAIT`] after `hello`.
-fn answers(mut stream: std::net::TcpStream, hello: &[u8]) -> bool {
-    use std::io::Read as _;
-    let _ = stream.set_read_timeout(Some(PROBE_ANSWER_WAIT));
-    if stream.write_all(hello).is_err() {
-        return false;
-    }
-    matches!(stream.read(&mut [0u8; 64]), Ok(n) if n > 0)
-}
-
-/// `host:port`, with an IPv6 host in brackets.
-fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 /// A thread that turns SIGTERM / SIGINT into a stop request (a second signal exits at once).
 fn spawn_signal_thread(
     stop_tx: mpsc::Sender<String>,
@@ -377,36 +317,5 @@ mod tests {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn a_port_where_a_server_greets_is_refused() {
-        use std::io::Write as _;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            conn.write_all(&crate::proto::greeting()).unwrap();
-            conn
-        });
-        let err = probe_port("127.0.0.1", port).unwrap_err();
-        assert!(err.contains("another process is listening there"), "{err}");
-        drop(server.join().unwrap());
-    }
-
-    /// What a server killed a moment ago leaves: listening sockets that accept connections
-    /// (in the kernel's backlog) and send nothing, then go away.
-    #[test]
-    fn a_listener_that_never_greets_is_waited_out_until_it_goes() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let start = Instant::now();
-        let closer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(400));
-            drop(listener);
-        });
-        assert_eq!(probe_port("127.0.0.1", port), Ok(()));
-        assert!(start.elapsed() >= Duration::from_millis(400), "the probe did not wait");
-        closer.join().unwrap();
     }
 }
