@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Counts the system calls fio's nbd engine makes per I/O (and the server's, and loopback TCP
 # segments) during the hot random read of bench.sh, against one server: corebuf or nbdkit.
-# It shows where fio's CPU time per I/O goes: libnbd handles one reply per poll(2), so each
-# I/O costs fio at least one poll, one send and the recvs of one reply.
+# It shows where fio's CPU time per I/O goes: how many polls, sends and recvs fio makes per
+# I/O against each server.
 #
 # Usage: examples/nbd-server/scripts/fio-syscalls.sh corebuf|nbdkit
 # Environment: RUNTIME (6 s of fio; the count covers 4 s in its middle), PORT (10951),
