@@ -508,14 +508,28 @@ fn replay_logs(client: &corebuf::Client, shards: usize) -> Result<(), String> {
     for waiter in waiters {
         let report = waiter.join().map_err(|_| "a replay thread panicked".to_string())??;
         total.records += report.records;
+        total.applied += report.applied;
+        total.replaced_when_full += report.replaced_when_full;
         total.bytes += report.bytes;
         total.scan = total.scan.max(report.scan);
         total.apply = total.apply.max(report.apply);
         total.checkpoint = total.checkpoint.max(report.checkpoint);
     }
     if total.records > 0 {
+        let mut notes = String::new();
+        if total.applied < total.records {
+            let superseded = total.records - total.applied;
+            notes += &format!("; {superseded} superseded by a later record of their key");
+        }
+        if total.replaced_when_full > 0 {
+            notes += &format!(
+                "; {} SETs applied after removing the key, its region being full",
+                total.replaced_when_full
+            );
+        }
         log(format!(
-            "replayed {} log records ({} KiB) in {} ms (scan {} ms, apply {} ms, checkpoint {} ms)",
+            "replayed {} log records ({} KiB{notes}) in {} ms (scan {} ms, apply {} ms, \
+             checkpoint {} ms)",
             total.records,
             total.bytes >> 10,
             started.elapsed().as_millis(),

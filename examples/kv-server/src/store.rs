@@ -510,11 +510,43 @@ pub struct Counters {
 /// Records whose blocks replay starts reading ahead of the one it applies.
 const REPLAY_PREFETCH_RECORDS: usize = 256;
 
+/// The indices of the records a replay applies, in the order it applies them: each key's
+/// last record only, the DELs first, then the SETs, each in log order.
+///
+/// A record holds its key's whole resulting state (a value with its expiry, or its removal), so
+/// a key's last record is its state after the log, and keys do not depend on each other (a
+/// large value's chunks are keys of their own, each written before any manifest naming it, see
+/// FORMAT.md). Replaying every record in turn would need, at each step, the room the live
+/// server had at that moment, in a data file that may already be further on: a range full of
+/// keys set after a DEL or a replaced value the log has not yet reached has no block for the
+/// records before them. Deleting first and setting only final values needs no more room than
+/// the state after the log.
+fn replay_order(records: &[corebuf::LogRecord]) -> Result<Vec<usize>, String> {
+    let mut last: hashbrown::HashMap<(bool, &[u8]), usize> = hashbrown::HashMap::new();
+    let mut ops = Vec::with_capacity(records.len());
+    for (i, record) in records.iter().enumerate() {
+        let rec = logrec::decode(&record.payload)
+            .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
+        last.insert((rec.kind & rflags::CHUNK != 0, rec.key), i);
+        ops.push(rec.op);
+    }
+    let mut finals: Vec<usize> = last.into_values().collect();
+    finals.sort_unstable();
+    let (mut order, sets): (Vec<usize>, Vec<usize>) =
+        finals.into_iter().partition(|&i| ops[i] == logrec::Op::Del);
+    order.extend(sets);
+    Ok(order)
+}
+
 /// What replaying one shard's log took.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayReport {
-    /// Records applied.
+    /// Records in the log after its last checkpoint.
     pub records: u64,
+    /// Records applied: each key's last ([`replay_order`]).
+    pub applied: u64,
+    /// SETs applied after removing the key, its range being full ([`KvShard::replay_set`]).
+    pub replaced_when_full: u64,
     /// Bytes of log they took.
     pub bytes: u64,
     /// Reading and checking the log region.
@@ -1035,7 +1067,9 @@ impl KvShard {
     /// out-of-space one counted).
     async fn retry_out_of_space(&self, e: KvError, retried: &mut bool) -> KvResult<()> {
         match e {
-            KvError::OutOfSpace(_) if !*retried && self.jobs_pending() => {
+            // Replay waits once for all of its SETs that found no room
+            // (`replay_sets_when_full`), not a barrier each.
+            KvError::OutOfSpace(_) if !*retried && self.jobs_pending() && !self.replaying.get() => {
                 *retried = true;
                 self.settle().await
             }
@@ -2320,7 +2354,7 @@ impl KvShard {
         };
         let started = Instant::now();
         self.replaying.set(true);
-        let applied = self.apply_records(&replay.records).await;
+        let applied = self.apply_records(&replay.records, &mut report).await;
         self.replaying.set(false);
         applied?;
         report.apply = started.elapsed();
@@ -2350,16 +2384,23 @@ impl KvShard {
         Ok(freed.len())
     }
 
-    async fn apply_records(&self, records: &[corebuf::LogRecord]) -> Result<(), String> {
-        // Records are applied one after the other (a key's order matters), so each cache miss
-        // would be a device read at queue depth one. Reads of what the next records need start
-        // ahead instead: each range's header and bucket heads (a crash makes the first write
-        // rebuild the range from its chains) and each record's bucket head.
+    async fn apply_records(
+        &self,
+        records: &[corebuf::LogRecord],
+        report: &mut ReplayReport,
+    ) -> Result<(), String> {
+        let order = replay_order(records)?;
+        report.applied = order.len() as u64;
+        // Records are applied one after the other, so each cache miss would be a device read
+        // at queue depth one. Reads of what the next records need start ahead instead: each
+        // range's header and bucket heads (a crash makes the first write rebuild the range
+        // from its chains) and each record's bucket head.
         let mut ranges_prefetched = hashbrown::HashSet::new();
         let mut prefetched = 0;
-        for (i, record) in records.iter().enumerate() {
-            while prefetched < records.len() && prefetched < i + REPLAY_PREFETCH_RECORDS {
-                if let Ok(rec) = logrec::decode(&records[prefetched].payload) {
+        let mut when_full = Vec::new();
+        for (i, &index) in order.iter().enumerate() {
+            while prefetched < order.len() && prefetched < i + REPLAY_PREFETCH_RECORDS {
+                if let Ok(rec) = logrec::decode(&records[order[prefetched]].payload) {
                     let loc = self.geo.locate(rec.key);
                     if ranges_prefetched.insert(loc.range) {
                         let _ =
@@ -2369,6 +2410,7 @@ impl KvShard {
                 }
                 prefetched += 1;
             }
+            let record = &records[index];
             let rec = logrec::decode(&record.payload)
                 .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
             let key = rec.key;
@@ -2396,13 +2438,71 @@ impl KvShard {
                 }
             }
             let applied = match rec.op {
-                logrec::Op::Set => self
-                    .set_full(key, rec.value, rec.expires, Cond::Always, rec.kind)
-                    .await
-                    .map(|_| ()),
-                logrec::Op::Del => self.del_full(key, Space::of_flags(rec.kind)).await.map(|_| ()),
+                logrec::Op::Set => self.replay_set(&rec).await,
+                logrec::Op::Del => {
+                    self.del_full(key, Space::of_flags(rec.kind)).await.map(|_| true)
+                }
             };
-            applied.map_err(|e| format!("replaying the log record at {}: {e}", record.lsn))?;
+            match applied {
+                Ok(true) => {}
+                Ok(false) => when_full.push(index),
+                Err(e) => return Err(format!("replaying the log record at {}: {e}", record.lsn)),
+            }
+        }
+        // Put off past the other records: safe because every key has one record here.
+        report.replaced_when_full = when_full.len() as u64;
+        self.replay_sets_when_full(records, &when_full).await
+    }
+
+    /// Replays a SET; `Ok(false)` if its key's range had no room. A SET that replaces a
+    /// record writes the new one before the old one goes, so it needs a free block for a
+    /// moment, and a range the data file holds full (it can be ahead of the log: blocks written
+    /// back after the record was appended) has none. Then the key's records are removed
+    /// and the SET waits for [`KvShard::replay_sets_when_full`]: not crash-safe on its own,
+    /// but the log keeps the record until the checkpoint that ends the replay, so a crash in
+    /// between replays it again.
+    async fn replay_set(&self, rec: &logrec::Record<'_>) -> KvResult<bool> {
+        match self.set_full(rec.key, rec.value, rec.expires, Cond::Always, rec.kind).await {
+            Err(KvError::OutOfSpace(_)) => {
+                // The manifest a removed record may name is not freed: replay frees nothing
+                // (the log's own chunk DEL records do).
+                self.del_full(rec.key, Space::of_flags(rec.kind)).await?;
+                Ok(false)
+            }
+            other => other.map(|_| true),
+        }
+    }
+
+    /// Applies the SETs [`KvShard::replay_set`] put off, once a barrier has given back what
+    /// their removals and the replay's other replacements freed: all of them wait for one.
+    async fn replay_sets_when_full(
+        &self,
+        records: &[corebuf::LogRecord],
+        waiting: &[usize],
+    ) -> Result<(), String> {
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        self.settle().await.map_err(|e| e.to_string())?;
+        for &index in waiting {
+            let record = &records[index];
+            let rec = logrec::decode(&record.payload).map_err(|e| e.to_string())?;
+            let mut settled = false;
+            loop {
+                match self.set_full(rec.key, rec.value, rec.expires, Cond::Always, rec.kind).await {
+                    Err(KvError::OutOfSpace(_)) if !settled && self.jobs_pending() => {
+                        settled = true;
+                        self.settle().await.map_err(|e| e.to_string())?;
+                    }
+                    // If it still has no room, the range is full without the key.
+                    applied => {
+                        applied.map_err(|e| {
+                            format!("replaying the log record at {}: {e}", record.lsn)
+                        })?;
+                        break;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -2681,5 +2781,40 @@ impl KvShard {
             log_used_bytes: log.used_bytes,
             log_commit_us: (log.log.commit_us_total, log.log.flush_us_total),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(lsn: u64, op: logrec::Op, key: &[u8], value: &[u8], kind: u8) -> corebuf::LogRecord {
+        let mut payload = Vec::new();
+        logrec::encode(&mut payload, op, key, value, 0, kind);
+        corebuf::LogRecord { lsn, payload }
+    }
+
+    #[test]
+    fn replay_applies_each_keys_last_record_deletions_first() {
+        use logrec::Op::{Del, Set};
+        let records = [
+            record(0, Set, b"a", b"1", 0),
+            record(10, Set, b"b", b"1", 0),
+            record(20, Del, b"a", b"", 0),
+            // A chunk key is another key than the user key of the same bytes.
+            record(30, Set, b"b", b"c", rflags::CHUNK),
+            record(40, Set, b"c", b"1", 0),
+            record(50, Set, b"b", b"2", 0),
+            record(60, Del, b"c", b"", 0),
+            record(70, Set, b"a", b"3", 0),
+            record(80, Del, b"d", b"", 0),
+        ];
+        // DELs of c and d; then the SETs of the chunk key b, of b and of a.
+        assert_eq!(replay_order(&records).unwrap(), vec![6, 8, 3, 5, 7]);
+        assert_eq!(replay_order(&[]).unwrap(), Vec::<usize>::new());
+        let mut bad = records[..2].to_vec();
+        bad[1].payload.truncate(3);
+        let err = replay_order(&bad).unwrap_err();
+        assert!(err.contains("position 10"), "{err}");
     }
 }

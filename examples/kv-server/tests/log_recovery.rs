@@ -1,6 +1,6 @@
 //! Recovery through the per-shard write-ahead log: SIGKILL while group commits are in flight,
-//! a torn log tail, a corrupt record, a log that wrapped past checkpoints, and a log whose
-//! region fills (writes wait for a checkpoint). After every kill, every acknowledged write is
+//! a torn log tail, a corrupt record, a log that wrapped past checkpoints, a log whose region
+//! fills (writes wait for a checkpoint), and a full data file already ahead of its log. After every kill, every acknowledged write is
 //! found; the only other value a key may hold is the one whose write the kill interrupted.
 
 mod common;
@@ -321,5 +321,67 @@ fn a_full_log_region_makes_writes_wait_for_a_checkpoint_without_loss() {
     assert!(acked > 20, "{acked} acknowledged");
     let server = Server::start(&path, &args);
     verify(&server, &model, "after a full log");
+    server.shutdown();
+}
+
+/// The data file can be ahead of the log: write-back and barriers write blocks whatever the
+/// log's checkpoint, so a crash can leave a file that already holds the state after the log's
+/// records. Replaying them in turn onto a full region needed room that only existed back when
+/// the records were appended (a replacement writes its new value before the old one goes; a
+/// key deleted later in the log still wants its block back), and start-up stopped on "out of
+/// space". Here the region is full to its last block and the log holds the records that led
+/// there: a replacement, a key set then deleted, and the SETs that filled it.
+#[test]
+fn a_full_data_file_ahead_of_its_log_replays() {
+    let dir = scratch("log-ahead");
+    let path = dir.path().join("data");
+    // One shard and one data region of 191 pool blocks (region 0 is the file's own), each
+    // 4000-byte value a block of its own.
+    let args = ["--size", "2M", "--shards", "1", "--cache-bytes", "4M", "--fsync", "always"];
+    let server = Server::start(&path, &args);
+    let mut c = server.client();
+    assert_eq!(c.cmd(&[b"SET", b"replaced", &pattern(1, 4000)]), ok());
+    assert_eq!(c.cmd(&[b"SET", b"replaced", &pattern(2, 4000)]), ok());
+    assert_eq!(c.cmd(&[b"SET", b"deleted", &pattern(3, 4000)]), ok());
+    assert_eq!(c.cmds(&["DEL", "deleted"]), Reply::Int(1));
+    let mut filled = 0u64;
+    loop {
+        let key = format!("fill:{filled}");
+        match c.cmd(&[b"SET", key.as_bytes(), &pattern(100 + filled, 4000)]) {
+            r if r == ok() => filled += 1,
+            r if r.is_error_with("out of space") => break,
+            other => panic!("{key}: {other:?}"),
+        }
+        assert!(filled < 1000, "the region never filled");
+    }
+    assert!(filled > 150, "only {filled} values fit");
+    let check = |server: &Server, what: &str| {
+        let mut c = server.client();
+        assert_eq!(c.cmd(&[b"GET", b"replaced"]), bulk(pattern(2, 4000)), "{what}");
+        assert_eq!(c.cmd(&[b"GET", b"deleted"]), Reply::Bulk(None), "{what}");
+        for i in 0..filled {
+            let key = format!("fill:{i}");
+            assert_eq!(c.cmd(&[b"GET", key.as_bytes()]), bulk(pattern(100 + i, 4000)), "{what}");
+        }
+        assert_eq!(c.cmds(&["DBSIZE"]), Reply::Int(filled as i64 + 1), "{what}");
+    };
+    server.kill9();
+    let log = log_path(&path);
+    let records = std::fs::read(&log).unwrap();
+    // A first replay, and a clean shutdown: the data file holds the state after the log.
+    let server = Server::start(&path, &args);
+    assert!(server.stderr().contains("replayed"), "{}", server.stderr());
+    check(&server, "after the first replay");
+    server.shutdown();
+    // The log as the crash left it, beside that file: a crash after all of it was written back.
+    std::fs::write(&log, &records).unwrap();
+    let server = Server::start(&path, &args);
+    let stderr = server.stderr();
+    assert!(stderr.contains("replayed"), "{stderr}");
+    assert!(stderr.contains("applied after removing the key"), "{stderr}");
+    check(&server, "after replaying onto the full file");
+    server.shutdown();
+    let server = Server::start(&path, &args);
+    check(&server, "after a clean restart");
     server.shutdown();
 }
