@@ -28,7 +28,9 @@
 //!    [`ShardLog::take_replay`] records and apply them (without logging them again), then call
 //!    [`ShardLog::checkpoint`].
 //!
-//! A clean shutdown writes back each shard's blocks, then marks its log empty.
+//! A clean shutdown writes back each shard's blocks, then marks its log empty, except a log
+//! whose records found at open no checkpoint has covered yet: an engine shut down before its
+//! replay ended (a failed start) keeps them, to be replayed by the next.
 
 use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
@@ -56,6 +58,10 @@ pub struct ShardLog {
     log: Log<DmaDevice>,
     path: PathBuf,
     replay: RefCell<Option<Replay>>,
+    /// The log holds records found at open that no checkpoint has covered since: until one
+    /// does (after the embedding server applied them), closing never marks the log empty, so
+    /// a start that fails before or during the replay keeps them for the next.
+    replay_pending: Cell<bool>,
     checkpointing: Cell<bool>,
     checkpoint_done: WaitList,
     checkpoints: Cell<u64>,
@@ -108,6 +114,7 @@ impl ShardLog {
         Ok(Some(ShardLog {
             log,
             path,
+            replay_pending: Cell::new(!replay.records.is_empty()),
             replay: RefCell::new(Some(replay)),
             checkpointing: Cell::new(false),
             checkpoint_done: WaitList::default(),
@@ -205,6 +212,8 @@ impl ShardLog {
         let shard = Shard::current().ok_or(LogError::Closed)?;
         shard.flush().await?;
         self.log.advance_start(start).await?;
+        // The records found at open are behind `start` now (they were applied: contract 3).
+        self.replay_pending.set(false);
         self.checkpoints.set(self.checkpoints.get() + 1);
         Ok(())
     }
@@ -256,8 +265,11 @@ impl ShardLog {
     }
 
     /// Commits what is left and stops the writer; `clean` (this shard's blocks were written
-    /// back and flushed) also marks the log empty. Closes the log file.
+    /// back and flushed) also marks the log empty, unless the records found at open were not
+    /// yet covered by a checkpoint (a start that failed before its replay ended: they are
+    /// replayed next time). Closes the log file.
     pub(crate) async fn close(&self, clean: bool) -> Result<()> {
+        let clean = clean && !self.replay_pending.get();
         let closed = self.log.close(clean).await.map_err(|e| engine_error(e, &self.path, 0));
         let device = self.log.queue().device().close().await;
         closed.and(device)

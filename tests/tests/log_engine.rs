@@ -1,7 +1,8 @@
 //! The engine's per-shard log on a real file: records committed on each shard come back for
 //! replay after a crash (a copy of the files taken while the engine runs), a clean shutdown
-//! leaves nothing to replay, a full log checkpoints instead of failing, a shard count change
-//! is allowed only when nothing awaits replay, and a checkpoint makes the data durable first.
+//! leaves nothing to replay (unless no checkpoint followed the replay), a full log checkpoints
+//! instead of failing, a shard count change is allowed only when nothing awaits replay, and a
+//! checkpoint makes the data durable first.
 
 use std::path::{Path, PathBuf};
 
@@ -87,6 +88,45 @@ fn committed_records_are_replayed_after_a_crash_and_a_clean_stop_leaves_none() {
     let after_clean = engine_at(&path, 2);
     assert!(replayed(&after_clean).iter().all(|r| r.is_empty()));
     after_clean.shutdown().expect("shutdown");
+}
+
+/// A start that fails before its replay ends (the server's records did not apply, say) shuts
+/// the engine down cleanly; the records must still be there for the next start. Only a
+/// checkpoint after taking them lets a clean shutdown mark the log empty.
+#[test]
+fn records_no_checkpoint_covered_survive_a_clean_shutdown() {
+    let dir = scratch_dir();
+    let path = data_file(dir.path(), BLOCKS, BS);
+    let first = engine_at(&path, 2);
+    append_on_every_shard(&first, 20);
+    let crashed = dir.path().join("crashed");
+    std::fs::copy(&path, &crashed).expect("copy data");
+    std::fs::copy(log_of(&path), log_of(&crashed)).expect("copy log");
+    first.shutdown().expect("shutdown");
+    let expected: Vec<Vec<String>> = (0..2)
+        .map(|shard| (0..20).map(|i| format!("shard {shard} record {i}")).collect())
+        .collect();
+
+    // Shut down without taking the records, then after taking them without a checkpoint.
+    engine_at(&crashed, 2).shutdown().expect("shutdown before the replay");
+    let second = engine_at(&crashed, 2);
+    assert_eq!(replayed(&second), expected, "after a shutdown before the replay");
+    second.shutdown().expect("shutdown after taking the records");
+    let third = engine_at(&crashed, 2);
+    assert_eq!(replayed(&third), expected, "after a shutdown that took them");
+    // Applied (nothing to apply here) and checkpointed: now a clean shutdown empties the log.
+    let client = third.client();
+    for shard in 0..2 {
+        futures_lite::future::block_on(
+            client.run_on(shard, |s| async move { s.log().expect("log").checkpoint().await }),
+        )
+        .expect("run on the shard")
+        .expect("checkpoint");
+    }
+    third.shutdown().expect("shutdown after the checkpoint");
+    let fourth = engine_at(&crashed, 2);
+    assert!(replayed(&fourth).iter().all(|r| r.is_empty()));
+    fourth.shutdown().expect("shutdown");
 }
 
 fn engine_at(path: &Path, shards: usize) -> Engine {

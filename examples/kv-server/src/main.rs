@@ -500,7 +500,12 @@ fn replay_logs(client: &corebuf::Client, shards: usize) -> Result<(), String> {
                 )
                 .map_err(|e| e.to_string())
                 .and_then(|r| r)
-                .map_err(|e| format!("replay the log of shard {s}: {e}"))
+                .map_err(|e| {
+                    format!(
+                        "replay the log of shard {s}: {e} (the log is kept: the next start \
+                         replays it again)"
+                    )
+                })
             })
         })
         .collect();

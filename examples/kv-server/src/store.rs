@@ -1074,7 +1074,10 @@ impl KvShard {
                 self.settle().await
             }
             KvError::OutOfSpace(r) => {
-                self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
+                if !self.replaying.get() {
+                    // (Replay's own are not a client's.)
+                    self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
+                }
                 Err(KvError::OutOfSpace(r))
             }
             e => Err(e),
