@@ -261,7 +261,7 @@ fn expiry_survives_sigkill_through_log_replay() {
     let short_until = expiry_workload(&mut server.client());
     server.kill9();
     let server = Server::start(&path, &args);
-    let log = server.stderr();
+    let log = server.stderr_with("replayed");
     assert!(log.contains("replayed") && !log.contains("replayed 0 log"), "{log}");
     check_after_restart(&mut server.client(), short_until);
     server.shutdown();

@@ -79,7 +79,8 @@ fn a_100_mib_value_round_trips_and_survives_a_restart_and_a_crash() {
     server.kill9();
     let server = Server::start(&path, &args);
     let mut c = server.client();
-    assert!(server.stderr().contains("replayed"), "{}", server.stderr());
+    let stderr = server.stderr_with("replayed");
+    assert!(stderr.contains("replayed"), "{stderr}");
     assert_eq!(c.cmd(&[b"GET", b"big"]), bulk(&after));
     assert_eq!(c.cmds(&["DBSIZE"]), Reply::Int(2));
     // DEL returns every chunk's blocks.

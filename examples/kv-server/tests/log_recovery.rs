@@ -150,7 +150,8 @@ fn a_kill_while_group_commits_are_in_flight_loses_no_acknowledged_write() {
     assert!(acked > 500, "only {acked} writes were acknowledged");
     let server = Server::start(&path, &args);
     verify(&server, &model, "after the last kill");
-    assert!(server.stderr().contains("replayed"), "{}", server.stderr());
+    let stderr = server.stderr_with("replayed");
+    assert!(stderr.contains("replayed"), "{stderr}");
     server.shutdown();
 }
 
@@ -376,13 +377,14 @@ fn a_full_data_file_ahead_of_its_log_replays() {
     let records = std::fs::read(&log).unwrap();
     // A first replay, and a clean shutdown: the data file holds the state after the log.
     let server = Server::start(&path, &args);
-    assert!(server.stderr().contains("replayed"), "{}", server.stderr());
+    let stderr = server.stderr_with("replayed");
+    assert!(stderr.contains("replayed"), "{stderr}");
     check(&server, "after the first replay");
     server.shutdown();
     // The log as the crash left it, beside that file: a crash after all of it was written back.
     std::fs::write(&log, &records).unwrap();
     let server = Server::start(&path, &args);
-    let stderr = server.stderr();
+    let stderr = server.stderr_with("replayed");
     assert!(stderr.contains("replayed"), "{stderr}");
     assert!(stderr.contains("applied after removing the key"), "{stderr}");
     check(&server, "after replaying onto the full file");
@@ -453,7 +455,9 @@ fn kills_while_the_data_file_is_full_lose_no_acknowledged_write() {
         let server = Server::start(&path, &args);
         if round > 0 {
             verify(&server, &model, &format!("round {round}"));
-            replays_when_full += server.stderr().contains("applied after removing the key") as u32;
+            // (The start-up line says both, once it is there.)
+            let stderr = server.stderr_with("replayed");
+            replays_when_full += stderr.contains("applied after removing the key") as u32;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..4u64)

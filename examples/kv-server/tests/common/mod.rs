@@ -110,6 +110,20 @@ impl Server {
         self.stderr.lock().expect("stderr log").clone()
     }
 
+    /// What the server wrote to stderr, once it holds `text` (or after 5 s without). Lines the
+    /// server wrote before it listened may still be on their way: a thread reads stderr, and
+    /// the "listening" line came on stdout.
+    pub fn stderr_with(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stderr = self.stderr();
+            if stderr.contains(text) || Instant::now() > deadline {
+                return stderr;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -144,8 +158,7 @@ impl Server {
         let mut c = self.client();
         c.send_raw(b"*1\r\n$8\r\nSHUTDOWN\r\n");
         let status = self.wait_exit(START_TIMEOUT).expect("an exit status");
-        std::thread::sleep(Duration::from_millis(50));
-        let log = self.stderr();
+        let log = self.stderr_with("stopped cleanly");
         assert!(status.success(), "SHUTDOWN exit status {status:?}; stderr:\n{log}");
         assert!(log.contains("stopped cleanly"), "stderr:\n{log}");
         log
