@@ -511,7 +511,8 @@ pub struct Counters {
 const REPLAY_PREFETCH_RECORDS: usize = 256;
 
 /// The indices of the records a replay applies, in the order it applies them: each key's
-/// last record only, the DELs first, then the SETs, each in log order.
+/// last record only, the DELs first, then the SETs, each group in the order of `place` (the
+/// block of the key's bucket head), then of the log.
 ///
 /// A record holds its key's whole resulting state (a value with its expiry, or its removal), so
 /// a key's last record is its state after the log, and keys do not depend on each other (a
@@ -520,22 +521,24 @@ const REPLAY_PREFETCH_RECORDS: usize = 256;
 /// server had at that moment, in a data file that may already be further on: a range full of
 /// keys set after a DEL or a replaced value the log has not yet reached has no block for the
 /// records before them. Deleting first and setting only final values needs no more room than
-/// the state after the log.
-fn replay_order(records: &[corebuf::LogRecord]) -> Result<Vec<usize>, String> {
+/// the state after the log. And since the order of keys does not matter, replay goes through
+/// the file once, range by range and bucket by bucket, instead of wherever the log's keys
+/// hashed: each bucket is read once even when the buckets are many times the cache.
+fn replay_order(
+    records: &[corebuf::LogRecord],
+    place: impl Fn(&[u8]) -> u64,
+) -> Result<Vec<usize>, String> {
     let mut last: hashbrown::HashMap<(bool, &[u8]), usize> = hashbrown::HashMap::new();
     let mut ops = Vec::with_capacity(records.len());
     for (i, record) in records.iter().enumerate() {
         let rec = logrec::decode(&record.payload)
             .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
         last.insert((rec.kind & rflags::CHUNK != 0, rec.key), i);
-        ops.push(rec.op);
+        ops.push((rec.op, place(rec.key)));
     }
     let mut finals: Vec<usize> = last.into_values().collect();
-    finals.sort_unstable();
-    let (mut order, sets): (Vec<usize>, Vec<usize>) =
-        finals.into_iter().partition(|&i| ops[i] == logrec::Op::Del);
-    order.extend(sets);
-    Ok(order)
+    finals.sort_unstable_by_key(|&i| (ops[i].0 == logrec::Op::Set, ops[i].1, i));
+    Ok(finals)
 }
 
 /// What replaying one shard's log took.
@@ -2392,7 +2395,7 @@ impl KvShard {
         records: &[corebuf::LogRecord],
         report: &mut ReplayReport,
     ) -> Result<(), String> {
-        let order = replay_order(records)?;
+        let order = replay_order(records, |key| self.geo.locate(key).head)?;
         report.applied = order.len() as u64;
         // Records are applied one after the other, so each cache miss would be a device read
         // at queue depth one. Reads of what the next records need start ahead instead: each
@@ -2812,12 +2815,15 @@ mod tests {
             record(70, Set, b"a", b"3", 0),
             record(80, Del, b"d", b"", 0),
         ];
-        // DELs of c and d; then the SETs of the chunk key b, of b and of a.
-        assert_eq!(replay_order(&records).unwrap(), vec![6, 8, 3, 5, 7]);
-        assert_eq!(replay_order(&[]).unwrap(), Vec::<usize>::new());
+        // DELs of c and d; then the SETs of the chunk key b, of b and of a: in log order when
+        // every key has one place, else in the order of the places.
+        assert_eq!(replay_order(&records, |_| 0).unwrap(), vec![6, 8, 3, 5, 7]);
+        let place = |key: &[u8]| u64::from(b'z' - key[0]);
+        assert_eq!(replay_order(&records, place).unwrap(), vec![8, 6, 3, 5, 7]);
+        assert_eq!(replay_order(&[], |_| 0).unwrap(), Vec::<usize>::new());
         let mut bad = records[..2].to_vec();
         bad[1].payload.truncate(3);
-        let err = replay_order(&bad).unwrap_err();
+        let err = replay_order(&bad, |_| 0).unwrap_err();
         assert!(err.contains("position 10"), "{err}");
     }
 }
