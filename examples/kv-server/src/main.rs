@@ -388,7 +388,8 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("start shard {s}: {e}"))?
             .map_err(|e| format!("start shard {s}: {e}"))?;
         }
-        replay_logs(&client, shards)?;
+        let replay_started = Instant::now();
+        let mut replay = replay_logs(&client, shards)?;
         // Chunks of large values that expired while the server was down: freed once every
         // shard has replayed (no later replay can bring a freed chunk back).
         for s in 0..shards {
@@ -400,6 +401,20 @@ fn run(args: Args) -> Result<(), String> {
             if freed > 0 {
                 log(format!("shard {s}: freed the chunks of {freed} large values that expired"));
             }
+        }
+        // Only now the checkpoints that empty the logs: a start that stopped before (another
+        // shard's replay failed, say) replays every log again, and the expired chunks' list
+        // with it.
+        if replay.records > 0 {
+            for s in 0..shards {
+                let took =
+                    futures_lite::future::block_on(client.run_on(s, |_| async move {
+                        KvShard::current().checkpoint_replayed().await
+                    }))
+                    .map_err(|e| e.to_string())??;
+                replay.checkpoint += took;
+            }
+            log_replay(&replay, replay_started.elapsed());
         }
         // Shard 0 binds first (so --port 0 picks the port), then every other shard binds it.
         let mut port = args.port;
@@ -487,10 +502,12 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Replays every shard's log (concurrently, one thread per shard waiting for its shard) and
+/// Applies every shard's log (concurrently, one thread per shard waiting for its shard) and
 /// reports what it took.
-fn replay_logs(client: &corebuf::Client, shards: usize) -> Result<(), String> {
-    let started = Instant::now();
+fn replay_logs(
+    client: &corebuf::Client,
+    shards: usize,
+) -> Result<crate::store::ReplayReport, String> {
     let waiters: Vec<_> = (0..shards)
         .map(|s| {
             let client = client.clone();
@@ -518,33 +535,35 @@ fn replay_logs(client: &corebuf::Client, shards: usize) -> Result<(), String> {
         total.bytes += report.bytes;
         total.scan = total.scan.max(report.scan);
         total.apply = total.apply.max(report.apply);
-        total.checkpoint = total.checkpoint.max(report.checkpoint);
     }
-    if total.records > 0 {
-        let mut notes = String::new();
-        if total.applied < total.records {
-            let superseded = total.records - total.applied;
-            notes += &format!("; {superseded} superseded by a later record of their key");
-        }
-        if total.replaced_when_full > 0 {
-            notes += &format!(
-                "; {} SETs applied after removing the key, its region being full",
-                total.replaced_when_full
-            );
-        }
-        log(format!(
-            "replayed {} log records ({} KiB{notes}) in {} ms (scan {} ms, apply {} ms, \
-             checkpoint {} ms)",
-            total.records,
-            total.bytes >> 10,
-            // The scan ran when the engine opened the logs, before `started`.
-            (started.elapsed() + total.scan).as_millis(),
-            total.scan.as_millis(),
-            total.apply.as_millis(),
-            total.checkpoint.as_millis()
-        ));
+    Ok(total)
+}
+
+/// Prints what the replay took (`elapsed`: from the start of the replay to the end of its
+/// checkpoints).
+fn log_replay(total: &crate::store::ReplayReport, elapsed: Duration) {
+    let mut notes = String::new();
+    if total.applied < total.records {
+        let superseded = total.records - total.applied;
+        notes += &format!("; {superseded} superseded by a later record of their key");
     }
-    Ok(())
+    if total.replaced_when_full > 0 {
+        notes += &format!(
+            "; {} SETs applied after removing the key, its region being full",
+            total.replaced_when_full
+        );
+    }
+    log(format!(
+        "replayed {} log records ({} KiB{notes}) in {} ms (scan {} ms, apply {} ms, \
+         checkpoint {} ms)",
+        total.records,
+        total.bytes >> 10,
+        // The scan ran when the engine opened the logs, before `elapsed` began.
+        (elapsed + total.scan).as_millis(),
+        total.scan.as_millis(),
+        total.apply.as_millis(),
+        total.checkpoint.as_millis()
+    ));
 }
 
 /// A step of the shutdown sequence, run on every shard.

@@ -511,8 +511,8 @@ pub struct Counters {
 const REPLAY_PREFETCH_RECORDS: usize = 256;
 
 /// The indices of the records a replay applies, in the order it applies them: each key's
-/// last record only, the DELs first, then the SETs, each group in the order of `place` (the
-/// block of the key's bucket head), then of the log.
+/// last record only, range by range (`place` is the block of the key's bucket head), in each
+/// range the DELs first, then the SETs, each in the order of `place`, then of the log.
 ///
 /// A record holds its key's whole resulting state (a value with its expiry, or its removal), so
 /// a key's last record is its state after the log, and keys do not depend on each other (a
@@ -521,9 +521,10 @@ const REPLAY_PREFETCH_RECORDS: usize = 256;
 /// server had at that moment, in a data file that may already be further on: a range full of
 /// keys set after a DEL or a replaced value the log has not yet reached has no block for the
 /// records before them. Deleting first and setting only final values needs no more room than
-/// the state after the log. And since the order of keys does not matter, replay goes through
-/// the file once, range by range and bucket by bucket, instead of wherever the log's keys
-/// hashed: each bucket is read once even when the buckets are many times the cache.
+/// the state after the log (room is a range's own: its DELs first is enough). And since the
+/// order of keys does not matter, replay goes through the file once, range by range and
+/// bucket by bucket, instead of wherever the log's keys hashed: each bucket is read once even
+/// when the buckets are many times the cache.
 fn replay_order(
     records: &[corebuf::LogRecord],
     place: impl Fn(&[u8]) -> u64,
@@ -537,7 +538,10 @@ fn replay_order(
         ops.push((rec.op, place(rec.key)));
     }
     let mut finals: Vec<usize> = last.into_values().collect();
-    finals.sort_unstable_by_key(|&i| (ops[i].0 == logrec::Op::Set, ops[i].1, i));
+    finals.sort_unstable_by_key(|&i| {
+        let (op, place) = ops[i];
+        (place / RANGE_BLOCKS, op == logrec::Op::Set, place, i)
+    });
     Ok(finals)
 }
 
@@ -556,7 +560,7 @@ pub struct ReplayReport {
     pub scan: Duration,
     /// Applying the records.
     pub apply: Duration,
-    /// The checkpoint after them.
+    /// The checkpoints after them (main.rs's, once every shard has applied its records).
     pub checkpoint: Duration,
 }
 
@@ -2347,8 +2351,9 @@ impl KvShard {
         log.commit_all().await.map_err(|e| format!("log commit failed: {e}"))
     }
 
-    /// Applies this shard's log records (what was acknowledged after the last checkpoint),
-    /// then checkpoints, so the log starts empty. Runs before the server accepts connections.
+    /// Applies this shard's log records (what was acknowledged after the last checkpoint).
+    /// Runs before the server accepts connections; [`KvShard::checkpoint_replayed`] ends it,
+    /// once every shard has applied its records.
     pub async fn replay_log(&self) -> Result<ReplayReport, String> {
         let Some(log) = self.shard.log() else { return Ok(ReplayReport::default()) };
         let Some(replay) = log.take_replay() else { return Ok(ReplayReport::default()) };
@@ -2364,12 +2369,17 @@ impl KvShard {
         self.replaying.set(false);
         applied?;
         report.apply = started.elapsed();
-        if report.records > 0 {
-            let started = Instant::now();
-            log.checkpoint().await.map_err(|e| format!("checkpoint after replay: {e}"))?;
-            report.checkpoint = started.elapsed();
-        }
         Ok(report)
+    }
+
+    /// The checkpoint that ends the replay: the log starts empty. Until it has run, the log
+    /// keeps the records (a start that stops before replays them again).
+    pub async fn checkpoint_replayed(&self) -> Result<Duration, String> {
+        let started = Instant::now();
+        if let Some(log) = self.shard.log() {
+            log.checkpoint().await.map_err(|e| format!("checkpoint after replay: {e}"))?;
+        }
+        Ok(started.elapsed())
     }
 
     /// Frees the chunks of the large values the log replay dropped as expired, unless the key
@@ -2820,6 +2830,10 @@ mod tests {
         assert_eq!(replay_order(&records, |_| 0).unwrap(), vec![6, 8, 3, 5, 7]);
         let place = |key: &[u8]| u64::from(b'z' - key[0]);
         assert_eq!(replay_order(&records, place).unwrap(), vec![8, 6, 3, 5, 7]);
+        // Range by range: a and c in the first range, b and d in the next.
+        let place =
+            |key: &[u8]| RANGE_BLOCKS * u64::from(key[0].is_multiple_of(2)) + u64::from(key[0]);
+        assert_eq!(replay_order(&records, place).unwrap(), vec![6, 7, 8, 3, 5]);
         assert_eq!(replay_order(&[], |_| 0).unwrap(), Vec::<usize>::new());
         let mut bad = records[..2].to_vec();
         bad[1].payload.truncate(3);

@@ -26,6 +26,9 @@ struct Key {
 
 type Model = Arc<Mutex<HashMap<String, Key>>>;
 
+/// The seed of the next value a writer sends.
+static VALUE_SEEDS: AtomicU64 = AtomicU64::new(0xABCD);
+
 /// Pipelines of `depth` SETs of distinct keys from `keys` keys of this writer, until stopped
 /// or the connection dies; returns the acknowledged count. With `full`, an "out of space"
 /// answer is counted there (the key keeps what it held); without, it fails the test.
@@ -45,7 +48,10 @@ fn pipelined_writer(
             .map(|j| {
                 seq += 1;
                 let key = format!("{name}:{}", (seq + j) % keys);
-                (key, pattern(seq ^ 0xABCD, value_len + (seq % 7) as usize))
+                // A value no other write of the test process has (rounds and writers repeat
+                // `seq`): a key that lost its acknowledged value cannot pass with an old one.
+                let seed = VALUE_SEEDS.fetch_add(1, Ordering::Relaxed);
+                (key, pattern(seed, value_len + (seq % 7) as usize))
             })
             .collect();
         let mut request = Vec::new();
