@@ -337,6 +337,21 @@ fn a_full_log_region_makes_writes_wait_for_a_checkpoint_without_loss() {
     server.shutdown();
 }
 
+/// SETs `fill:0`, `fill:1`, ... (4000 bytes, `pattern(seed + i)`) until the answer is "out of
+/// space"; returns how many were stored.
+fn fill_until_full(c: &mut Client, seed: u64) -> u64 {
+    let mut filled = 0u64;
+    loop {
+        let key = format!("fill:{filled}");
+        match c.cmd(&[b"SET", key.as_bytes(), &pattern(seed + filled, 4000)]) {
+            r if r == ok() => filled += 1,
+            r if r.is_error_with("out of space") => return filled,
+            other => panic!("{key}: {other:?}"),
+        }
+        assert!(filled < 1000, "the region never filled");
+    }
+}
+
 /// The data file can be ahead of the log: write-back and barriers write blocks whatever the
 /// log's checkpoint, so a crash can leave a file that already holds the state after the log's
 /// records. Replaying them in turn onto a full region needed room that only existed back when
@@ -357,16 +372,7 @@ fn a_full_data_file_ahead_of_its_log_replays() {
     assert_eq!(c.cmd(&[b"SET", b"replaced", &pattern(2, 4000)]), ok());
     assert_eq!(c.cmd(&[b"SET", b"deleted", &pattern(3, 4000)]), ok());
     assert_eq!(c.cmds(&["DEL", "deleted"]), Reply::Int(1));
-    let mut filled = 0u64;
-    loop {
-        let key = format!("fill:{filled}");
-        match c.cmd(&[b"SET", key.as_bytes(), &pattern(100 + filled, 4000)]) {
-            r if r == ok() => filled += 1,
-            r if r.is_error_with("out of space") => break,
-            other => panic!("{key}: {other:?}"),
-        }
-        assert!(filled < 1000, "the region never filled");
-    }
+    let filled = fill_until_full(&mut c, 100);
     assert!(filled > 150, "only {filled} values fit");
     let check = |server: &Server, what: &str| {
         let mut c = server.client();
@@ -411,16 +417,7 @@ fn a_replay_that_stops_keeps_the_log_for_the_next_start() {
     let args = ["--size", "2M", "--shards", "1", "--cache-bytes", "4M", "--fsync", "always"];
     let server = Server::start(&path, &args);
     let mut c = server.client();
-    let mut filled = 0u64;
-    loop {
-        let key = format!("fill:{filled}");
-        match c.cmd(&[b"SET", key.as_bytes(), &pattern(filled, 4000)]) {
-            r if r == ok() => filled += 1,
-            r if r.is_error_with("out of space") => break,
-            other => panic!("{key}: {other:?}"),
-        }
-        assert!(filled < 1000, "the region never filled");
-    }
+    assert!(fill_until_full(&mut c, 0) > 150, "the region held too few values");
     server.kill9();
     let log = log_path(&path);
     let records = std::fs::read(&log).unwrap();
