@@ -58,6 +58,9 @@ pub struct Server {
     /// Its data file.
     pub path: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// The thread that copies the server's stderr into `stderr`; it ends when the server has
+    /// exited (its end of the pipe closed).
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -90,7 +93,7 @@ impl Server {
         let stderr = Arc::new(Mutex::new(String::new()));
         let err_pipe = child.stderr.take().expect("piped stderr");
         let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
                 let mut s = sink.lock().expect("stderr log");
                 s.push_str(&line);
@@ -107,7 +110,13 @@ impl Server {
             }
         });
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut server = Server { child: Some(child), port: 0, path: path.to_path_buf(), stderr };
+        let mut server = Server {
+            child: Some(child),
+            port: 0,
+            path: path.to_path_buf(),
+            stderr,
+            stderr_reader: Some(stderr_reader),
+        };
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
@@ -120,7 +129,9 @@ impl Server {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = server.wait_exit(START_TIMEOUT);
-                    std::thread::sleep(Duration::from_millis(100));
+                    if status.is_some() {
+                        server.read_all_stderr();
+                    }
                     return Err(format!("exited with {status:?}; stderr:\n{}", server.stderr()));
                 }
             }
@@ -141,6 +152,13 @@ impl Server {
     /// What the server wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr log").clone()
+    }
+
+    /// Waits until everything the exited server wrote to stderr has been read.
+    fn read_all_stderr(&mut self) {
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
     }
 
     /// The process id.
@@ -176,7 +194,7 @@ impl Server {
     pub fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
         let status = self.wait_exit(START_TIMEOUT).expect("an exit status");
-        std::thread::sleep(Duration::from_millis(50));
+        self.read_all_stderr();
         let log = self.stderr();
         assert!(status.success(), "exit status {status:?}; stderr:\n{log}");
         assert!(log.contains("stopped cleanly"), "stderr:\n{log}");
