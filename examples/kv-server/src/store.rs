@@ -510,9 +510,20 @@ pub struct Counters {
 /// Records whose blocks replay starts reading ahead of the one it applies.
 const REPLAY_PREFETCH_RECORDS: usize = 256;
 
-/// The indices of the records a replay applies, in the order it applies them: each key's
-/// last record only, range by range (`place` is the block of the key's bucket head), in each
-/// range the DELs first, then the SETs, each in the order of `place`, then of the log.
+/// A log record replay applies: decoded, with its key's place.
+#[derive(Clone, Copy, Debug)]
+struct Planned<'a> {
+    /// Its index among the log's records.
+    index: usize,
+    /// Its log position (for errors).
+    lsn: u64,
+    rec: logrec::Record<'a>,
+    loc: Loc,
+}
+
+/// The records a replay applies, in the order it applies them: each key's last record only,
+/// range by range (`locate` gives a key's place), in each range the DELs first, then the SETs,
+/// each in the order of their bucket heads, then of the log.
 ///
 /// A record holds its key's whole resulting state (a value with its expiry, or its removal), so
 /// a key's last record is its state after the log, and keys do not depend on each other (a
@@ -522,27 +533,22 @@ const REPLAY_PREFETCH_RECORDS: usize = 256;
 /// keys set after a DEL or a replaced value the log has not yet reached has no block for the
 /// records before them. Deleting first and setting only final values needs no more room than
 /// the state after the log (room is a range's own: its DELs first is enough). And since the
-/// order of keys does not matter, replay goes through the file once, range by range and
-/// bucket by bucket, instead of wherever the log's keys hashed: each bucket is read once even
-/// when the buckets are many times the cache.
+/// order of keys does not matter, replay goes through the file in order, range by range and
+/// bucket by bucket, instead of wherever the log's keys hashed.
 fn replay_order(
     records: &[corebuf::LogRecord],
-    place: impl Fn(&[u8]) -> u64,
-) -> Result<Vec<usize>, String> {
-    let mut last: hashbrown::HashMap<(bool, &[u8]), usize> = hashbrown::HashMap::new();
-    let mut ops = Vec::with_capacity(records.len());
-    for (i, record) in records.iter().enumerate() {
+    locate: impl Fn(&[u8]) -> Loc,
+) -> Result<Vec<Planned<'_>>, String> {
+    let mut last: hashbrown::HashMap<(bool, &[u8]), Planned<'_>> = hashbrown::HashMap::new();
+    for (index, record) in records.iter().enumerate() {
         let rec = logrec::decode(&record.payload)
             .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
-        last.insert((rec.kind & rflags::CHUNK != 0, rec.key), i);
-        ops.push((rec.op, place(rec.key)));
+        let planned = Planned { index, lsn: record.lsn, rec, loc: locate(rec.key) };
+        last.insert((rec.kind & rflags::CHUNK != 0, rec.key), planned);
     }
-    let mut finals: Vec<usize> = last.into_values().collect();
-    finals.sort_unstable_by_key(|&i| {
-        let (op, place) = ops[i];
-        (place / RANGE_BLOCKS, op == logrec::Op::Set, place, i)
-    });
-    Ok(finals)
+    let mut order: Vec<Planned<'_>> = last.into_values().collect();
+    order.sort_unstable_by_key(|p| (p.loc.range, p.rec.op == logrec::Op::Set, p.loc.head, p.index));
+    Ok(order)
 }
 
 /// What replaying one shard's log took.
@@ -1074,17 +1080,15 @@ impl KvShard {
     /// out-of-space one counted).
     async fn retry_out_of_space(&self, e: KvError, retried: &mut bool) -> KvResult<()> {
         match e {
-            // Replay waits once for all of its SETs that found no room
-            // (`replay_sets_when_full`), not a barrier each.
-            KvError::OutOfSpace(_) if !*retried && self.jobs_pending() && !self.replaying.get() => {
+            // Replay settles once for all of its SETs that found no room
+            // (`replay_sets_when_full`), not once each; and its refusals are not a client's.
+            KvError::OutOfSpace(r) if self.replaying.get() => Err(KvError::OutOfSpace(r)),
+            KvError::OutOfSpace(_) if !*retried && self.jobs_pending() => {
                 *retried = true;
                 self.settle().await
             }
             KvError::OutOfSpace(r) => {
-                if !self.replaying.get() {
-                    // (Replay's own are not a client's.)
-                    self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
-                }
+                self.counters.out_of_space.set(self.counters.out_of_space.get() + 1);
                 Err(KvError::OutOfSpace(r))
             }
             e => Err(e),
@@ -2405,36 +2409,32 @@ impl KvShard {
         records: &[corebuf::LogRecord],
         report: &mut ReplayReport,
     ) -> Result<(), String> {
-        let order = replay_order(records, |key| self.geo.locate(key).head)?;
+        let order = replay_order(records, |key| self.geo.locate(key))?;
         report.applied = order.len() as u64;
         // Records are applied one after the other, so each cache miss would be a device read
         // at queue depth one. Reads of what the next records need start ahead instead: each
         // range's header and bucket heads (a crash makes the first write rebuild the range
         // from its chains) and each record's bucket head.
-        let mut ranges_prefetched = hashbrown::HashSet::new();
+        let mut last_range = None;
         let mut prefetched = 0;
         let mut when_full = Vec::new();
-        for (i, &index) in order.iter().enumerate() {
-            while prefetched < order.len() && prefetched < i + REPLAY_PREFETCH_RECORDS {
-                if let Ok(rec) = logrec::decode(&records[order[prefetched]].payload) {
-                    let loc = self.geo.locate(rec.key);
-                    if ranges_prefetched.insert(loc.range) {
-                        let _ =
-                            self.shard.partition().prefetch(loc.range * RANGE_BLOCKS, POOL_START);
-                    }
-                    let _ = self.shard.partition().prefetch(loc.head, 1);
+        for (i, planned) in order.iter().enumerate() {
+            for ahead in &order[prefetched..order.len().min(i + REPLAY_PREFETCH_RECORDS)] {
+                let loc = ahead.loc;
+                // (The order is range by range.)
+                if last_range != Some(loc.range) {
+                    last_range = Some(loc.range);
+                    let _ = self.shard.partition().prefetch(loc.range * RANGE_BLOCKS, POOL_START);
                 }
+                let _ = self.shard.partition().prefetch(loc.head, 1);
                 prefetched += 1;
             }
-            let record = &records[index];
-            let rec = logrec::decode(&record.payload)
-                .map_err(|e| format!("log record at position {}: {e}", record.lsn))?;
+            let Planned { lsn, rec, loc, .. } = *planned;
             let key = rec.key;
             let owner = self.owner_of_key(key);
             if owner != self.shard.id() {
                 return Err(format!(
-                    "log record at position {} is for a key of shard {owner}, not {}",
-                    record.lsn,
+                    "log record at position {lsn} is for a key of shard {owner}, not {}",
                     self.shard.id()
                 ));
             }
@@ -2454,20 +2454,20 @@ impl KvShard {
                 }
             }
             let applied = match rec.op {
-                logrec::Op::Set => self.replay_set(&rec).await,
+                logrec::Op::Set => self.replay_set(&rec, &loc).await,
                 logrec::Op::Del => {
                     self.del_full(key, Space::of_flags(rec.kind)).await.map(|_| true)
                 }
             };
             match applied {
                 Ok(true) => {}
-                Ok(false) => when_full.push(index),
-                Err(e) => return Err(format!("replaying the log record at {}: {e}", record.lsn)),
+                Ok(false) => when_full.push(*planned),
+                Err(e) => return Err(format!("replaying the log record at {lsn}: {e}")),
             }
         }
         // Put off past the other records: safe because every key has one record here.
         report.replaced_when_full = when_full.len() as u64;
-        self.replay_sets_when_full(records, &when_full).await
+        self.replay_sets_when_full(&when_full).await
     }
 
     /// Replays a SET; `Ok(false)` if its key's range had no room. A SET that replaces a
@@ -2477,8 +2477,9 @@ impl KvShard {
     /// and the SET waits for [`KvShard::replay_sets_when_full`]: not crash-safe on its own,
     /// but the log keeps the record until the checkpoint that ends the replay, so a crash in
     /// between replays it again.
-    async fn replay_set(&self, rec: &logrec::Record<'_>) -> KvResult<bool> {
-        match self.set_full(rec.key, rec.value, rec.expires, Cond::Always, rec.kind).await {
+    async fn replay_set(&self, rec: &logrec::Record<'_>, loc: &Loc) -> KvResult<bool> {
+        let set = self.set_full_at(loc, rec.key, rec.value, rec.expires, Cond::Always, rec.kind);
+        match set.await {
             Err(KvError::OutOfSpace(_)) => {
                 // The manifest a removed record may name is not freed: replay frees nothing
                 // (the log's own chunk DEL records do).
@@ -2489,36 +2490,18 @@ impl KvShard {
         }
     }
 
-    /// Applies the SETs [`KvShard::replay_set`] put off, once a barrier has given back what
-    /// their removals and the replay's other replacements freed: all of them wait for one.
-    async fn replay_sets_when_full(
-        &self,
-        records: &[corebuf::LogRecord],
-        waiting: &[usize],
-    ) -> Result<(), String> {
+    /// Applies the SETs [`KvShard::replay_set`] put off, once the barriers of one settle have
+    /// given back what their removals and the replay's other replacements freed. A SET that
+    /// still finds no room has none without its key either: the start stops (the log kept).
+    async fn replay_sets_when_full(&self, waiting: &[Planned<'_>]) -> Result<(), String> {
         if waiting.is_empty() {
             return Ok(());
         }
         self.settle().await.map_err(|e| e.to_string())?;
-        for &index in waiting {
-            let record = &records[index];
-            let rec = logrec::decode(&record.payload).map_err(|e| e.to_string())?;
-            let mut settled = false;
-            loop {
-                match self.set_full(rec.key, rec.value, rec.expires, Cond::Always, rec.kind).await {
-                    Err(KvError::OutOfSpace(_)) if !settled && self.jobs_pending() => {
-                        settled = true;
-                        self.settle().await.map_err(|e| e.to_string())?;
-                    }
-                    // If it still has no room, the range is full without the key.
-                    applied => {
-                        applied.map_err(|e| {
-                            format!("replaying the log record at {}: {e}", record.lsn)
-                        })?;
-                        break;
-                    }
-                }
-            }
+        for Planned { lsn, rec, loc, .. } in waiting {
+            self.set_full_at(loc, rec.key, rec.value, rec.expires, Cond::Always, rec.kind)
+                .await
+                .map_err(|e| format!("replaying the log record at {lsn}: {e}"))?;
         }
         Ok(())
     }
@@ -2825,19 +2808,28 @@ mod tests {
             record(70, Set, b"a", b"3", 0),
             record(80, Del, b"d", b"", 0),
         ];
+        // The indices of the records replay applies, `place` giving each key's head block.
+        let order = |records: &[corebuf::LogRecord], place: &dyn Fn(&[u8]) -> u64| {
+            let locate = |key: &[u8]| Loc {
+                range: place(key) / RANGE_BLOCKS,
+                head: place(key),
+                bucket_id: 0,
+            };
+            replay_order(records, locate).map(|o| o.iter().map(|p| p.index).collect::<Vec<_>>())
+        };
         // DELs of c and d; then the SETs of the chunk key b, of b and of a: in log order when
         // every key has one place, else in the order of the places.
-        assert_eq!(replay_order(&records, |_| 0).unwrap(), vec![6, 8, 3, 5, 7]);
+        assert_eq!(order(&records, &|_| 0).unwrap(), vec![6, 8, 3, 5, 7]);
         let place = |key: &[u8]| u64::from(b'z' - key[0]);
-        assert_eq!(replay_order(&records, place).unwrap(), vec![8, 6, 3, 5, 7]);
+        assert_eq!(order(&records, &place).unwrap(), vec![8, 6, 3, 5, 7]);
         // Range by range: a and c in the first range, b and d in the next.
         let place =
             |key: &[u8]| RANGE_BLOCKS * u64::from(key[0].is_multiple_of(2)) + u64::from(key[0]);
-        assert_eq!(replay_order(&records, place).unwrap(), vec![6, 7, 8, 3, 5]);
-        assert_eq!(replay_order(&[], |_| 0).unwrap(), Vec::<usize>::new());
+        assert_eq!(order(&records, &place).unwrap(), vec![6, 7, 8, 3, 5]);
+        assert_eq!(order(&[], &|_| 0).unwrap(), Vec::<usize>::new());
         let mut bad = records[..2].to_vec();
         bad[1].payload.truncate(3);
-        let err = replay_order(&bad, |_| 0).unwrap_err();
+        let err = order(&bad, &|_| 0).unwrap_err();
         assert!(err.contains("position 10"), "{err}");
     }
 }
