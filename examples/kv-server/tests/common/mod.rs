@@ -30,8 +30,8 @@ pub struct Server {
     /// Its data file.
     pub path: PathBuf,
     stderr: Arc<Mutex<String>>,
-    /// The thread that copies the server's stderr into `stderr`; it ends when the server has
-    /// exited (its end of the pipe closed).
+    /// The thread that copies the server's stderr into `stderr`; [`Server::wait_exit`] joins
+    /// it, so that after an exit `stderr` holds everything.
     stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -101,9 +101,6 @@ impl Server {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = server.wait_exit(START_TIMEOUT);
-                    if status.is_some() {
-                        server.read_all_stderr();
-                    }
                     return Err(format!("exited with {status:?}; stderr:\n{}", server.stderr()));
                 }
             }
@@ -119,13 +116,6 @@ impl Server {
     /// What the server wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr log").clone()
-    }
-
-    /// Waits until everything the exited server wrote to stderr has been read.
-    fn read_all_stderr(&mut self) {
-        if let Some(reader) = self.stderr_reader.take() {
-            let _ = reader.join();
-        }
     }
 
     /// What the server wrote to stderr, once it holds `text` (or after 5 s without). Lines the
@@ -152,13 +142,19 @@ impl Server {
         Client::connect(self.port)
     }
 
-    /// Waits for the process to exit (killing it after `limit`).
+    /// Waits for the process to exit (killing it after `limit`); then `stderr` holds all it
+    /// wrote.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
+                // Exited: its end of the pipe is closed, so the reader ends once it has read
+                // everything.
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = reader.join();
+                }
                 return Some(status);
             }
             if Instant::now() > deadline {
@@ -176,7 +172,6 @@ impl Server {
         let mut c = self.client();
         c.send_raw(b"*1\r\n$8\r\nSHUTDOWN\r\n");
         let status = self.wait_exit(START_TIMEOUT).expect("an exit status");
-        self.read_all_stderr();
         let log = self.stderr();
         assert!(status.success(), "SHUTDOWN exit status {status:?}; stderr:\n{log}");
         assert!(log.contains("stopped cleanly"), "stderr:\n{log}");

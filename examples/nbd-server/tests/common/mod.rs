@@ -58,8 +58,8 @@ pub struct Server {
     /// Its data file.
     pub path: PathBuf,
     stderr: Arc<Mutex<String>>,
-    /// The thread that copies the server's stderr into `stderr`; it ends when the server has
-    /// exited (its end of the pipe closed).
+    /// The thread that copies the server's stderr into `stderr`; [`Server::wait_exit`] joins
+    /// it, so that after an exit `stderr` holds everything.
     stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -129,9 +129,6 @@ impl Server {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = server.wait_exit(START_TIMEOUT);
-                    if status.is_some() {
-                        server.read_all_stderr();
-                    }
                     return Err(format!("exited with {status:?}; stderr:\n{}", server.stderr()));
                 }
             }
@@ -154,13 +151,6 @@ impl Server {
         self.stderr.lock().expect("stderr log").clone()
     }
 
-    /// Waits until everything the exited server wrote to stderr has been read.
-    fn read_all_stderr(&mut self) {
-        if let Some(reader) = self.stderr_reader.take() {
-            let _ = reader.join();
-        }
-    }
-
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -171,13 +161,19 @@ impl Server {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Waits for the process to exit (killing it after `limit`).
+    /// Waits for the process to exit (killing it after `limit`); then `stderr` holds all it
+    /// wrote.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
+                // Exited: its end of the pipe is closed, so the reader ends once it has read
+                // everything.
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = reader.join();
+                }
                 return Some(status);
             }
             if Instant::now() > deadline {
@@ -194,7 +190,6 @@ impl Server {
     pub fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
         let status = self.wait_exit(START_TIMEOUT).expect("an exit status");
-        self.read_all_stderr();
         let log = self.stderr();
         assert!(status.success(), "exit status {status:?}; stderr:\n{log}");
         assert!(log.contains("stopped cleanly"), "stderr:\n{log}");
