@@ -79,24 +79,22 @@ mod tests {
         assert_eq!(probe_port("127.0.0.1", port, b"PING\r\n"), Ok(()));
     }
 
-    #[test]
-    fn a_port_where_a_server_answers_is_refused() {
+    /// A server on a port answers `answer` to `hello` (nothing: it greets unasked): refused.
+    fn refused_where_a_server_answers(hello: &'static [u8], answer: &'static [u8]) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
-            conn.write_all(b"+PONG\r\n").unwrap();
+            conn.write_all(answer).unwrap();
             conn
         });
-        let err = probe_port("127.0.0.1", port, b"PING\r\n").unwrap_err();
+        let err = probe_port("127.0.0.1", port, hello).unwrap_err();
         assert!(err.contains("another process is listening there"), "{err}");
         drop(server.join().unwrap());
     }
 
-    /// What a server killed a moment ago leaves: listening sockets that accept connections
-    /// (in the kernel's backlog) and answer nothing, then go away.
-    #[test]
-    fn a_listener_that_never_answers_is_waited_out_until_it_goes() {
+    /// A listener that accepts and never answers goes after 400 ms: the probe waits it out.
+    fn silent_listener_waited_out(hello: &[u8]) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let start = Instant::now();
@@ -104,9 +102,21 @@ mod tests {
             std::thread::sleep(Duration::from_millis(400));
             drop(listener);
         });
-        assert_eq!(probe_port("127.0.0.1", port, b"PING\r\n"), Ok(()));
+        assert_eq!(probe_port("127.0.0.1", port, hello), Ok(()));
         assert!(start.elapsed() >= Duration::from_millis(400), "the probe did not wait");
         closer.join().unwrap();
+    }
+
+    #[test]
+    fn a_port_where_a_server_answers_is_refused() {
+        refused_where_a_server_answers(b"PING\r\n", b"+PONG\r\n");
+    }
+
+    /// What a server killed a moment ago leaves: listening sockets that accept connections
+    /// (in the kernel's backlog) and answer nothing, then go away.
+    #[test]
+    fn a_listener_that_never_answers_is_waited_out_until_it_goes() {
+        silent_listener_waited_out(b"PING\r\n");
     }
 
     #[test]
@@ -121,29 +131,11 @@ mod tests {
     /// An NBD server speaks first: the probe sends nothing and reads its greeting.
     #[test]
     fn a_port_where_a_server_greets_unasked_is_refused() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            conn.write_all(b"NBDMAGICIHAVEOPT\x00\x03").unwrap();
-            conn
-        });
-        let err = probe_port("127.0.0.1", port, &[]).unwrap_err();
-        assert!(err.contains("another process is listening there"), "{err}");
-        drop(server.join().unwrap());
+        refused_where_a_server_answers(&[], b"NBDMAGICIHAVEOPT\x00\x03");
     }
 
     #[test]
     fn a_listener_that_never_greets_is_waited_out_until_it_goes() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let start = Instant::now();
-        let closer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(400));
-            drop(listener);
-        });
-        assert_eq!(probe_port("127.0.0.1", port, &[]), Ok(()));
-        assert!(start.elapsed() >= Duration::from_millis(400), "the probe did not wait");
-        closer.join().unwrap();
+        silent_listener_waited_out(&[]);
     }
 }
