@@ -14,13 +14,16 @@
 # than IOPS are) and fio's own CPU time per I/O against each server (fio runs on one of the
 # two cores: when its CPU time per I/O times the IOPS nears one second per second, fio is the
 # bottleneck).
+# TRANSPORT=unix runs every server on a Unix-domain socket instead of loopback TCP (corebuf
+# --unix, qemu-nbd -k, nbdkit -U; fio's URI nbd+unix://), same file and settings otherwise.
 # Loopback only; every server it starts is stopped on exit.
 #
 # Usage: examples/nbd-server/bench.sh           (from anywhere in the repository)
 # Environment: ROUNDS (3), RUNTIME seconds per measurement (10), SHARDS for corebuf-nbd (1:
 #              fio's nbd engine needs the other core of this 2-core machine), SPIN_US
 #              (corebuf's spin before parking, 0), BENCH_DIR (target/nbd-bench; a real file
-#              system, not tmpfs), SCENARIOS ("hot-read cold-read write-flush"), PORT (10941).
+#              system, not tmpfs), SCENARIOS ("hot-read cold-read write-flush"), PORT (10941),
+#              TRANSPORT (tcp or unix; tcp).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,6 +34,11 @@ SPIN_US=${SPIN_US:-0}
 BENCH_DIR=${BENCH_DIR:-target/nbd-bench}
 SCENARIOS=${SCENARIOS:-"hot-read cold-read write-flush"}
 PORT=${PORT:-10941}
+TRANSPORT=${TRANSPORT:-tcp}
+case "$TRANSPORT" in
+  tcp | unix) ;;
+  *) echo "TRANSPORT must be tcp or unix, not $TRANSPORT" >&2; exit 2 ;;
+esac
 FILE_SIZE=$((1 << 30))
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -47,6 +55,12 @@ BIN=$PWD/target/release/corebuf-nbd
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 DATA=$BENCH_DIR/disk.img
+SOCKET=$BENCH_DIR/nbd.sock
+if [ "$TRANSPORT" = unix ]; then
+  URI="nbd+unix:///?socket=$SOCKET"
+else
+  URI="nbd://127.0.0.1:$PORT/"
+fi
 if [ "$(stat -c %s "$DATA" 2>/dev/null || echo 0)" != "$FILE_SIZE" ]; then
   say "writing a 1 GiB data file of random bytes (every block allocated, no holes)"
   head -c "$FILE_SIZE" /dev/urandom >"$DATA.tmp" && sync "$DATA.tmp" && mv "$DATA.tmp" "$DATA"
@@ -64,10 +78,10 @@ trap stop_server EXIT
 
 wait_port() {
   for _ in $(seq 300); do
-    nbdinfo --size "nbd://127.0.0.1:$PORT" >/dev/null 2>&1 && return 0
+    nbdinfo --size "$URI" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  echo "no NBD server answers on port $PORT" >&2
+  echo "no NBD server answers at $URI" >&2
   return 1
 }
 
@@ -76,21 +90,26 @@ drop_page_cache() { dd if="$DATA" iflag=nocache count=0 status=none; }
 start_server() { # server scenario
   local cache_bytes=512M
   [ "$2" = cold-read ] && cache_bytes=128M
+  local corebuf_at=(--port "$PORT") qemu_at=(-b 127.0.0.1 -p "$PORT") nbdkit_at=(-i 127.0.0.1 -p "$PORT")
+  if [ "$TRANSPORT" = unix ]; then
+    rm -f "$SOCKET"
+    corebuf_at=(--unix "$SOCKET") qemu_at=(-k "$SOCKET") nbdkit_at=(-U "$SOCKET")
+  fi
   case "$1" in
     corebuf)
-      "$BIN" --path "$DATA" --port "$PORT" --shards "$SHARDS" --spin-us "$SPIN_US" \
+      "$BIN" --path "$DATA" "${corebuf_at[@]}" --shards "$SHARDS" --spin-us "$SPIN_US" \
         --cache-bytes "$cache_bytes" --export-name "" >"$BENCH_DIR/corebuf.log" 2>&1 &
       ;;
     qemu-nbd)
       local cache=writeback
       [ "$2" = cold-read ] && cache=none
-      qemu-nbd -f raw -b 127.0.0.1 -p "$PORT" -x '' -t --cache="$cache" "$DATA" \
+      qemu-nbd -f raw "${qemu_at[@]}" -x '' -t --cache="$cache" "$DATA" \
         >"$BENCH_DIR/qemu-nbd.log" 2>&1 &
       ;;
     nbdkit)
       local cache=default
       [ "$2" = cold-read ] && cache=none
-      nbdkit -f -i 127.0.0.1 -p "$PORT" file "$DATA" cache="$cache" \
+      nbdkit -f "${nbdkit_at[@]}" file "$DATA" cache="$cache" \
         >"$BENCH_DIR/nbdkit.log" 2>&1 &
       ;;
   esac
@@ -105,7 +124,7 @@ fio_iops() { # rw size [extra fio args...] -> IOPS (read for reads, write for wr
   local field=8
   [ "$rw" = randwrite ] && field=49
   local TIMEFORMAT='%U %S'
-  { time fio --name=bench --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/" --bs=4k --iodepth=32 \
+  { time fio --name=bench --ioengine=nbd --uri="$URI" --bs=4k --iodepth=32 \
     --rw="$rw" --size="$size" --time_based --runtime="$RUNTIME" --randrepeat=0 \
     --output-format=terse --terse-version=3 "$@" >"$BENCH_DIR/fio.out" 2>"$BENCH_DIR/fio.err"; } \
     2>"$BENCH_DIR/fio.time"
@@ -123,7 +142,7 @@ measure() { # server scenario -> "IOPS server-CPU-us-per-I/O fio-CPU-us-per-I/O"
   case "$scenario" in
     hot-read)
       # Warm up: read the working set once (the peers' page cache and corebuf's cache).
-      fio --name=warm --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/" --bs=64k --iodepth=8 \
+      fio --name=warm --ioengine=nbd --uri="$URI" --bs=64k --iodepth=8 \
         --rw=read --size=256M --output-format=terse >/dev/null
       ticks=$(cpu_ticks "$SERVER_PID")
       iops=$(fio_iops randread 256M)
@@ -173,8 +192,8 @@ target() {
   esac
 }
 
-printf '\nfio nbd engine, 4 KiB, QD 32, %s s per run, median of %s rounds; corebuf-nbd --shards %s\n' \
-  "$RUNTIME" "$ROUNDS" "$SHARDS"
+printf '\nfio nbd engine, 4 KiB, QD 32, over %s, %s s per run, median of %s rounds; corebuf-nbd --shards %s\n' \
+  "$TRANSPORT" "$RUNTIME" "$ROUNDS" "$SHARDS"
 printf '%-12s %12s %12s %12s %16s %8s %6s\n' scenario corebuf-nbd qemu-nbd nbdkit \
   "ratio vs better" target met
 for scenario in $SCENARIOS; do

@@ -12,7 +12,7 @@
 //! the budget is spent, which pushes back on the client through TCP.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -20,11 +20,10 @@ use corebuf::Error;
 use corebuf_shard::WaitList;
 use futures_lite::io::{BufReader, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use crate::blocks;
 use crate::proto::*;
-use crate::server::NbdShard;
+use crate::server::{NbdShard, Socket};
 
 /// Requests one connection may have admitted and not yet answered.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
@@ -103,7 +102,7 @@ impl Conn {
 
 /// Serves requests on `stream` until the client disconnects, breaks the protocol, or the
 /// server stops; answers everything admitted before returning. Returns why it ended.
-pub async fn transmit(nbd: Rc<NbdShard>, stream: TcpStream) -> End {
+pub async fn transmit<S: Socket>(nbd: Rc<NbdShard>, stream: S) -> End {
     let fd = stream.as_raw_fd();
     let (reader, writer) = futures_lite::io::split(stream);
     let conn = Rc::new(Conn {
@@ -128,7 +127,7 @@ pub async fn transmit(nbd: Rc<NbdShard>, stream: TcpStream) -> End {
     end
 }
 
-async fn write_loop(conn: Rc<Conn>, mut writer: WriteHalf<TcpStream>) {
+async fn write_loop<S: Socket>(conn: Rc<Conn>, mut writer: WriteHalf<S>) {
     let mut batch = Vec::with_capacity(64 << 10);
     loop {
         let ready = || (!conn.outbox.borrow().is_empty() || conn.closed.get()).then_some(());

@@ -56,6 +56,11 @@ struct Args {
     /// TCP port (0: any free port; the chosen one is printed). 10809 is NBD's IANA port.
     #[arg(long, default_value_t = 10809)]
     port: u16,
+    /// Listen on this Unix-domain socket instead of TCP (clients use
+    /// `nbd+unix:///EXPORT?socket=PATH`). A stale socket file left by a server that died is
+    /// replaced; any other existing file is refused. Removed at a clean stop.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["bind", "port"])]
+    unix: Option<PathBuf>,
     /// Refuse writes, trims and write-zeroes (`NBD_FLAG_READ_ONLY`).
     #[arg(long)]
     read_only: bool,
@@ -168,10 +173,45 @@ fn file_size(path: &Path) -> Result<u64, String> {
     f.seek(SeekFrom::End(0)).map_err(|e| format!("size of {}: {e}", path.display()))
 }
 
+/// Makes `path` free for a new Unix socket: nothing there, or a socket nobody listens on
+/// (left by a server that died), which is removed. Anything else is an error.
+fn free_unix_path(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !meta.file_type().is_socket() {
+        return Err(format!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(format!("a server already listens on {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| format!("remove the stale socket {}: {e}", path.display())),
+        Err(e) => Err(format!("{} exists and cannot be checked: {e}", path.display())),
+    }
+}
+
+/// Removes the Unix socket this server bound, when it is dropped.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                log(format!("remove {}: {e}", path.display()));
+            }
+        }
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
-    // Every shard binds the port with SO_REUSEPORT, which would also let a second server
-    // share it silently: first make sure nobody listens there.
-    probe_port(&args.bind, args.port, &[])?;
+    match &args.unix {
+        Some(path) => free_unix_path(path)?,
+        // Every shard binds the port with SO_REUSEPORT, which would also let a second
+        // server share it silently: first make sure nobody listens there.
+        None => probe_port(&args.bind, args.port, &[])?,
+    }
     let size_bytes = prepare_file(&args.path, args.size)?;
     let lock = File::open(&args.path).map_err(|e| format!("open {}: {e}", args.path.display()))?;
     lock_exclusively(&lock, &args.path)?;
@@ -196,28 +236,48 @@ fn run(args: Args) -> Result<(), String> {
     });
     let client = engine.client();
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
+    let mut socket_file = RemoveOnDrop(None);
     let serving = (|| -> Result<signal_hook::iterator::Handle, String> {
-        // Shard 0 binds first (so --port 0 picks the port), then every other shard binds it.
         let settings = server::ShardSettings {
             connections_max: args.max_connections.div_ceil(shards).max(1),
             write_behind_blocks: args.write_behind_blocks,
             handshake_timeout: Duration::from_secs(args.handshake_timeout_secs.max(1)),
         };
+        // TCP: shard 0 binds first (so --port 0 picks the port), then every other shard binds
+        // it. Unix: every shard serves, shard 0 listens and hands connections round.
         let mut port = args.port;
         for s in 0..shards {
             let (addr, export) = (host_port(&args.bind, port), Arc::clone(&export));
+            let unix = args.unix.clone().filter(|_| s == 0);
+            let over_unix = args.unix.is_some();
             let bound = futures_lite::future::block_on(client.run_on(s, move |shard| async move {
                 let nbd = NbdShard::install(shard, export, settings);
-                nbd.listen(&addr).map_err(|e| format!("listen on {addr}: {e}"))
+                match unix {
+                    Some(path) => nbd
+                        .listen_unix(&path, shards)
+                        .map(|()| None)
+                        .map_err(|e| format!("listen on {}: {e}", path.display())),
+                    None if over_unix => Ok(None),
+                    None => {
+                        nbd.listen(&addr).map(Some).map_err(|e| format!("listen on {addr}: {e}"))
+                    }
+                }
             }))
             .map_err(|e| e.to_string())??;
-            port = bound.port();
+            if let Some(bound) = bound {
+                port = bound.port();
+            } else if s == 0 {
+                socket_file.0.clone_from(&args.unix);
+            }
         }
         let signals = spawn_signal_thread(stop_tx.clone())?;
+        let listening = match &args.unix {
+            Some(path) => format!("unix:{}", path.display()),
+            None => host_port(&args.bind, port),
+        };
         println!(
-            "corebuf-nbd listening on {} (export \"{}\", {size_bytes} bytes, shards {shards}, \
-             cache {} MiB{}, data {})",
-            host_port(&args.bind, port),
+            "corebuf-nbd listening on {listening} (export \"{}\", {size_bytes} bytes, shards \
+             {shards}, cache {} MiB{}, data {})",
             export.name,
             args.cache_bytes >> 20,
             if args.read_only { ", read-only" } else { "" },
@@ -245,6 +305,7 @@ fn run(args: Args) -> Result<(), String> {
             log(format!("stop shard {s}: {e}"));
         }
     }
+    drop(socket_file);
     engine.shutdown().map_err(|e| format!("engine shutdown: {e}"))?;
     serving?;
     log("stopped cleanly");

@@ -1,24 +1,45 @@
-//! One shard's side of the server: its listener (`SO_REUSEPORT`, so the kernel spreads
-//! connections over the shards), its live connections, its group-commit flusher, and the
-//! stop sequence.
+//! One shard's side of the server: its listener (TCP with `SO_REUSEPORT`, so the kernel
+//! spreads connections over the shards; or one Unix-domain socket on shard 0, which hands the
+//! connections it accepts to the shards in turn), its live connections, its group-commit
+//! flusher, and the stop sequence.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use corebuf::Shard;
 use corebuf_shard::WaitList;
-use glommio::net::{TcpListener, TcpStream};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::export::Export;
 use crate::flush::Flusher;
-use crate::handshake::{self, Outcome};
+use crate::handshake::{self, Outcome, ReadDeadline};
 use crate::{conn, log};
+
+/// A connected client: a TCP or a Unix-domain stream socket.
+pub trait Socket: AsyncRead + AsyncWrite + AsRawFd + Unpin + 'static {
+    /// The client, for the log.
+    fn peer(&self) -> String;
+}
+
+impl Socket for TcpStream {
+    fn peer(&self) -> String {
+        self.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string())
+    }
+}
+
+impl Socket for UnixStream {
+    fn peer(&self) -> String {
+        "a Unix-socket client".to_string()
+    }
+}
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<NbdShard>>> = const { RefCell::new(None) };
@@ -141,60 +162,129 @@ impl NbdShard {
     pub fn listen(self: &Rc<Self>, addr: &str) -> io::Result<SocketAddr> {
         let listener = bind(addr)?;
         let local = listener.local_addr().map_err(io::Error::from)?;
-        glommio::spawn_local(Rc::clone(self).accept_loop(listener)).detach();
+        let nbd = Rc::clone(self);
+        glommio::spawn_local(async move {
+            while let Some(stream) = nbd.accept_until_stop(|| listener.accept()).await {
+                let _ = stream.set_nodelay(true);
+                nbd.adopt(stream);
+            }
+        })
+        .detach();
         Ok(local)
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
-        loop {
-            let stop = self.stop_changed.wait_for(|| self.stopping.get().then_some(()));
-            let accepted =
-                futures_lite::future::or(async { Some(listener.accept().await) }, async {
-                    stop.await;
-                    None
+    /// Binds the Unix-domain socket `path` (which must not exist) and spawns its accept
+    /// loop: connection `i` is served by shard `i % shards`. Call it on one shard only.
+    pub fn listen_unix(self: &Rc<Self>, path: &Path, shards: usize) -> io::Result<()> {
+        let listener = UnixListener::bind(path).map_err(io::Error::from)?;
+        let nbd = Rc::clone(self);
+        glommio::spawn_local(async move {
+            let mut accepted = 0usize;
+            while let Some(stream) = nbd.accept_until_stop(|| listener.accept()).await {
+                let target = accepted % shards;
+                accepted = accepted.wrapping_add(1);
+                if target == nbd.shard.id() {
+                    nbd.adopt(stream);
+                } else {
+                    nbd.hand_over(stream, target);
+                }
+            }
+        })
+        .detach();
+        Ok(())
+    }
+
+    /// Sends an accepted Unix connection to shard `target`, which serves it. The socket
+    /// travels as an owned descriptor (a duplicate: this shard's stream closes its own), so
+    /// it is closed, not leaked, if `target` cannot take it.
+    fn hand_over(self: &Rc<Self>, stream: UnixStream, target: usize) {
+        // SAFETY: dup(2) of a socket this function owns; the result is checked.
+        let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+        drop(stream);
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            log(format!("shard {}: hand a connection over: dup: {e}", self.shard.id()));
+            return;
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let nbd = Rc::clone(self);
+        glommio::spawn_local(async move {
+            let handed = nbd
+                .shard
+                .run_on(target, move |_| async move {
+                    // SAFETY: `fd` is a connected Unix stream socket whose ownership moves
+                    // into the stream.
+                    let stream = unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) };
+                    if let Some(nbd) = NbdShard::current() {
+                        nbd.adopt(stream);
+                    }
                 })
                 .await;
-            let stream = match accepted {
-                None => break,
-                Some(Ok(stream)) => stream,
+            if let Err(e) = handed {
+                log(format!("shard {}: hand a connection to shard {target}: {e}", nbd.shard.id()));
+            }
+        })
+        .detach();
+    }
+
+    /// The next connection `accept` yields, until the server stops (`None`). Failed accepts
+    /// are logged and retried after a pause.
+    async fn accept_until_stop<S, F, Fut, E>(&self, mut accept: F) -> Option<S>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<S, E>>,
+        E: std::fmt::Display,
+    {
+        loop {
+            let stop = self.stop_changed.wait_for(|| self.stopping.get().then_some(()));
+            let accepted = futures_lite::future::or(async { Some(accept().await) }, async {
+                stop.await;
+                None
+            })
+            .await;
+            match accepted {
+                None => return None,
+                Some(_) if self.stopping.get() => return None,
+                Some(Ok(stream)) => return Some(stream),
                 Some(Err(e)) => {
                     log(format!("shard {}: accept failed: {e}", self.shard.id()));
                     // Out of descriptors, say: back off instead of spinning.
                     glommio::timer::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
-            };
-            if self.stopping.get() {
-                break;
             }
-            if self.connections.borrow().len() >= self.connections_max {
-                log(format!(
-                    "shard {}: {} connections already: closing a new one",
-                    self.shard.id(),
-                    self.connections_max
-                ));
-                continue;
-            }
-            let id = self.next_connection.get();
-            self.next_connection.set(id + 1);
-            self.connections.borrow_mut().insert(id, stream.as_raw_fd());
-            glommio::spawn_local(Rc::clone(&self).serve(id, stream)).detach();
         }
     }
 
+    /// Serves a new connection on this shard, unless the server is stopping or the shard
+    /// has its most connections already (the socket is closed then).
+    fn adopt<S: Socket>(self: &Rc<Self>, stream: S) {
+        if self.stopping.get() {
+            return;
+        }
+        if self.connections.borrow().len() >= self.connections_max {
+            log(format!(
+                "shard {}: {} connections already: closing a new one",
+                self.shard.id(),
+                self.connections_max
+            ));
+            return;
+        }
+        let id = self.next_connection.get();
+        self.next_connection.set(id + 1);
+        self.connections.borrow_mut().insert(id, stream.as_raw_fd());
+        glommio::spawn_local(Rc::clone(self).serve(id, stream)).detach();
+    }
+
     /// One connection from handshake to close.
-    async fn serve(self: Rc<Self>, id: u64, mut stream: TcpStream) {
-        let _ = stream.set_nodelay(true);
-        let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+    async fn serve<S: Socket>(self: Rc<Self>, id: u64, mut stream: S) {
+        let peer = stream.peer();
         // A client that stalls in the handshake must not hold a connection slot for ever; in
         // transmission an idle connection is normal (a VM's disk), so the limit goes away.
-        let _ = stream.set_read_timeout(Some(self.handshake_timeout));
-        let outcome = handshake::negotiate(&mut stream, &self.export, self.stopping()).await;
+        let mut limited = ReadDeadline::new(&mut stream, self.handshake_timeout);
+        let outcome = handshake::negotiate(&mut limited, &self.export, self.stopping()).await;
         let end = match outcome {
-            Outcome::Transmission => {
-                let _ = stream.set_read_timeout(None);
-                conn::transmit(Rc::clone(&self), stream).await
-            }
+            Outcome::Transmission => conn::transmit(Rc::clone(&self), stream).await,
             Outcome::Close(reason) => {
                 drop(stream);
                 reason.to_string()

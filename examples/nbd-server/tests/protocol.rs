@@ -53,7 +53,7 @@ fn option_haggling_answers_as_the_spec_says() {
     assert_eq!(Nbd::read_option_reply(&mut s).expect("reply").1, REP_ERR_INVALID);
 
     // INFO with block size and name requests (and an unknown one, ignored).
-    Nbd::send_option(&mut s, OPT_INFO, &Nbd::go_data("corebuf", &[3, 1, 77]));
+    Nbd::send_option(&mut s, OPT_INFO, &go_data("corebuf", &[3, 1, 77]));
     let mut infos = Vec::new();
     loop {
         let (option, reply, data) = Nbd::read_option_reply(&mut s).expect("INFO");
@@ -77,9 +77,9 @@ fn option_haggling_answers_as_the_spec_says() {
     let name = infos.iter().find(|d| u16_at(d, 0) == 1).expect("NBD_INFO_NAME");
     assert_eq!(&name[2..], b"corebuf");
 
-    Nbd::send_option(&mut s, OPT_GO, &Nbd::go_data("no-such-export", &[]));
+    Nbd::send_option(&mut s, OPT_GO, &go_data("no-such-export", &[]));
     assert_eq!(Nbd::read_option_reply(&mut s).expect("GO").1, REP_ERR_UNKNOWN);
-    Nbd::send_option(&mut s, OPT_GO, &Nbd::go_data("corebuf", &[]));
+    Nbd::send_option(&mut s, OPT_GO, &go_data("corebuf", &[]));
     loop {
         let (_, reply, _) = Nbd::read_option_reply(&mut s).expect("GO");
         if reply == REP_ACK {

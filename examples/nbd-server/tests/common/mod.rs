@@ -1,12 +1,13 @@
-//! Test harness: starts the `corebuf-nbd` binary on a free loopback port with a data file in a
-//! scratch directory on a real file system, finds the client tools, and speaks NBD itself
-//! with a small blocking client. Every server is killed when its handle drops, so a failing
+//! Test harness: starts the `corebuf-nbd` binary on a free loopback port (or a Unix-domain
+//! socket) with a data file in a scratch directory on a real file system, finds the client
+//! tools, and speaks NBD itself with a small blocking client over either. Every server is killed when its handle drops, so a failing
 //! test leaves no process behind.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -53,8 +54,10 @@ pub fn run(cmd: &mut Command) -> String {
 /// A running server process.
 pub struct Server {
     child: Option<Child>,
-    /// Its port on 127.0.0.1.
+    /// Its port on 127.0.0.1 (0 for a server on a Unix socket).
     pub port: u16,
+    /// Its Unix-domain socket, for a server started with [`Server::start_unix`].
+    pub socket: Option<PathBuf>,
     /// Its data file.
     pub path: PathBuf,
     stderr: Arc<Mutex<String>>,
@@ -80,10 +83,29 @@ impl Server {
     /// Starts a server on 127.0.0.1:`port` (0: any free port); `Err(stderr)` if it exits
     /// before listening.
     pub fn try_start_on(path: &Path, port: u16, args: &[&str]) -> Result<Server, String> {
+        let at = ["--port".to_string(), port.to_string(), "--bind".into(), "127.0.0.1".into()];
+        Server::launch(path, &at, args)
+    }
+
+    /// Starts a server listening on the Unix socket `socket`; panics on failure.
+    pub fn start_unix(path: &Path, socket: &Path, args: &[&str]) -> Server {
+        Server::try_start_unix(path, socket, args)
+            .unwrap_or_else(|e| panic!("the server did not start: {e}"))
+    }
+
+    /// Starts a server on the Unix socket `socket`; `Err(stderr)` if it exits before
+    /// listening.
+    pub fn try_start_unix(path: &Path, socket: &Path, args: &[&str]) -> Result<Server, String> {
+        let at = ["--unix".to_string(), socket.display().to_string()];
+        Server::launch(path, &at, args)
+    }
+
+    /// Starts the server with `--path path`, the listening options `at` and `args`.
+    fn launch(path: &Path, at: &[String], args: &[&str]) -> Result<Server, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_corebuf-nbd"))
             .arg("--path")
             .arg(path)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(at)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -113,6 +135,7 @@ impl Server {
         let mut server = Server {
             child: Some(child),
             port: 0,
+            socket: None,
             path: path.to_path_buf(),
             stderr,
             stderr_reader: Some(stderr_reader),
@@ -123,6 +146,11 @@ impl Server {
                     if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
                         let port = rest.split_whitespace().next().unwrap_or("");
                         server.port = port.parse().expect("a port number");
+                        return Ok(server);
+                    }
+                    if let Some(rest) = line.split("listening on unix:").nth(1) {
+                        let socket = rest.split(" (export").next().unwrap_or("");
+                        server.socket = Some(PathBuf::from(socket));
                         return Ok(server);
                     }
                 }
@@ -141,9 +169,12 @@ impl Server {
         }
     }
 
-    /// The export's URI for libnbd tools and fio.
+    /// The export's URI for libnbd tools and fio (`nbd+unix://` for a Unix socket).
     pub fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/corebuf", self.port)
+        match &self.socket {
+            Some(socket) => format!("nbd+unix:///corebuf?socket={}", socket.display()),
+            None => format!("nbd://127.0.0.1:{}/corebuf", self.port),
+        }
     }
 
     /// What the server wrote to stderr so far.
@@ -264,10 +295,10 @@ pub const EPERM: u32 = 1;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 
-/// A blocking NBD client speaking the protocol byte by byte.
-pub struct Nbd {
+/// A blocking NBD client speaking the protocol byte by byte, over TCP or a Unix socket.
+pub struct Nbd<S = TcpStream> {
     /// The socket.
-    pub stream: TcpStream,
+    pub stream: S,
     /// The export size from the handshake.
     pub size: u64,
     /// The transmission flags from the handshake.
@@ -277,12 +308,54 @@ pub struct Nbd {
 /// One option reply: (option, reply type, data).
 pub type OptionReply = (u32, u32, Vec<u8>);
 
-impl Nbd {
+/// A client socket: TCP or Unix-domain.
+pub trait Socket: Read + Write {
+    /// Limits each blocking read.
+    fn read_limit(&self, limit: Duration);
+}
+
+impl Socket for TcpStream {
+    fn read_limit(&self, limit: Duration) {
+        self.set_read_timeout(Some(limit)).expect("timeout");
+    }
+}
+
+impl Socket for UnixStream {
+    fn read_limit(&self, limit: Duration) {
+        self.set_read_timeout(Some(limit)).expect("timeout");
+    }
+}
+
+impl Nbd<TcpStream> {
     /// Connects and reads the greeting; returns the socket ready for client flags.
     pub fn greet(port: u16) -> TcpStream {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         stream.set_nodelay(true).expect("nodelay");
+        Nbd::read_greeting(stream)
+    }
+
+    /// Connects with `NBD_OPT_GO` on the default export and enters transmission.
+    pub fn connect(port: u16) -> Nbd {
+        Nbd::go(Nbd::greet(port))
+    }
+}
+
+impl Nbd<UnixStream> {
+    /// Connects to the Unix socket `path` and reads the greeting.
+    pub fn greet_unix(path: &Path) -> UnixStream {
+        Nbd::read_greeting(UnixStream::connect(path).expect("connect"))
+    }
+
+    /// Connects to the Unix socket `path` with `NBD_OPT_GO` on the default export.
+    pub fn connect_unix(path: &Path) -> Nbd<UnixStream> {
+        Nbd::go(Nbd::greet_unix(path))
+    }
+}
+
+impl<S: Socket> Nbd<S> {
+    /// Reads and checks the greeting on a new connection.
+    pub fn read_greeting(mut stream: S) -> S {
+        stream.read_limit(Duration::from_secs(60));
         let mut greeting = [0u8; 18];
         stream.read_exact(&mut greeting).expect("greeting");
         assert_eq!(u64::from_be_bytes(greeting[0..8].try_into().expect("8")), NBD_MAGIC);
@@ -292,7 +365,7 @@ impl Nbd {
     }
 
     /// Sends one option.
-    pub fn send_option(stream: &mut TcpStream, option: u32, data: &[u8]) {
+    pub fn send_option(stream: &mut S, option: u32, data: &[u8]) {
         let mut msg = IHAVEOPT.to_be_bytes().to_vec();
         msg.extend_from_slice(&option.to_be_bytes());
         msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -301,7 +374,7 @@ impl Nbd {
     }
 
     /// Reads one option reply.
-    pub fn read_option_reply(stream: &mut TcpStream) -> std::io::Result<OptionReply> {
+    pub fn read_option_reply(stream: &mut S) -> std::io::Result<OptionReply> {
         let mut header = [0u8; 20];
         stream.read_exact(&mut header)?;
         assert_eq!(u64::from_be_bytes(header[0..8].try_into().expect("8")), OPTION_REPLY_MAGIC);
@@ -313,22 +386,11 @@ impl Nbd {
         Ok((option, reply, data))
     }
 
-    /// `NBD_OPT_INFO` / `NBD_OPT_GO` data for `name` with `requests`.
-    pub fn go_data(name: &str, requests: &[u16]) -> Vec<u8> {
-        let mut data = (name.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(name.as_bytes());
-        data.extend_from_slice(&(requests.len() as u16).to_be_bytes());
-        for r in requests {
-            data.extend_from_slice(&r.to_be_bytes());
-        }
-        data
-    }
-
-    /// Connects with `NBD_OPT_GO` on the default export and enters transmission.
-    pub fn connect(port: u16) -> Nbd {
-        let mut stream = Nbd::greet(port);
+    /// Sends `NBD_OPT_GO` for the default export on a greeted connection and enters
+    /// transmission.
+    pub fn go(mut stream: S) -> Nbd<S> {
         stream.write_all(&3u32.to_be_bytes()).expect("client flags");
-        Nbd::send_option(&mut stream, OPT_GO, &Nbd::go_data("", &[]));
+        Nbd::send_option(&mut stream, OPT_GO, &go_data("", &[]));
         let (mut size, mut flags) = (None, 0);
         loop {
             let (option, reply, data) = Nbd::read_option_reply(&mut stream).expect("GO reply");
@@ -405,9 +467,20 @@ impl Nbd {
     }
 }
 
+/// `NBD_OPT_INFO` / `NBD_OPT_GO` data for `name` with `requests`.
+pub fn go_data(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for r in requests {
+        data.extend_from_slice(&r.to_be_bytes());
+    }
+    data
+}
+
 /// Whether the peer closed `stream` (EOF or reset within a few seconds).
-pub fn is_closed(stream: &mut TcpStream) -> bool {
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+pub fn is_closed<S: Socket>(stream: &mut S) -> bool {
+    stream.read_limit(Duration::from_secs(10));
     let mut byte = [0u8; 256];
     loop {
         match stream.read(&mut byte) {

@@ -287,6 +287,14 @@ impl FromRawFd for UnixStream {
     }
 }
 
+// corebuf: the descriptor of a Unix stream, as `TcpStream` has it (for shutdown(2) at a
+// server's stop, and to hand an accepted connection to another executor).
+impl<B: RxBuf> AsRawFd for UnixStream<B> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.stream().as_raw_fd()
+    }
+}
+
 impl UnixStream {
     /// Creates an unnamed pair of connected Unix stream sockets.
     ///
