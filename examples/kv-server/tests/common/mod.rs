@@ -7,12 +7,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long a server may take to start or stop.
-pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+#[path = "../../../common/process.rs"]
+mod process;
+pub use process::Process;
 
 /// A scratch directory under the target directory (never a tmpfs `/tmp`: O_DIRECT needs a
 /// real file system), removed when dropped.
@@ -22,17 +23,27 @@ pub fn scratch(name: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(name).tempdir_in(parent).expect("create a scratch dir")
 }
 
-/// A running server process.
+/// A running `corebuf-kv` (the process helpers, `stderr`, `stderr_with`, `wait_exit`,
+/// `signal`..., come from [`Process`]).
 pub struct Server {
-    child: Option<Child>,
+    process: Process,
     /// Its port on 127.0.0.1.
     pub port: u16,
     /// Its data file.
     pub path: PathBuf,
-    stderr: Arc<Mutex<String>>,
-    /// The thread that copies the server's stderr into `stderr`; [`Server::wait_exit`] joins
-    /// it, so that after an exit `stderr` holds everything.
-    stderr_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
 }
 
 impl Server {
@@ -52,89 +63,13 @@ impl Server {
     /// Starts a server on 127.0.0.1:`port` (0: any free port); `Err(stderr)` if it exits
     /// before listening.
     pub fn try_start_on(path: &Path, port: u16, args: &[&str]) -> Result<Server, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corebuf-kv"))
-            .arg("--path")
-            .arg(path)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn corebuf-kv");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err_pipe = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&stderr);
-        let stderr_reader = std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().expect("stderr log");
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let out_pipe = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut server = Server {
-            child: Some(child),
-            port: 0,
-            path: path.to_path_buf(),
-            stderr,
-            stderr_reader: Some(stderr_reader),
-        };
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                        let port = rest.split_whitespace().next().unwrap_or("");
-                        server.port = port.parse().expect("a port number");
-                        return Ok(server);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = server.wait_exit(START_TIMEOUT);
-                    return Err(format!("exited with {status:?}; stderr:\n{}", server.stderr()));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "not listening after {START_TIMEOUT:?}; stderr:\n{}",
-                    server.stderr()
-                ));
-            }
-        }
-    }
-
-    /// What the server wrote to stderr so far.
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr log").clone()
-    }
-
-    /// What the server wrote to stderr, once it holds `text` (or after 5 s without). Lines the
-    /// server wrote before it listened may still be on their way: a thread reads stderr, and
-    /// the "listening" line came on stdout.
-    pub fn stderr_with(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let stderr = self.stderr();
-            if stderr.contains(text) || Instant::now() > deadline {
-                return stderr;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corebuf-kv"));
+        cmd.arg("--path").arg(path);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]).args(args);
+        let (process, listening) = Process::start(&mut cmd)?;
+        let port = listening.strip_prefix("127.0.0.1:").and_then(|r| r.split_whitespace().next());
+        let port = port.and_then(|p| p.parse().ok()).expect("a port number");
+        Ok(Server { process, port, path: path.to_path_buf() })
     }
 
     /// A new connection.
@@ -142,63 +77,16 @@ impl Server {
         Client::connect(self.port)
     }
 
-    /// Waits for the process to exit (killing it after `limit`); then `stderr` holds all it
-    /// wrote.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                // Exited: its end of the pipe is closed, so the reader ends once it has read
-                // everything.
-                if let Some(reader) = self.stderr_reader.take() {
-                    let _ = reader.join();
-                }
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                self.child = None;
-                panic!("the server did not exit within {limit:?} (killed: {status:?})");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Sends SHUTDOWN and waits for a clean exit.
     pub fn shutdown(mut self) -> String {
         let mut c = self.client();
         c.send_raw(b"*1\r\n$8\r\nSHUTDOWN\r\n");
-        let status = self.wait_exit(START_TIMEOUT).expect("an exit status");
-        let log = self.stderr();
-        assert!(status.success(), "SHUTDOWN exit status {status:?}; stderr:\n{log}");
-        assert!(log.contains("stopped cleanly"), "stderr:\n{log}");
-        log
-    }
-
-    /// Sends a signal (SIGTERM, SIGKILL, ...) to the process.
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
-        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+        self.expect_clean_exit("SHUTDOWN")
     }
 
     /// SIGKILL, and reap the process.
     pub fn kill9(mut self) {
-        self.signal(libc::SIGKILL);
-        let status = self.wait_exit(START_TIMEOUT);
-        assert!(status.is_some_and(|s| !s.success()));
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill9();
     }
 }
 

@@ -1,20 +1,20 @@
 //! Test harness: starts the `corebuf-nbd` binary on a free loopback port (or a Unix-domain
 //! socket) with a data file in a scratch directory on a real file system, finds the client
-//! tools, and speaks NBD itself with a small blocking client over either. Every server is killed when its handle drops, so a failing
-//! test leaves no process behind.
+//! tools, and speaks NBD itself with a small blocking client over either. Every server is
+//! killed when its handle drops, so a failing test leaves no process behind.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-/// How long a server may take to start or stop.
-pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+#[path = "../../../common/process.rs"]
+mod process;
+pub use process::Process;
 
 /// A scratch directory under the target directory (never a tmpfs `/tmp`: O_DIRECT needs a
 /// real file system), removed when dropped.
@@ -51,19 +51,29 @@ pub fn run(cmd: &mut Command) -> String {
     text
 }
 
-/// A running server process.
+/// A running `corebuf-nbd` (the process helpers, `stderr`, `wait_exit`, `signal`..., come
+/// from [`Process`]).
 pub struct Server {
-    child: Option<Child>,
+    process: Process,
     /// Its port on 127.0.0.1 (0 for a server on a Unix socket).
     pub port: u16,
     /// Its Unix-domain socket, for a server started with [`Server::start_unix`].
     pub socket: Option<PathBuf>,
     /// Its data file.
     pub path: PathBuf,
-    stderr: Arc<Mutex<String>>,
-    /// The thread that copies the server's stderr into `stderr`; [`Server::wait_exit`] joins
-    /// it, so that after an exit `stderr` holds everything.
-    stderr_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
 }
 
 impl Server {
@@ -102,71 +112,18 @@ impl Server {
 
     /// Starts the server with `--path path`, the listening options `at` and `args`.
     fn launch(path: &Path, at: &[String], args: &[&str]) -> Result<Server, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corebuf-nbd"))
-            .arg("--path")
-            .arg(path)
-            .args(at)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn corebuf-nbd");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err_pipe = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&stderr);
-        let stderr_reader = std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().expect("stderr log");
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let out_pipe = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut server = Server {
-            child: Some(child),
-            port: 0,
-            socket: None,
-            path: path.to_path_buf(),
-            stderr,
-            stderr_reader: Some(stderr_reader),
-        };
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                        let port = rest.split_whitespace().next().unwrap_or("");
-                        server.port = port.parse().expect("a port number");
-                        return Ok(server);
-                    }
-                    if let Some(rest) = line.split("listening on unix:").nth(1) {
-                        let socket = rest.split(" (export").next().unwrap_or("");
-                        server.socket = Some(PathBuf::from(socket));
-                        return Ok(server);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = server.wait_exit(START_TIMEOUT);
-                    return Err(format!("exited with {status:?}; stderr:\n{}", server.stderr()));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "not listening after {START_TIMEOUT:?}; stderr:\n{}",
-                    server.stderr()
-                ));
-            }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corebuf-nbd"));
+        cmd.arg("--path").arg(path).args(at).args(args);
+        let (process, listening) = Process::start(&mut cmd)?;
+        let mut server = Server { process, port: 0, socket: None, path: path.to_path_buf() };
+        if let Some(rest) = listening.strip_prefix("unix:") {
+            let socket = rest.split(" (export").next().unwrap_or("");
+            server.socket = Some(PathBuf::from(socket));
+        } else {
+            let port = listening.strip_prefix("127.0.0.1:").and_then(|r| r.split(' ').next());
+            server.port = port.and_then(|p| p.parse().ok()).expect("a port number");
         }
+        Ok(server)
     }
 
     /// The export's URI for libnbd tools and fio (`nbd+unix://` for a Unix socket).
@@ -177,77 +134,15 @@ impl Server {
         }
     }
 
-    /// What the server wrote to stderr so far.
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr log").clone()
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// Waits for the process to exit (killing it after `limit`); then `stderr` holds all it
-    /// wrote.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                // Exited: its end of the pipe is closed, so the reader ends once it has read
-                // everything.
-                if let Some(reader) = self.stderr_reader.take() {
-                    let _ = reader.join();
-                }
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                self.child = None;
-                panic!("the server did not exit within {limit:?} (killed: {status:?})");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// SIGTERM, and a clean exit.
     pub fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
-        let status = self.wait_exit(START_TIMEOUT).expect("an exit status");
-        let log = self.stderr();
-        assert!(status.success(), "exit status {status:?}; stderr:\n{log}");
-        assert!(log.contains("stopped cleanly"), "stderr:\n{log}");
-        log
-    }
-
-    /// Sends a signal to the process.
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
-        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+        self.expect_clean_exit("SIGTERM")
     }
 
     /// SIGKILL, and reap the process.
     pub fn kill9(mut self) {
-        self.signal(libc::SIGKILL);
-        let status = self.wait_exit(START_TIMEOUT);
-        assert!(status.is_some_and(|s| !s.success()));
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill9();
     }
 }
 
