@@ -4,17 +4,12 @@
 //! Every option's data is bounded ([`OPTION_BYTES_MAX`]; longer data is read and dropped in
 //! small pieces and answered `NBD_REP_ERR_TOO_BIG`), and so is the number of options one
 //! client may send ([`OPTIONS_MAX`]), so a handshake holds a few KiB whatever the client does.
-//! Each read of the handshake has a time limit ([`ReadDeadline`]), so a client that stalls
-//! does not hold its connection slot for ever.
+//! The whole handshake has a time limit ([`negotiate`]'s `limit`), so a client that stalls,
+//! trickles, or stops reading the replies does not hold its connection slot for ever.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use glommio::timer::Timer;
 
 use crate::export::Export;
 use crate::proto::*;
@@ -34,74 +29,29 @@ pub enum Outcome {
     Close(&'static str),
 }
 
-/// Runs the handshake on `stream` for `export`. I/O errors end it as [`Outcome::Close`].
-pub async fn negotiate<S>(stream: &mut S, export: &Export, stopping: bool) -> Outcome
+/// Runs the handshake on `stream` for `export`, for at most `limit` (the same on TCP and
+/// Unix sockets: glommio's Unix streams have no socket timeouts). I/O errors and the limit
+/// end it as [`Outcome::Close`].
+pub async fn negotiate<S>(
+    stream: &mut S,
+    export: &Export,
+    stopping: bool,
+    limit: Duration,
+) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match run(stream, export, stopping).await {
-        Ok(outcome) => outcome,
-        Err(_) => Outcome::Close("connection error during the handshake"),
-    }
-}
-
-/// `stream` with a limit on each read: a read that has waited `limit` for data fails with
-/// [`io::ErrorKind::TimedOut`]. The same for TCP and Unix-domain sockets (glommio's Unix
-/// streams have no read timeout of their own). Writes pass through.
-pub struct ReadDeadline<'a, S> {
-    stream: &'a mut S,
-    limit: Duration,
-    /// Armed when a read first waits; dropped when it completes.
-    timer: Option<Timer>,
-}
-
-impl<'a, S> ReadDeadline<'a, S> {
-    /// Limits each read on `stream` to `limit`.
-    pub fn new(stream: &'a mut S, limit: Duration) -> Self {
-        ReadDeadline { stream, limit, timer: None }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for ReadDeadline<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if let Poll::Ready(read) = Pin::new(&mut *this.stream).poll_read(cx, buf) {
-            this.timer = None;
-            return Poll::Ready(read);
+    let handshake = async {
+        match run(stream, export, stopping).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Close("connection error during the handshake"),
         }
-        let limit = this.limit;
-        let timer = this.timer.get_or_insert_with(|| Timer::new(limit));
-        match Pin::new(timer).poll(cx) {
-            Poll::Ready(_) => {
-                this.timer = None;
-                let e = format!("no data from the client for {limit:?}");
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for ReadDeadline<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.stream).poll_flush(cx)
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.stream).poll_close(cx)
-    }
+    };
+    let expired = async {
+        glommio::timer::sleep(limit).await;
+        Outcome::Close("the handshake took longer than --handshake-timeout-secs")
+    };
+    futures_lite::future::or(handshake, expired).await
 }
 
 async fn run<S>(stream: &mut S, export: &Export, stopping: bool) -> std::io::Result<Outcome>

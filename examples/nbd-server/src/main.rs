@@ -58,7 +58,7 @@ struct Args {
     port: u16,
     /// Listen on this Unix-domain socket instead of TCP (clients use
     /// `nbd+unix:///EXPORT?socket=PATH`). A stale socket file left by a server that died is
-    /// replaced; any other existing file is refused. Removed at a clean stop.
+    /// replaced; any other existing file is refused. Removed when the server stops.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["bind", "port"])]
     unix: Option<PathBuf>,
     /// Refuse writes, trims and write-zeroes (`NBD_FLAG_READ_ONLY`).
@@ -85,7 +85,7 @@ struct Args {
     /// finds little left to write.
     #[arg(long, default_value_t = 256)]
     write_behind_blocks: usize,
-    /// Seconds a client may take over each step of the handshake before it is dropped.
+    /// Seconds a client may take over the whole handshake before it is dropped.
     #[arg(long, default_value_t = 30)]
     handshake_timeout_secs: u64,
     /// How long an idle shard spins before it parks, in microseconds (see
@@ -192,19 +192,6 @@ fn free_unix_path(path: &Path) -> Result<(), String> {
     }
 }
 
-/// Removes the Unix socket this server bound, when it is dropped.
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            if let Err(e) = std::fs::remove_file(&path) {
-                log(format!("remove {}: {e}", path.display()));
-            }
-        }
-    }
-}
-
 fn run(args: Args) -> Result<(), String> {
     match &args.unix {
         Some(path) => free_unix_path(path)?,
@@ -236,7 +223,6 @@ fn run(args: Args) -> Result<(), String> {
     });
     let client = engine.client();
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
-    let mut socket_file = RemoveOnDrop(None);
     let serving = (|| -> Result<signal_hook::iterator::Handle, String> {
         let settings = server::ShardSettings {
             connections_max: args.max_connections.div_ceil(shards).max(1),
@@ -266,8 +252,6 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| e.to_string())??;
             if let Some(bound) = bound {
                 port = bound.port();
-            } else if s == 0 {
-                socket_file.0.clone_from(&args.unix);
             }
         }
         let signals = spawn_signal_thread(stop_tx.clone())?;
@@ -305,7 +289,6 @@ fn run(args: Args) -> Result<(), String> {
             log(format!("stop shard {s}: {e}"));
         }
     }
-    drop(socket_file);
     engine.shutdown().map_err(|e| format!("engine shutdown: {e}"))?;
     serving?;
     log("stopped cleanly");

@@ -7,7 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use glommio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::export::Export;
 use crate::flush::Flusher;
-use crate::handshake::{self, Outcome, ReadDeadline};
+use crate::handshake::{self, Outcome};
 use crate::{conn, log};
 
 /// A connected client: a TCP or a Unix-domain stream socket.
@@ -64,6 +64,38 @@ fn bind(addr: &str) -> io::Result<TcpListener> {
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
+/// The file of a Unix socket this server bound, removed when dropped if the path still
+/// names that socket (a server started on the same path after this one stopped listening
+/// replaces the file, and its socket must not be removed).
+struct SocketFile {
+    path: std::path::PathBuf,
+    identity: (u64, u64),
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> io::Result<SocketFile> {
+        Ok(SocketFile { path: path.to_path_buf(), identity: file_identity(path)? })
+    }
+}
+
+/// A file's (device, inode).
+fn file_identity(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if file_identity(&self.path).ok() != Some(self.identity) {
+            return; // gone, or another server's socket now
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log(format!("remove {}: {e}", self.path.display()));
+        }
+    }
+}
+
 /// Per-shard settings from the command line.
 #[derive(Clone, Copy, Debug)]
 pub struct ShardSettings {
@@ -71,7 +103,7 @@ pub struct ShardSettings {
     pub connections_max: usize,
     /// Blocks dirtied between background write-backs (0: none).
     pub write_behind_blocks: usize,
-    /// How long a client may take over each read of the handshake before it is dropped.
+    /// How long a client may take over the whole handshake before it is dropped.
     pub handshake_timeout: Duration,
 }
 
@@ -174,9 +206,11 @@ impl NbdShard {
     }
 
     /// Binds the Unix-domain socket `path` (which must not exist) and spawns its accept
-    /// loop: connection `i` is served by shard `i % shards`. Call it on one shard only.
+    /// loop: connection `i` is served by shard `i % shards`. Call it on one shard only. The
+    /// socket file is removed when the loop ends (at stop), if it is still this server's.
     pub fn listen_unix(self: &Rc<Self>, path: &Path, shards: usize) -> io::Result<()> {
         let listener = UnixListener::bind(path).map_err(io::Error::from)?;
+        let socket_file = SocketFile::new(path)?;
         let nbd = Rc::clone(self);
         glommio::spawn_local(async move {
             let mut accepted = 0usize;
@@ -189,25 +223,27 @@ impl NbdShard {
                     nbd.hand_over(stream, target);
                 }
             }
+            drop(listener);
+            drop(socket_file);
         })
         .detach();
         Ok(())
     }
 
     /// Sends an accepted Unix connection to shard `target`, which serves it. The socket
-    /// travels as an owned descriptor (a duplicate: this shard's stream closes its own), so
-    /// it is closed, not leaked, if `target` cannot take it.
+    /// travels as an owned descriptor (a close-on-exec duplicate: this shard's stream closes
+    /// its own), so it is closed, not leaked, if `target` cannot take it.
     fn hand_over(self: &Rc<Self>, stream: UnixStream, target: usize) {
-        // SAFETY: dup(2) of a socket this function owns; the result is checked.
-        let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+        // SAFETY: the descriptor is open for the life of `stream`, which outlives the borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned();
         drop(stream);
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            log(format!("shard {}: hand a connection over: dup: {e}", self.shard.id()));
-            return;
-        }
-        // SAFETY: `fd` is a new descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => {
+                log(format!("shard {}: hand a connection over: dup: {e}", self.shard.id()));
+                return;
+            }
+        };
         let nbd = Rc::clone(self);
         glommio::spawn_local(async move {
             let handed = nbd
@@ -281,8 +317,8 @@ impl NbdShard {
         let peer = stream.peer();
         // A client that stalls in the handshake must not hold a connection slot for ever; in
         // transmission an idle connection is normal (a VM's disk), so the limit goes away.
-        let mut limited = ReadDeadline::new(&mut stream, self.handshake_timeout);
-        let outcome = handshake::negotiate(&mut limited, &self.export, self.stopping()).await;
+        let limit = self.handshake_timeout;
+        let outcome = handshake::negotiate(&mut stream, &self.export, self.stopping(), limit).await;
         let end = match outcome {
             Outcome::Transmission => conn::transmit(Rc::clone(&self), stream).await,
             Outcome::Close(reason) => {

@@ -1,7 +1,7 @@
 //! Serving on a Unix-domain socket (`--unix PATH`): connections spread over the shards and
-//! see one disk, a stalled handshake is dropped as on TCP, the socket file is checked before
-//! it is replaced and removed at a clean stop, and libnbd's and fio's `nbd+unix://` URIs
-//! work.
+//! see one disk, a stalled or trickling handshake is dropped, the socket file is checked
+//! before it is replaced and removed at stop (only if it is still the server's own), and
+//! libnbd's and fio's `nbd+unix://` URIs work.
 
 mod common;
 
@@ -16,8 +16,10 @@ fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
-/// Four connections on two shards (shard 0 accepts and hands every second one to shard 1):
-/// each is served, and a write flushed on one is read on all the others.
+/// Four connections on two shards with two connection slots each (shard 0 accepts and hands
+/// every second connection to shard 1; were they all kept on shard 0, the third would be
+/// refused): each is served, a write flushed on one is read on all the others, and a stop
+/// with all four open ends them and removes the socket file.
 #[test]
 fn connections_on_a_unix_socket_are_spread_over_the_shards_and_share_the_disk() {
     let dir = scratch("unix-shards");
@@ -25,7 +27,7 @@ fn connections_on_a_unix_socket_are_spread_over_the_shards_and_share_the_disk() 
     let server = Server::start_unix(
         &dir.path().join("disk.img"),
         &socket,
-        &["--size", "16M", "--shards", "2", "--cache-bytes", "4M"],
+        &["--size", "16M", "--shards", "2", "--cache-bytes", "4M", "--max-connections", "4"],
     );
     let mut clients: Vec<_> = (0..4).map(|_| Nbd::connect_unix(&socket)).collect();
     for nbd in &clients {
@@ -44,15 +46,20 @@ fn connections_on_a_unix_socket_are_spread_over_the_shards_and_share_the_disk() 
             assert_eq!(read, Ok(data), "connection {reader} reads connection {i}'s write");
         }
     }
-    drop(clients);
-    server.stop();
-    assert!(!socket.exists(), "a clean stop removes the socket file");
+    let log = server.stop();
+    assert!(!log.contains("connections already"), "a connection was refused:\n{log}");
+    for nbd in &mut clients {
+        assert!(nbd.is_closed(), "the stop ends every connection");
+    }
+    assert!(!socket.exists(), "a stop removes the socket file");
 }
 
-/// The handshake's time limit holds on a Unix socket too (glommio's Unix streams have no read
-/// timeout of their own: the server keeps its own deadline).
+/// The handshake's time limit holds on a Unix socket too (glommio's Unix streams have no
+/// timeouts of their own: the server's limit is a timer over the whole handshake), for a
+/// client that stalls and for one that trickles a byte at a time.
 #[test]
-fn a_stalled_handshake_on_a_unix_socket_is_dropped() {
+fn a_stalled_or_trickling_handshake_on_a_unix_socket_is_dropped() {
+    use std::io::Write as _;
     let dir = scratch("unix-stall");
     let socket = dir.path().join("nbd.sock");
     let server = Server::start_unix(
@@ -65,7 +72,19 @@ fn a_stalled_handshake_on_a_unix_socket_is_dropped() {
     let started = Instant::now();
     assert!(is_closed(&mut stalled), "a stalled handshake is closed");
     assert!(started.elapsed() < Duration::from_secs(8));
-    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut trickling = Nbd::greet_unix(&socket);
+    let started = Instant::now();
+    let flags_and_option = [&3u32.to_be_bytes()[..], &IHAVEOPT.to_be_bytes()].concat();
+    for byte in flags_and_option.iter().cycle() {
+        if trickling.write_all(&[*byte]).is_err() || started.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(is_closed(&mut trickling), "a trickling handshake is closed");
+    assert!(started.elapsed() < Duration::from_secs(6), "closed by the 1 s limit");
+
     assert_eq!(idle.read(0, 512), Ok(vec![0u8; 512]), "an idle transmission stays open");
     drop(idle);
     server.stop();
@@ -100,6 +119,16 @@ fn the_socket_path_is_checked_before_it_is_replaced() {
     drop(nbd);
     server.stop();
     assert!(!socket.exists());
+
+    // A server removes only its own socket file: here another listener took the path over
+    // while the server ran, and the stop leaves that one alone.
+    let server = Server::start_unix(&disk, &socket, &args);
+    std::fs::remove_file(&socket).expect("unlink the server's socket");
+    let other = std::os::unix::net::UnixListener::bind(&socket).expect("bind another socket");
+    server.stop();
+    assert!(is_socket(&socket), "another listener's socket stays");
+    drop(other);
+    std::fs::remove_file(&socket).expect("remove the other socket");
 
     // A SIGKILLed server leaves its socket behind; the next start replaces it.
     let server = Server::start_unix(&disk, &socket, &args);
