@@ -32,7 +32,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::export::Export;
-use crate::port::{host_port, probe_port};
+use crate::port::{host_port, probe_port, wait_out_listener};
 use crate::server::NbdShard;
 
 /// The engine's block size: the export's preferred block size.
@@ -174,7 +174,8 @@ fn file_size(path: &Path) -> Result<u64, String> {
 }
 
 /// Makes `path` free for a new Unix socket: nothing there, or a socket nobody listens on
-/// (left by a server that died), which is removed. Anything else is an error.
+/// (left by a server that died, waited out as a TCP port is), which is removed. Anything
+/// else is an error.
 fn free_unix_path(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
@@ -184,12 +185,10 @@ fn free_unix_path(path: &Path) -> Result<(), String> {
             path.display()
         ));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(format!("a server already listens on {}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
-            .map_err(|e| format!("remove the stale socket {}: {e}", path.display())),
-        Err(e) => Err(format!("{} exists and cannot be checked: {e}", path.display())),
-    }
+    let connect = || std::os::unix::net::UnixStream::connect(path).ok();
+    wait_out_listener(&path.display().to_string(), connect, &[])?;
+    std::fs::remove_file(path)
+        .map_err(|e| format!("remove the stale socket {}: {e}", path.display()))
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -234,16 +233,15 @@ fn run(args: Args) -> Result<(), String> {
         let mut port = args.port;
         for s in 0..shards {
             let (addr, export) = (host_port(&args.bind, port), Arc::clone(&export));
-            let unix = args.unix.clone().filter(|_| s == 0);
-            let over_unix = args.unix.is_some();
+            let unix = args.unix.clone();
             let bound = futures_lite::future::block_on(client.run_on(s, move |shard| async move {
                 let nbd = NbdShard::install(shard, export, settings);
                 match unix {
-                    Some(path) => nbd
+                    Some(path) if s == 0 => nbd
                         .listen_unix(&path, shards)
                         .map(|()| None)
                         .map_err(|e| format!("listen on {}: {e}", path.display())),
-                    None if over_unix => Ok(None),
+                    Some(_) => Ok(None),
                     None => {
                         nbd.listen(&addr).map(Some).map_err(|e| format!("listen on {addr}: {e}"))
                     }

@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A server on `disk.img` and `nbd.sock` in a new scratch directory, with `args`.
+fn unix_server(name: &str, args: &[&str]) -> (tempfile::TempDir, std::path::PathBuf, Server) {
+    let dir = scratch(name);
+    let socket = dir.path().join("nbd.sock");
+    let server = Server::start_unix(&dir.path().join("disk.img"), &socket, args);
+    (dir, socket, server)
+}
+
 fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
@@ -22,11 +30,8 @@ fn is_socket(path: &Path) -> bool {
 /// with all four open ends them and removes the socket file.
 #[test]
 fn connections_on_a_unix_socket_are_spread_over_the_shards_and_share_the_disk() {
-    let dir = scratch("unix-shards");
-    let socket = dir.path().join("nbd.sock");
-    let server = Server::start_unix(
-        &dir.path().join("disk.img"),
-        &socket,
+    let (_dir, socket, server) = unix_server(
+        "unix-shards",
         &["--size", "16M", "--shards", "2", "--cache-bytes", "4M", "--max-connections", "4"],
     );
     let mut clients: Vec<_> = (0..4).map(|_| Nbd::connect_unix(&socket)).collect();
@@ -60,11 +65,8 @@ fn connections_on_a_unix_socket_are_spread_over_the_shards_and_share_the_disk() 
 #[test]
 fn a_stalled_or_trickling_handshake_on_a_unix_socket_is_dropped() {
     use std::io::Write as _;
-    let dir = scratch("unix-stall");
-    let socket = dir.path().join("nbd.sock");
-    let server = Server::start_unix(
-        &dir.path().join("disk.img"),
-        &socket,
+    let (_dir, socket, server) = unix_server(
+        "unix-stall",
         &["--size", "4M", "--shards", "1", "--cache-bytes", "1M", "--handshake-timeout-secs", "1"],
     );
     let mut idle = Nbd::connect_unix(&socket);
@@ -114,7 +116,7 @@ fn the_socket_path_is_checked_before_it_is_replaced() {
     assert_eq!(nbd.read(0, 4096), Ok(vec![0u8; 4096]));
 
     let second = Server::try_start_unix(&other_disk, &socket, &args).err().expect("refused");
-    assert!(second.contains("already listens"), "{second}");
+    assert!(second.contains("another process is listening there"), "{second}");
     assert_eq!(nbd.read(4096, 4096), Ok(vec![0u8; 4096]), "the first server still serves");
     drop(nbd);
     server.stop();
@@ -162,13 +164,8 @@ fn unix_and_tcp_options_do_not_mix() {
 fn nbdinfo_and_fio_work_over_the_unix_socket() {
     let test = "nbdinfo_and_fio_work_over_the_unix_socket";
     let (Some(nbdinfo), Some(fio)) = (tool("nbdinfo", test), tool("fio", test)) else { return };
-    let dir = scratch("unix-clients");
-    let socket = dir.path().join("nbd.sock");
-    let server = Server::start_unix(
-        &dir.path().join("disk.img"),
-        &socket,
-        &["--size", "48M", "--shards", "2", "--cache-bytes", "8M"],
-    );
+    let (_dir, _, server) =
+        unix_server("unix-clients", &["--size", "48M", "--shards", "2", "--cache-bytes", "8M"]);
     let info = run(Command::new(&nbdinfo).arg(server.uri()));
     assert!(info.contains("export-size: 50331648"), "{info}");
     assert!(info.contains("can_multi_conn: true"), "{info}");
