@@ -9,7 +9,7 @@
 //! [`REQUESTS_IN_FLIGHT_MAX`] requests and [`PAYLOAD_BYTES_IN_FLIGHT_MAX`] payload bytes
 //! (write data held, read data being gathered or queued) are in flight, counted from
 //! admission until the reply has been written to the socket. The reader stops reading while
-//! the budget is spent, which pushes back on the client through TCP.
+//! the budget is spent, which pushes back on the client through the socket.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;

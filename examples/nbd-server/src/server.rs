@@ -223,6 +223,7 @@ impl NbdShard {
                     nbd.hand_over(stream, target);
                 }
             }
+            // Moved into this task so that the file goes when the loop ends, not now.
             drop(listener);
             drop(socket_file);
         })
