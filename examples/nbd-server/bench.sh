@@ -90,7 +90,8 @@ drop_page_cache() { dd if="$DATA" iflag=nocache count=0 status=none; }
 start_server() { # server scenario
   local cache_bytes=512M
   [ "$2" = cold-read ] && cache_bytes=128M
-  local corebuf_at=(--port "$PORT") qemu_at=(-b 127.0.0.1 -p "$PORT") nbdkit_at=(-i 127.0.0.1 -p "$PORT")
+  local corebuf_at=(--port "$PORT") qemu_at=(-b 127.0.0.1 -p "$PORT")
+  local nbdkit_at=(-i 127.0.0.1 -p "$PORT")
   if [ "$TRANSPORT" = unix ]; then
     rm -f "$SOCKET"
     corebuf_at=(--unix "$SOCKET") qemu_at=(-k "$SOCKET") nbdkit_at=(-U "$SOCKET")
